@@ -1,0 +1,1 @@
+"""prunescope's Streamlit dashboard: reads and writes run folders, calls the engine."""

@@ -1,0 +1,157 @@
+"""The adapter contract: where each prunable part of a Hugging Face causal LM lives.
+
+An adapter never re-implements the model; it hands out the model's own modules under
+HF's Llama names, and carries layout facts (fused qkv, Conv1D weights, biases) as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The modules of one decoder layer. Unused slots are None (e.g. `gate` for GPT-2)."""
+
+    block: nn.Module  # the whole decoder layer
+    attn: nn.Module
+    mlp: nn.Module
+    attn_norm: nn.Module  # input_layernorm / ln_1
+    mlp_norm: nn.Module  # post_attention_layernorm / ln_2
+    o: nn.Module  # o_proj / attn.c_proj: its *input* is the per-head context
+    up: nn.Module  # up_proj / c_fc
+    down: nn.Module  # down_proj / mlp.c_proj: its *input* is the neuron activation
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    v: nn.Module | None = None
+    qkv: nn.Module | None = None  # fused q|k|v projection (GPT-2's c_attn)
+    gate: nn.Module | None = None
+    q_norm: nn.Module | None = None  # per-head RMSNorm over head_dim (Qwen3)
+    k_norm: nn.Module | None = None
+
+
+class ArchAdapter:
+    """Base class: subclasses set the class attributes and implement the accessors."""
+
+    model_type: ClassVar[str]
+    conv1d: ClassVar[bool] = False  # weights stored (in, out) as in transformers' Conv1D
+    fused_qkv: ClassVar[bool] = False
+    gated_mlp: ClassVar[bool] = True
+    explicit_head_dim: ClassVar[bool] = True  # config can carry head_dim != hidden / heads
+    # config classes that reject hidden_size % num_attention_heads != 0 even with head_dim set
+    hidden_multiple_of_heads: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- sizes -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.config, "head_dim", None)
+        return int(hd) if hd else self.hidden_size // self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.config.intermediate_size)
+
+    @property
+    def tied(self) -> bool:
+        out = self.lm_head.weight
+        return out is self.embed_tokens.weight or out.data_ptr() == self.embed_tokens.weight.data_ptr()
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    # -- modules -----------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    layers_attr: ClassVar[str] = "layers"
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.base_model, self.layers_attr)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def position_embeddings(self) -> nn.Embedding | None:
+        return None
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def layer(self, i: int) -> LayerParts:
+        raise NotImplementedError
+
+    def all_layers(self) -> Iterator[LayerParts]:
+        for i in range(self.n_layers):
+            yield self.layer(i)
+
+    def norms(self, i: int) -> list[nn.Module]:
+        """Every norm of layer i whose weight spans the hidden dimension."""
+        parts = self.layer(i)
+        return [parts.attn_norm, parts.mlp_norm]
+
+    # -- config ------------------------------------------------------------
+    def config_updates(self, hidden: int, ffn: int, heads: int, kv_heads: int, layers: int,
+                       head_dim: int) -> dict:
+        """Config fields that describe a model with these shapes (used by export)."""
+        raise NotImplementedError
+
+    # -- running a subset of layers -----------------------------------------
+    @contextmanager
+    def only_layers(self, indices: Sequence[int]) -> Iterator[None]:
+        """Temporarily run the model with just these layers, in this order.
+
+        Swaps the model's own layer list, so the HF forward (masks, rotary, final norm)
+        runs unchanged; use with `use_cache=False`.
+        """
+        original = self.layers
+        setattr(self.base_model, self.layers_attr, nn.ModuleList([original[i] for i in indices]))
+        try:
+            yield
+        finally:
+            setattr(self.base_model, self.layers_attr, original)
+
+
+def hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden_states argument of a decoder layer call, positional or keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def hidden_from_output(output) -> torch.Tensor:
+    """Decoder layers return a tensor (transformers 5) or a tuple whose first item is it."""
+    return output[0] if isinstance(output, tuple) else output

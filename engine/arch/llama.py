@@ -1,0 +1,70 @@
+"""Adapters for the Llama family layout: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms).
+
+All four share HF's module names (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`...);
+each family is its own small class so its flags are explicit and it has its own registry entry.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.arch.base import ArchAdapter, LayerParts
+from engine.arch.registry import register
+
+
+@register
+class LlamaAdapter(ArchAdapter):
+    model_type = "llama"
+    # transformers' LlamaConfig validates hidden_size % num_attention_heads == 0
+    hidden_multiple_of_heads = True
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.base_model.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.base_model.norm
+
+    def layer(self, i: int) -> LayerParts:
+        block = self.layers[i]
+        attn, mlp = block.self_attn, block.mlp
+        return LayerParts(
+            block=block, attn=attn, mlp=mlp,
+            attn_norm=block.input_layernorm, mlp_norm=block.post_attention_layernorm,
+            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
+            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
+            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+        )
+
+    def config_updates(self, hidden, ffn, heads, kv_heads, layers, head_dim) -> dict:
+        return {
+            "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "num_hidden_layers": layers, "head_dim": head_dim,
+        }
+
+
+@register
+class MistralAdapter(LlamaAdapter):
+    model_type = "mistral"
+    hidden_multiple_of_heads = False
+
+
+@register
+class Qwen2Adapter(LlamaAdapter):
+    """Qwen2: biases on q/k/v (trimmed with their rows), sliding-window layer types."""
+
+    model_type = "qwen2"
+    hidden_multiple_of_heads = False
+
+
+@register
+class Qwen3Adapter(LlamaAdapter):
+    """Qwen3: RMSNorm on each head's q and k (over head_dim, so head pruning leaves it intact)."""
+
+    model_type = "qwen3"
+    hidden_multiple_of_heads = False

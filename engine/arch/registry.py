@@ -1,0 +1,33 @@
+"""Registry of architecture adapters keyed by `config.model_type`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.arch.base import ArchAdapter
+
+_REGISTRY: dict[str, type[ArchAdapter]] = {}
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's `model_type` has no adapter."""
+
+
+def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
+    _REGISTRY[cls.model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for this model, chosen by `model.config.model_type` (never by name)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = _REGISTRY.get(model_type)
+    if cls is None:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        )
+    return cls(model)

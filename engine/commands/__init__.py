@@ -1,0 +1,1 @@
+"""One module per `prunescope` subcommand; each defines `register(subparsers)`."""

@@ -1,0 +1,31 @@
+"""`prunescope app`: launch the Streamlit dashboard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("app", help="launch the dashboard (Streamlit)")
+    p.add_argument("--model", default="default", help="model to open: default, hub id, folder or .gguf")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--runs-dir", default=None, help="where runs are kept (default: ./runs)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import dashboard
+
+    app = Path(dashboard.__file__).parent / "app.py"
+    env = dict(os.environ, PRUNESCOPE_MODEL=args.model)
+    if args.runs_dir:
+        env["PRUNESCOPE_RUNS"] = str(Path(args.runs_dir).resolve())
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--browser.gatherUsageStats", "false"]
+    if args.headless:
+        cmd += ["--server.headless", "true"]
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,129 @@
+"""Conformance suite every adapter passes: sizes, part shapes, tied flags, and a forward pass whose
+hooks show the adapter's parts are the ones the model really runs, in the order it runs them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, random_ids, tiny_model
+
+from engine.arch import UnsupportedArchitecture, get_adapter, hidden_from_args, hidden_from_output
+
+
+def _weight_io(module, conv1d: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return tiny_model(request.param)
+
+
+def test_sizes_match_config(model):
+    a = get_adapter(model)
+    cfg = model.config
+    assert a.model_type == cfg.model_type
+    assert a.n_layers == cfg.num_hidden_layers
+    assert a.n_heads == cfg.num_attention_heads
+    assert a.hidden_size == cfg.hidden_size
+    assert a.n_heads % a.n_kv_heads == 0
+    assert a.tied == bool(getattr(cfg, "tie_word_embeddings", True))
+    if cfg.model_type != "gpt2":
+        assert a.head_dim == cfg.head_dim and a.n_kv_heads == cfg.num_key_value_heads
+
+
+def test_part_shapes(model):
+    a = get_adapter(model)
+    D, F, H, KV, hd = a.hidden_size, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim
+    assert a.embed_tokens.weight.shape[1] == D
+    assert a.lm_head.weight.shape[1] == D
+    assert a.final_norm.weight.shape == (D,)
+    for parts in a.all_layers():
+        if a.fused_qkv:
+            assert _weight_io(parts.qkv, a.conv1d) == (D, (H + 2 * KV) * hd)
+        else:
+            assert _weight_io(parts.q, a.conv1d) == (D, H * hd)
+            assert _weight_io(parts.k, a.conv1d) == (D, KV * hd)
+            assert _weight_io(parts.v, a.conv1d) == (D, KV * hd)
+        assert _weight_io(parts.o, a.conv1d) == (H * hd, D)
+        assert _weight_io(parts.up, a.conv1d) == (D, F)
+        assert _weight_io(parts.down, a.conv1d) == (F, D)
+        if a.gated_mlp:
+            assert _weight_io(parts.gate, a.conv1d) == (D, F)
+        else:
+            assert parts.gate is None
+        for norm in a.norms(0):
+            assert norm.weight.shape == (D,)
+        if model.config.model_type == "qwen3":
+            assert parts.q_norm.weight.shape == (hd,) and parts.k_norm.weight.shape == (hd,)
+        if model.config.model_type == "qwen2":
+            assert parts.q.bias is not None and parts.k.bias is not None and parts.v.bias is not None
+
+
+def test_forward_through_parts_reproduces_logits(model):
+    """Hooks on the adapter's parts: each layer's output = input + o_proj output + down_proj output,
+    the norms feed the projections, and lm_head(final_norm(last hidden)) gives the model's logits."""
+    a = get_adapter(model)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name, inputs=False):
+        def hook(mod, args, kwargs, out):
+            seen[name] = hidden_from_args(args, kwargs) if inputs else hidden_from_output(out)
+        return hook
+
+    for i, p in enumerate(a.all_layers()):
+        handles += [
+            p.block.register_forward_hook(keep(f"{i}.in", inputs=True), with_kwargs=True),
+            p.block.register_forward_hook(keep(f"{i}.out"), with_kwargs=True),
+            p.o.register_forward_hook(keep(f"{i}.o"), with_kwargs=True),
+            p.down.register_forward_hook(keep(f"{i}.down"), with_kwargs=True),
+            p.attn_norm.register_forward_hook(keep(f"{i}.n1"), with_kwargs=True),
+            p.mlp_norm.register_forward_hook(keep(f"{i}.n2"), with_kwargs=True),
+            (p.qkv or p.q).register_forward_hook(keep(f"{i}.q_in", inputs=True), with_kwargs=True),
+            p.up.register_forward_hook(keep(f"{i}.up_in", inputs=True), with_kwargs=True),
+        ]
+    ids = random_ids()
+    with torch.no_grad():
+        logits = model(ids).logits
+        for h in handles:
+            h.remove()
+        emb = a.embed_tokens(ids)
+        if a.position_embeddings is not None:
+            emb = emb + a.position_embeddings(torch.arange(ids.shape[1]))
+        torch.testing.assert_close(seen["0.in"], emb)
+        for i in range(a.n_layers):
+            torch.testing.assert_close(seen[f"{i}.q_in"], seen[f"{i}.n1"])
+            torch.testing.assert_close(seen[f"{i}.up_in"], seen[f"{i}.n2"])
+            torch.testing.assert_close(seen[f"{i}.out"], seen[f"{i}.in"] + seen[f"{i}.o"] + seen[f"{i}.down"])
+            if i:
+                torch.testing.assert_close(seen[f"{i}.in"], seen[f"{i - 1}.out"])
+        manual = a.lm_head(a.final_norm(seen[f"{a.n_layers - 1}.out"]))
+    torch.testing.assert_close(manual, logits)
+
+
+def test_only_layers(model):
+    a = get_adapter(model)
+    ids = random_ids()
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        with a.only_layers(range(a.n_layers)):
+            same = model(ids, use_cache=False).logits
+        with a.only_layers([0, 2]):
+            skipped = model(ids, use_cache=False).logits
+        assert a.n_layers == model.config.num_hidden_layers  # restored
+        again = model(ids, use_cache=False).logits
+    torch.testing.assert_close(same, full)
+    torch.testing.assert_close(again, full)
+    assert not torch.allclose(skipped, full)
+
+
+def test_unsupported_model_type_names_supported_ones():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                               vocab_size=50, word_embed_proj_dim=16)
+    with pytest.raises(UnsupportedArchitecture, match="'opt' is not supported; supported: gpt2, llama"):
+        get_adapter(AutoModelForCausalLM.from_config(cfg))

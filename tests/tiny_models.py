@@ -1,0 +1,98 @@
+"""Tiny random models of every supported family, built in code (no downloads), plus a tiny tokenizer.
+
+Sizes are deliberately awkward (intermediate 37, head_dim != hidden / heads, GQA 6:2) so that
+off-by-one and layout bugs show up.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes heads, neurons and layers. "
+    "Distillation teaches the small model from the large one. 0123456789 !?.,;:'\"()[]{}-+=*/\\ "
+    "Paris is the capital of France. Water boils at one hundred degrees. "
+)
+
+VOCAB = 300
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with BOS/EOS, vocab <= 300."""
+    from tokenizers import Tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    return tok
+
+
+_CONFIGS: dict[str, dict] = {
+    # LlamaConfig needs hidden % heads == 0; head_dim 12 != 48 / 6 = 8 on purpose; GQA 6:2
+    "llama": dict(hidden_size=48, intermediate_size=37, num_attention_heads=6, num_key_value_heads=2,
+                  head_dim=12, num_hidden_layers=4, tie_word_embeddings=True),
+    # hidden not a multiple of heads (Mistral accepts it with explicit head_dim); GQA 6:3
+    "mistral": dict(hidden_size=40, intermediate_size=29, num_attention_heads=6, num_key_value_heads=3,
+                    head_dim=8, num_hidden_layers=3, tie_word_embeddings=False),
+    # biases on q/k/v; GQA 4:2
+    "qwen2": dict(hidden_size=36, intermediate_size=31, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=10, num_hidden_layers=3, tie_word_embeddings=True),
+    # q_norm / k_norm; GQA 6:2
+    "qwen3": dict(hidden_size=44, intermediate_size=33, num_attention_heads=6, num_key_value_heads=2,
+                  head_dim=8, num_hidden_layers=3, tie_word_embeddings=False),
+    # fused c_attn Conv1D, LayerNorm with bias, learned positions; head_dim = 48 / 4 = 12
+    "gpt2": dict(n_embd=48, n_inner=37, n_head=4, n_layer=3, n_positions=256,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+
+
+def tiny_config(family: str, **overrides):
+    kw = dict(_CONFIGS[family])
+    kw.update(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.1)
+    if family != "gpt2":
+        kw.update(max_position_embeddings=256)
+    kw.update(overrides)
+    return AutoConfig.for_model(family, **kw)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random fp32 model of this family, in eval mode. Norm weights are randomised too, so that
+    a bug that permutes or drops norm channels changes the output."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norm weights / biases: away from the trivial 1 / 0
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny model + tokenizer as a Hugging Face folder (what a user would point at)."""
+    path = Path(path)
+    tiny_model(family, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def random_ids(n: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
