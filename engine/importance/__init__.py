@@ -1,0 +1,5 @@
+"""Importance scores: width (heads, neurons, channels) and depth (BI, perplexity, Taylor+)."""
+
+from engine.importance.scores import Scores, ScoreError
+
+__all__ = ["Scores", "ScoreError"]

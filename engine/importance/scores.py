@@ -1,0 +1,82 @@
+"""The scores file: every importance tensor of one model on one calibration set.
+
+On disk a scores folder holds `scores.safetensors` (float32 tensors) and `scores.json` (metadata).
+Tensor names and shapes (L layers, H query heads, F intermediate, D hidden, B = L - n + 1 blocks):
+
+    heads               (L, H)   attention output before o_proj, L2 over each head's channels
+    neurons             (L, F)   input of down_proj
+    channels            (D,)     embedding channels: per-layer norm outputs summed over layers
+    channels_per_layer  (L, D)   the per-layer matrix behind `channels` (for the heatmap)
+    bi                  (L,)     block importance 1 - cos(layer input, layer output)
+    ppl_increase        (L,)     ppl(without layer i) - base ppl            [optional, --depth-ppl]
+    block_bi            (B,)     BI of contiguous blocks of n layers        [optional, --blocks n]
+    block_ppl_increase  (B,)     ppl increase with the block removed        [optional]
+    taylor              (L,)     Shortened LLaMA's Taylor+ per layer        [optional, --taylor]
+
+Metadata keys: fingerprint, model, model_type, n_layers, n_heads, n_kv_heads, head_dim,
+hidden_size, intermediate_size, data (source label), data_source (dict), n_samples, seq_len, seed,
+aggregation, engine_version, timings (seconds per stage), base_ppl, block_size, spearman_bi_ppl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS_FILE = "scores.safetensors"
+META_FILE = "scores.json"
+
+
+class ScoreError(ValueError):
+    """Bad scoring input or an unusable scores file; the message says what would be valid."""
+
+
+@dataclass
+class Scores:
+    """Importance tensors (float32, CPU) plus their metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ScoreError(f"scores have no {name!r}; available: {', '.join(sorted(self.tensors))}")
+        return self.tensors[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def save(self, folder: str | Path) -> Path:
+        """Write atomically (temp files + rename) so a reader never sees half a file."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
+        for name, writer in ((TENSORS_FILE, lambda p: save_file(tensors, str(p))),
+                             (META_FILE, lambda p: Path(p).write_text(json.dumps(self.meta, indent=2, default=str)))):
+            fd, tmp = tempfile.mkstemp(prefix=name + ".", dir=folder)
+            os.close(fd)
+            writer(tmp)
+            os.replace(tmp, folder / name)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Scores:
+        folder = Path(folder)
+        if folder.is_file() and folder.name in (TENSORS_FILE, META_FILE):
+            folder = folder.parent
+        if not (folder / TENSORS_FILE).is_file():
+            raise ScoreError(f"no scores in {folder}: expected {TENSORS_FILE} and {META_FILE} "
+                             "(make them with `prunescope score`)")
+        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+        return cls(load_file(str(folder / TENSORS_FILE)), meta)
+
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        folder = Path(folder)
+        return (folder / TENSORS_FILE).is_file() and (folder / META_FILE).is_file()
