@@ -127,3 +127,14 @@ def test_unsupported_model_type_names_supported_ones():
                                vocab_size=50, word_embed_proj_dim=16)
     with pytest.raises(UnsupportedArchitecture, match="'opt' is not supported; supported: gpt2, llama"):
         get_adapter(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_spec_counts_match_model(model):
+    from engine.models import count_parameters
+
+    s = get_adapter(model).spec()
+    assert s.n_layers == model.config.num_hidden_layers and s.vocab_size == model.config.vocab_size
+    assert s.qkv_bias == (model.config.model_type in ("qwen2", "gpt2"))
+    assert s.qk_norm == (model.config.model_type == "qwen3")
+    assert s.norm_bias == (model.config.model_type == "gpt2")
+    assert count_parameters(model) > 0

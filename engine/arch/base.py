@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -34,6 +34,35 @@ class LayerParts:
     gate: nn.Module | None = None
     q_norm: nn.Module | None = None  # per-head RMSNorm over head_dim (Qwen3)
     k_norm: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Plain-data shape of a model: enough to count parameters and FLOPs without building it."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    tied: bool
+    gated_mlp: bool
+    qkv_bias: bool  # biases on q/k/v (Qwen2, GPT-2)
+    o_bias: bool
+    mlp_bias: bool
+    norm_bias: bool  # LayerNorm with bias (GPT-2)
+    qk_norm: bool  # per-head q/k RMSNorm over head_dim (Qwen3)
+    n_positions: int  # rows of a learned position embedding, 0 if none
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArchSpec:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 class ArchAdapter:
@@ -124,6 +153,20 @@ class ArchAdapter:
         """Every norm of layer i whose weight spans the hidden dimension."""
         parts = self.layer(i)
         return [parts.attn_norm, parts.mlp_norm]
+
+    def spec(self) -> ArchSpec:
+        """This model's shape as plain data (saved with scores and plans)."""
+        p = self.layer(0)
+        has_bias = lambda m: m is not None and getattr(m, "bias", None) is not None  # noqa: E731
+        pos = self.position_embeddings
+        return ArchSpec(
+            model_type=self.model_type, vocab_size=int(self.embed_tokens.weight.shape[0]),
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, n_layers=self.n_layers, tied=self.tied,
+            gated_mlp=self.gated_mlp, qkv_bias=has_bias(p.qkv or p.q), o_bias=has_bias(p.o),
+            mlp_bias=has_bias(p.up), norm_bias=has_bias(p.attn_norm), qk_norm=p.q_norm is not None,
+            n_positions=int(pos.weight.shape[0]) if pos is not None else 0,
+        )
 
     # -- config ------------------------------------------------------------
     def config_updates(self, hidden: int, ffn: int, heads: int, kv_heads: int, layers: int,

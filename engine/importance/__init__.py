@@ -1,5 +1,5 @@
 """Importance scores: width (heads, neurons, channels) and depth (BI, perplexity, Taylor+)."""
 
-from engine.importance.scores import Scores, ScoreError
+from engine.importance.scores import ScoreError, Scores
 
 __all__ = ["Scores", "ScoreError"]

@@ -14,7 +14,7 @@ Tensor names and shapes (L layers, H query heads, F intermediate, D hidden, B = 
     taylor              (L,)     Shortened LLaMA's Taylor+ per layer        [optional, --taylor]
 
 Metadata keys: fingerprint, model, model_type, n_layers, n_heads, n_kv_heads, head_dim,
-hidden_size, intermediate_size, data (source label), data_source (dict), n_samples, seq_len, seed,
+hidden_size, intermediate_size, arch (ArchSpec.to_dict()), data (source label), data_source (dict), n_samples, seq_len, seed,
 aggregation, engine_version, timings (seconds per stage), base_ppl, block_size, spearman_bi_ppl.
 """
 
