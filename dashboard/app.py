@@ -1,34 +1,37 @@
-"""prunescope dashboard entry point (`prunescope app`)."""
+"""prunescope dashboard entry point (`prunescope app`): a multipage Streamlit app.
+
+Pages live in dashboard/screens/; shared state in dashboard/state.py. The UI never does heavy work in
+its own process: scoring and the prune + distill pipeline run as detached jobs whose files it reads.
+"""
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
 import streamlit as st
 
-st.set_page_config(page_title="prunescope", layout="wide")
+if __package__ in (None, ""):  # `streamlit run dashboard/app.py` puts dashboard/ (not the root) on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dashboard import state  # noqa: E402
+from dashboard.sidebar import render_sidebar  # noqa: E402
 
-@st.cache_resource(show_spinner="Loading model…")
-def _load(spec: str):
-    from engine.models import describe, load
+st.set_page_config(page_title="prunescope", page_icon="✂️", layout="wide")
+state.init()
 
-    return describe(load(spec))
-
-
-spec = os.environ.get("PRUNESCOPE_MODEL", "default")
-st.title("prunescope")
+HERE = Path(__file__).parent / "screens"
+PAGES = [
+    st.Page(HERE / "model.py", title="Model and data", icon=":material/memory:", url_path="model", default=True),
+    st.Page(HERE / "importance.py", title="Importance", icon=":material/grid_on:", url_path="importance"),
+    st.Page(HERE / "targets.py", title="Prune targets", icon=":material/tune:", url_path="targets"),
+    st.Page(HERE / "distill.py", title="Distill", icon=":material/school:", url_path="distill"),
+    st.Page(HERE / "compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page(HERE / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
+]
+page = st.navigation(PAGES)
+render_sidebar()
 try:
-    info = _load(spec)
-except Exception as e:  # noqa: BLE001 - shown to the user as a message, not a trace
-    st.error(f"Could not load model {spec!r}: {e}")
-    st.stop()
-
-st.subheader(info["name"])
-cols = st.columns(5)
-cols[0].metric("Layers", info["layers"])
-cols[1].metric("Query heads", info["query_heads"])
-cols[2].metric("KV heads", info["kv_heads"])
-cols[3].metric("Hidden / MLP", f"{info['hidden_size']} / {info['intermediate_size']}")
-cols[4].metric("Parameters", f"{info['parameters'] / 1e6:.1f} M")
-st.caption(f"{info['model_type']} · {info['dtype']} on {info['device']} · {info['source']}")
+    page.run()
+finally:  # also after st.stop() / st.rerun(): a reload keeps model, data and targets
+    state.persist()

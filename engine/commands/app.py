@@ -11,21 +11,39 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("app", help="launch the dashboard (Streamlit)")
     p.add_argument("--model", default="default", help="model to open: default, hub id, folder or .gguf")
+    p.add_argument("--data", default=None,
+                   help="calibration data: file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N] "
+                        "(default: WikiText-2 when available)")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default=None, help="address to listen on (default: Streamlit's)")
     p.add_argument("--runs-dir", default=None, help="where runs are kept (default: ./runs)")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
     p.set_defaults(func=run)
+
+
+def _local(spec: str) -> str:
+    """Absolute path for a local folder / file spec (hub ids and 'default' unchanged)."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
 
 
 def run(args) -> int:
     import dashboard
 
     app = Path(dashboard.__file__).parent / "app.py"
-    env = dict(os.environ, PRUNESCOPE_MODEL=args.model)
+    env = dict(os.environ, PRUNESCOPE_MODEL=_local(args.model))
+    if args.data:
+        env["PRUNESCOPE_DATA"] = _local(args.data)
     if args.runs_dir:
         env["PRUNESCOPE_RUNS"] = str(Path(args.runs_dir).resolve())
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--client.toolbarMode", "minimal"]
+    if args.address:
+        cmd += ["--server.address", args.address]
     if args.headless:
         cmd += ["--server.headless", "true"]
-    return subprocess.call(cmd, env=env)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0

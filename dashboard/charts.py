@@ -1,0 +1,246 @@
+"""Pure chart functions: numpy arrays in, plotly figures out (no Streamlit, unit-tested).
+
+Heatmaps use float32 arrays; what the current targets would remove is drawn on top as a second
+heatmap of a uint8 mask with a transparent-to-red colour scale (255 = removed, values between
+mean "part of this bin is removed").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PRUNED_RED = "rgba(214, 39, 40, 0.72)"
+OVERLAY_SCALE = [[0.0, "rgba(214, 39, 40, 0)"], [1.0, PRUNED_RED]]
+HEAT_SCALE = "Viridis"
+BI_COLOR = "#1f77b4"
+PPL_COLOR = "#ff7f0e"
+TAYLOR_COLOR = "#2ca02c"
+MAX_BINS = 128
+
+
+def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0, xanchor="left", font=dict(size=15)), height=height,
+                      margin=dict(l=60, r=20, t=50, b=45), template="plotly_white",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    return fig
+
+
+def _normalise_rows(z: np.ndarray) -> np.ndarray:
+    """Each row divided by its max, so layers with small activations stay readable."""
+    peak = np.abs(z).max(axis=1, keepdims=True)
+    return z / np.where(peak > 0, peak, 1.0)
+
+
+def _overlay(mask: np.ndarray, x=None, y=None) -> go.Heatmap:
+    """A transparent-to-red heatmap of a uint8 mask (0 kept .. 255 removed); never takes hover."""
+    return go.Heatmap(z=np.asarray(mask, dtype=np.uint8), x=x, y=y, zmin=0, zmax=255,
+                      colorscale=OVERLAY_SCALE, showscale=False, hoverinfo="skip", name="would be pruned",
+                      xgap=0, ygap=0)
+
+
+def bin_columns(z: np.ndarray, max_bins: int = MAX_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over groups of adjacent columns so at most `max_bins` remain.
+
+    Returns (binned (rows, bins) float32, bin start indices). Bins differ in width by at most one.
+    """
+    z = np.asarray(z, dtype=np.float32)
+    n = z.shape[1]
+    bins = min(max_bins, n)
+    edges = np.linspace(0, n, bins + 1).round().astype(int)
+    out = np.add.reduceat(z, edges[:-1], axis=1) / np.diff(edges)[None, :]
+    return out.astype(np.float32), edges[:-1]
+
+
+def heads_heatmap(heads: np.ndarray, removed: np.ndarray | None = None, kv_heads: int = 1,
+                  normalise: bool = False) -> go.Figure:
+    """Layer x query-head importance; `removed` (L, H) bool marks heads the targets would cut."""
+    z = np.asarray(heads, dtype=np.float32)
+    shown = _normalise_rows(z) if normalise else z
+    n_layers, n_heads = z.shape
+    group = max(1, n_heads // max(1, kv_heads))
+    custom = np.stack([z, np.broadcast_to(np.arange(n_heads) // group, z.shape)], axis=-1)
+    fig = go.Figure(go.Heatmap(
+        z=shown.astype(np.float32), colorscale=HEAT_SCALE, customdata=custom.astype(np.float32),
+        colorbar=dict(title="rel." if normalise else "score", thickness=12),
+        hovertemplate="layer %{y}<br>head %{x} (KV group %{customdata[1]})<br>"
+                      "importance %{customdata[0]:.4g}<extra></extra>",
+    ))
+    if removed is not None and removed.any():
+        fig.add_trace(_overlay(np.asarray(removed, dtype=np.uint8) * 255))
+    for g in range(1, n_heads // group):  # KV-group boundaries
+        fig.add_vline(x=g * group - 0.5, line=dict(color="white", width=2))
+    fig.update_xaxes(title="query head", dtick=1 if n_heads <= 32 else None)
+    fig.update_yaxes(title="layer", autorange="reversed", dtick=1 if n_layers <= 40 else None)
+    return _layout(fig, "Attention heads", height=max(300, 60 + 16 * n_layers))
+
+
+def neurons_heatmap(neurons: np.ndarray, removed: np.ndarray | None = None, sort: bool = True,
+                    normalise: bool = True, max_bins: int = MAX_BINS) -> go.Figure:
+    """Layer x MLP-neuron importance, binned to <= max_bins columns.
+
+    sort=True sorts each layer's neurons by importance (descending) before binning, so the cut
+    shows up as a red tail; sort=False keeps the raw neuron order.
+    """
+    z = np.asarray(neurons, dtype=np.float32)
+    n_layers, n = z.shape
+    rm = np.zeros_like(z, dtype=np.float32) if removed is None else np.asarray(removed, dtype=np.float32)
+    if sort:
+        order = np.argsort(-z, axis=1, kind="stable")
+        z = np.take_along_axis(z, order, axis=1)
+        rm = np.take_along_axis(rm, order, axis=1)
+    binned, starts = bin_columns(z, max_bins)
+    frac, _ = bin_columns(rm, max_bins)
+    ends = np.append(starts[1:], n) - 1
+    shown = _normalise_rows(binned) if normalise else binned
+    label = "rank" if sort else "neuron"
+    custom = np.stack([binned, np.broadcast_to(starts, binned.shape), np.broadcast_to(ends, binned.shape),
+                       frac * 100], axis=-1).astype(np.float32)
+    fig = go.Figure(go.Heatmap(
+        z=shown.astype(np.float32), colorscale=HEAT_SCALE, customdata=custom,
+        colorbar=dict(title="rel." if normalise else "score", thickness=12),
+        hovertemplate=f"layer %{{y}}<br>{label}s %{{customdata[1]:.0f}}-%{{customdata[2]:.0f}}<br>"
+                      "mean importance %{customdata[0]:.4g}<br>would be pruned %{customdata[3]:.0f}%"
+                      "<extra></extra>",
+    ))
+    if removed is not None and rm.any():
+        fig.add_trace(_overlay(np.rint(frac * 255)))
+    fig.update_xaxes(title=f"{label} bin ({n} neurons in {binned.shape[1]} bins"
+                           f"{', sorted per layer' if sort else ''})")
+    fig.update_yaxes(title="layer", autorange="reversed", dtick=1 if n_layers <= 40 else None)
+    return _layout(fig, "MLP neurons", height=max(300, 60 + 16 * n_layers))
+
+
+def channels_heatmap(per_layer: np.ndarray, removed: np.ndarray | None = None,
+                     dropped_layers: np.ndarray | None = None, normalise: bool = True,
+                     max_bins: int = 192) -> go.Figure:
+    """Layer x embedding-channel importance (raw channel order, binned if wide).
+
+    removed: (D,) bool, channels the hidden-size target would cut (they go from every layer).
+    dropped_layers: (L,) bool, layers the depth target would remove (their whole row is red).
+    """
+    z = np.asarray(per_layer, dtype=np.float32)
+    n_layers, d = z.shape
+    mask = np.zeros_like(z, dtype=np.float32)
+    if removed is not None:
+        mask[:, np.asarray(removed, dtype=bool)] = 1.0
+    binned, starts = bin_columns(z, max_bins)
+    frac, _ = bin_columns(mask, max_bins)
+    if dropped_layers is not None:
+        frac[np.asarray(dropped_layers, dtype=bool), :] = 1.0
+    ends = np.append(starts[1:], d) - 1
+    shown = _normalise_rows(binned) if normalise else binned
+    custom = np.stack([binned, np.broadcast_to(starts, binned.shape), np.broadcast_to(ends, binned.shape)],
+                      axis=-1).astype(np.float32)
+    span = "channel %{customdata[1]:.0f}" if binned.shape[1] == d else \
+        "channels %{customdata[1]:.0f}-%{customdata[2]:.0f}"
+    fig = go.Figure(go.Heatmap(
+        z=shown.astype(np.float32), colorscale=HEAT_SCALE, customdata=custom,
+        colorbar=dict(title="rel." if normalise else "score", thickness=12),
+        hovertemplate=f"layer %{{y}}<br>{span}<br>importance %{{customdata[0]:.4g}}<extra></extra>",
+    ))
+    if frac.any():
+        fig.add_trace(_overlay(np.rint(frac * 255)))
+    fig.update_xaxes(title="embedding channel" + (f" ({d} in {binned.shape[1]} bins)" if binned.shape[1] < d else ""))
+    fig.update_yaxes(title="layer", autorange="reversed", dtick=1 if n_layers <= 40 else None)
+    return _layout(fig, "Embedding channels per layer", height=max(300, 60 + 16 * n_layers))
+
+
+def channels_bar(channels: np.ndarray, removed: np.ndarray | None = None) -> go.Figure:
+    """Channels sorted by importance (bars) with cumulative share of importance (line, right axis)."""
+    c = np.asarray(channels, dtype=np.float32)
+    order = np.argsort(-c, kind="stable")
+    vals = c[order]
+    total = float(vals.sum()) or 1.0
+    cum = np.cumsum(vals, dtype=np.float64) / total * 100
+    rank = np.arange(len(c))
+    rm = np.zeros(len(c), bool) if removed is None else np.asarray(removed, bool)[order]
+    colors = np.where(rm, PRUNED_RED, BI_COLOR)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=rank, y=vals, marker=dict(color=colors.tolist(), line=dict(width=0)),
+                         customdata=order.astype(np.int32), name="importance",
+                         hovertemplate="rank %{x}: channel %{customdata}<br>importance %{y:.4g}<extra></extra>"),
+                  secondary_y=False)
+    fig.add_trace(go.Scatter(x=rank, y=cum.astype(np.float32), mode="lines", name="cumulative %",
+                             line=dict(color="#444", width=2),
+                             hovertemplate="top %{x} channels hold %{y:.1f}%<extra></extra>"),
+                  secondary_y=True)
+    kept = int((~rm).sum())
+    if removed is not None and kept < len(c):
+        fig.add_vline(x=kept - 0.5, line=dict(color=PRUNED_RED, dash="dash"),
+                      annotation_text=f"keep {kept}: {cum[kept - 1]:.1f}% of importance",
+                      annotation_position="top left")
+    fig.update_layout(bargap=0)
+    fig.update_xaxes(title="channel rank (most important first)")
+    fig.update_yaxes(title="importance", secondary_y=False)
+    fig.update_yaxes(title="cumulative %", range=[0, 101], secondary_y=True, showgrid=False)
+    return _layout(fig, "Embedding channels, sorted", height=360)
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """1 = most important."""
+    return (np.argsort(np.argsort(-np.asarray(v), kind="stable"), kind="stable") + 1).astype(np.int32)
+
+
+def layers_chart(bi: np.ndarray, ppl_increase: np.ndarray | None = None, dropped: np.ndarray | None = None,
+                 taylor: np.ndarray | None = None, spearman: float | None = None,
+                 show: str = "values") -> go.Figure:
+    """Per-layer block importance and perplexity increase side by side (bars, two y axes).
+
+    show="ranks" plots each metric's rank instead (1 = most important), on one shared axis.
+    Layers the depth target would drop get a red band.
+    """
+    bi = np.asarray(bi, dtype=np.float32)
+    x = np.arange(len(bi))
+    series = [("BI (1 - cos)", bi, BI_COLOR, False)]
+    if ppl_increase is not None:
+        series.append(("perplexity increase", np.asarray(ppl_increase, np.float32), PPL_COLOR, True))
+    if taylor is not None:
+        series.append(("Taylor+", np.asarray(taylor, np.float32), TAYLOR_COLOR, True))
+    ranks_mode = show == "ranks"
+    two_axes = len(series) > 1 and not ranks_mode
+    fig = make_subplots(specs=[[{"secondary_y": two_axes}]])
+    for i, (name, v, color, right) in enumerate(series):
+        r = _ranks(v)
+        y = r if ranks_mode else v
+        fig.add_trace(go.Bar(x=x, y=y, name=name, marker_color=color, offsetgroup=str(i),
+                             customdata=np.stack([v, r], axis=-1).astype(np.float32),
+                             hovertemplate=f"layer %{{x}}<br>{name} %{{customdata[0]:.4g}}"
+                                           "<br>rank %{customdata[1]:.0f}<extra></extra>"),
+                      secondary_y=bool(two_axes and right))
+    if dropped is not None:
+        for i in np.flatnonzero(np.asarray(dropped, bool)):
+            fig.add_vrect(x0=i - 0.5, x1=i + 0.5, fillcolor="rgba(214, 39, 40, 0.16)", line_width=0, layer="below")
+    title = "Layers: BI vs perplexity increase" if ppl_increase is not None else "Layers: block importance (BI)"
+    if spearman is not None and np.isfinite(spearman):
+        title += f"  (Spearman ρ = {spearman:.2f})"
+    fig.update_layout(barmode="group", bargap=0.25)
+    fig.update_xaxes(title="layer", dtick=1 if len(bi) <= 40 else None)
+    fig.update_yaxes(title="rank (1 = most important)" if ranks_mode else "BI", secondary_y=False,
+                     autorange="reversed" if ranks_mode else True)
+    if two_axes:
+        fig.update_yaxes(title="Δ perplexity", secondary_y=True, showgrid=False)
+    return _layout(fig, title, height=380)
+
+
+def blocks_chart(block_bi: np.ndarray, block_size: int, block_ppl: np.ndarray | None = None,
+                 dropped: np.ndarray | None = None) -> go.Figure:
+    """Importance of each contiguous block of `block_size` layers, by its first layer."""
+    v = np.asarray(block_bi, np.float32)
+    x = np.arange(len(v))
+    labels = [f"{i}-{i + block_size - 1}" for i in x]
+    fig = make_subplots(specs=[[{"secondary_y": block_ppl is not None}]])
+    fig.add_trace(go.Bar(x=labels, y=v, name="block BI", marker_color=BI_COLOR, offsetgroup="0",
+                         hovertemplate="layers %{x}<br>BI %{y:.4g}<extra></extra>"), secondary_y=False)
+    if block_ppl is not None:
+        fig.add_trace(go.Bar(x=labels, y=np.asarray(block_ppl, np.float32), name="perplexity increase",
+                             marker_color=PPL_COLOR, offsetgroup="1",
+                             hovertemplate="layers %{x}<br>Δ ppl %{y:.4g}<extra></extra>"), secondary_y=True)
+        fig.update_yaxes(title="Δ perplexity", secondary_y=True, showgrid=False)
+    best = int(np.argmin(v))
+    fig.add_annotation(x=labels[best], y=float(v[best]), text="least important", showarrow=True, arrowhead=2)
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title=f"contiguous block of {block_size} layers")
+    fig.update_yaxes(title="BI", secondary_y=False)
+    return _layout(fig, f"Contiguous blocks of {block_size} layers", height=340)

@@ -1,0 +1,185 @@
+"""Run folders as the dashboard sees them: create + start a pipeline job, read its files, and the
+CLI command that reproduces it. Thin wrappers over engine.runs / engine.pipeline (no Streamlit)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+from dashboard import state
+
+TERMINAL = ("done", "failed", "cancelled", "stale")
+
+
+def run_dir(run_id: str) -> Path:
+    """The folder of a run id (a folder name under the runs root; no path tricks)."""
+    if not run_id or not re.fullmatch(r"[A-Za-z0-9._-]+", run_id) or run_id in (".", ".."):
+        raise ValueError(f"not a run id: {run_id!r}")
+    return state.runs_root() / run_id
+
+
+def new_run_id(model: str, targets: dict) -> str:
+    name = "smollm2" if model in ("default", "builtin", "") else Path(model.rstrip("/")).name
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:24] or "model"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    lo, _, hi = (text or "0:1").partition(":")
+    return float(lo or 0), float(hi or 1)
+
+
+def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, eval_every: int,
+                eval_samples: int, kl_weight: float = 1.0, ce_weight: float = 0.0, hidden_weight: float = 0.0,
+                temperature: float = 1.0, warmup: int | None = None):
+    """A PipelineConfig from the session's model/data/calibration settings and these knobs."""
+    from engine.distill import DistillConfig
+    from engine.pipeline import PipelineConfig
+
+    train = parse_range(state.get("data_range"))
+    if train[1] >= 1.0:
+        raise ValueError("the calibration/training share of the documents ends at 100%, leaving nothing held out "
+                         "for evaluation; lower it on the Model and data page (e.g. 0-0.6)")
+    dcfg = DistillConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, eval_every=eval_every,
+                         eval_samples=eval_samples, kl_weight=kl_weight, ce_weight=ce_weight,
+                         hidden_weight=hidden_weight, temperature=temperature,
+                         warmup_steps=min(10, max(1, steps // 10)) if warmup is None else warmup,
+                         checkpoint_every=max(eval_every, 50))
+    t = {k: v for k, v in targets.items() if v not in (None, False) or k == "depth_by"}
+    return PipelineConfig(model=state.get("model"), data=state.get("data"), text_column=state.get("text_column") or None,
+                          train_range=train, eval_range=(train[1], 1.0), calib_samples=int(state.get("samples")),
+                          calib_seq_len=int(state.get("seq_len")), targets=t, distill=dcfg, eval_samples=eval_samples)
+
+
+def launch(run_id: str, config) -> Path:
+    """Create the run folder and start its detached job."""
+    from engine.pipeline import create_run
+    from engine.runs import start_job
+
+    path = run_dir(run_id)
+    create_run(path, config)
+    start_job(path)
+    return path
+
+
+def cli_command(cfg: dict, path: Path) -> str:
+    """The `prunescope run` (or `distill`) command that reproduces a run's config.json."""
+    d = cfg.get("distill") or {}
+    kind = cfg.get("kind", "pipeline")
+    cmd = ["prunescope", "run" if kind == "pipeline" else "distill"]
+    if kind == "pipeline":
+        cmd += ["--model", cfg.get("model", "default")]
+        t = cfg.get("targets") or {}
+        for k in ("hidden", "ffn", "heads", "layers"):
+            if t.get(k) is not None:
+                cmd += [f"--{k}", str(t[k])]
+        if t.get("depth_by", "bi") != "bi":
+            cmd += ["--depth-by", str(t["depth_by"])]
+        cmd += ["--calib-samples", str(cfg.get("calib_samples")), "--calib-seq-len", str(cfg.get("calib_seq_len"))]
+    else:
+        cmd += ["--teacher", cfg.get("model", "default"), "--student", str(cfg.get("student"))]
+    cmd += ["--data", str(cfg.get("data"))]
+    if cfg.get("text_column"):
+        cmd += ["--text-column", cfg["text_column"]]
+    for flag, key in (("--train-range", "train_range"), ("--eval-range", "eval_range")):
+        lo, hi = cfg.get(key) or (0, 1)
+        cmd += [flag, f"{lo:g}:{hi:g}"]
+    for flag, key in (("--steps", "steps"), ("--batch", "batch_size"), ("--seq-len", "seq_len"), ("--lr", "lr"),
+                      ("--warmup", "warmup_steps"), ("--eval-every", "eval_every"),
+                      ("--checkpoint-every", "checkpoint_every")):
+        if d.get(key) is not None:
+            cmd += [flag, f"{d[key]:g}" if isinstance(d[key], float) else str(d[key])]
+    for flag, key, default in (("--kl-weight", "kl_weight", 1.0), ("--ce-weight", "ce_weight", 0.0),
+                               ("--hidden-weight", "hidden_weight", 0.0), ("--temperature", "temperature", 1.0)):
+        if d.get(key) is not None and float(d[key]) != default:
+            cmd += [flag, f"{d[key]:g}"]
+    cmd += ["--eval-samples", str(cfg.get("eval_samples", 16)), "--run-dir", str(path), "--detach"]
+    text = shlex.join(cmd)
+    t = cfg.get("targets") or {}
+    if t.get("depth_by") == "list" or t.get("merge_heads"):
+        text += "\n# hand-picked layers / head merging are not CLI flags: save the plan and apply it with the engine"
+    return text
+
+
+def read_run(path: Path) -> dict:
+    """status (with `effective`), config, summary and metrics rows of a run folder."""
+    from engine.runs import Run, read_json
+
+    run = Run.open(path)
+    return {"status": run.status(), "config": read_json(run.config_file) or {},
+            "summary": read_json(run.path / "summary.json") or {}, "metrics": run.metrics()}
+
+
+def eta_seconds(status: dict, rows: list[dict], total_steps: int) -> float | None:
+    """Seconds left in distillation from the recent step rate (None before the first steps)."""
+    train = [r for r in rows if not r.get("eval") and "elapsed_s" in r]
+    if status.get("stage") != "distill" or len(train) < 2:
+        return None
+    recent = train[-20:]
+    dt = recent[-1]["elapsed_s"] - recent[0]["elapsed_s"]
+    ds = recent[-1]["step"] - recent[0]["step"]
+    if ds <= 0 or dt <= 0:
+        return None
+    return max(0.0, (total_steps - recent[-1]["step"]) * dt / ds)
+
+
+def delete_run(path: Path) -> None:
+    """Remove a finished run folder (refuses a live one)."""
+    from engine.runs import RunError, read_json
+
+    st = read_json(path / "status.json") or {}
+    from engine.runs import effective_state
+
+    if effective_state(st) in ("queued", "running"):
+        raise RunError(f"{path.name} is still {effective_state(st)}; cancel it first")
+    shutil.rmtree(path)
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def scores_csv(folder: Path) -> str:
+    """Every score of a scores folder as long-form CSV: tensor, layer, index, score."""
+    import io
+
+    from engine.importance import Scores
+
+    s = Scores.load(folder)
+    buf = io.StringIO()
+    buf.write("tensor,layer,index,score\n")
+    for name in sorted(s.tensors):
+        t = s.tensors[name].float()
+        if t.dim() == 2:  # (L, X)
+            for layer, row in enumerate(t.tolist()):
+                buf.writelines(f"{name},{layer},{i},{v:.6g}\n" for i, v in enumerate(row))
+        else:  # per layer / per block / per channel vectors
+            per_layer = name in ("bi", "ppl_increase", "taylor", "block_bi", "block_ppl_increase")
+            buf.writelines(f"{name},{i if per_layer else ''},{'' if per_layer else i},{v:.6g}\n"
+                           for i, v in enumerate(t.tolist()))
+    return buf.getvalue()
+
+
+def run_rows(runs: list[dict]) -> list[dict]:
+    """One table row per run: status and key numbers."""
+    out = []
+    for r in runs:
+        st, cfg, s = r["status"], r["config"], r.get("summary") or {}
+        t = cfg.get("targets") or {}
+        out.append({
+            "run": r["name"], "state": st.get("effective"), "stage": st.get("stage") or "",
+            "progress": float(st.get("progress") or 0.0),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(st.get("created") or 0)),
+            "model": cfg.get("model", ""),
+            "targets": " ".join(f"{k}={t[k]}" for k in ("hidden", "ffn", "heads", "layers") if t.get(k) is not None),
+            "params": s.get("params_student"), "of teacher": s.get("params_ratio"),
+            "ppl teacher": s.get("ppl_teacher"), "ppl pruned": s.get("ppl_one_shot"),
+            "ppl distilled": s.get("ppl_distilled"), "steps": s.get("steps") or (cfg.get("distill") or {}).get("steps"),
+        })
+    return out

@@ -1,0 +1,172 @@
+"""Distill page: launch prune + distill as a background job, then follow it live from its run folder.
+
+The run id lives in the URL (`?run=<id>`), so a refresh or a shared link shows the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from dashboard import runs_io, state, train_charts
+from dashboard.common import user_message
+from dashboard.views import show_fig
+
+STAGE_ICONS = {"done": "✅", "running": "⏳"}
+
+st.title("Distill")
+
+
+def launch_form() -> None:
+    """Knobs of the prune + distill job and the launch button."""
+    targets = state.get("targets") or {}
+    picked = {k: targets.get(k) for k in ("hidden", "ffn", "heads", "layers") if targets.get(k) is not None}
+    if targets.get("depth_by") == "list" and targets.get("drop_layers"):
+        picked["drop layers"] = ", ".join(map(str, targets["drop_layers"]))
+    if not picked:
+        st.warning("No pruning targets yet: choose them on **Prune targets** first (or click a preset there).")
+        st.page_link("screens/targets.py", label="Go to Prune targets", icon=":material/tune:")
+        return
+    st.markdown("**Prune to** " + " · ".join(f"{k} **{v}**" for k, v in picked.items())
+                + f" (layers chosen by {targets.get('depth_by', 'bi')})")
+    d = state.defaults()
+    st.caption(f"Defaults for this machine ({'GPU' if d.device == 'cuda' else 'CPU'}): "
+               f"{d.steps} steps of {d.batch} × {d.train_seq_len} tokens"
+               + (" — a demo that finishes in about 5 minutes on a CPU." if d.device == "cpu" else "."))
+    c = st.columns(4)
+    steps = c[0].number_input("Steps", 1, 10_000_000, d.steps, key="d_steps")
+    batch = c[1].number_input("Batch (sequences)", 1, 4096, d.batch, key="d_batch")
+    seq_len = c[2].number_input("Sequence length", 8, 32768, d.train_seq_len, key="d_seq")
+    lr = c[3].number_input("Learning rate", 1e-7, 1.0, d.lr, format="%.1e", key="d_lr")
+    c = st.columns(4)
+    eval_every = c[0].number_input("Evaluate every (steps)", 1, 1_000_000, d.eval_every, key="d_eval_every")
+    eval_samples = c[1].number_input("Held-out samples", 1, 100_000, d.eval_samples, key="d_eval_samples")
+    with st.expander("Loss"):
+        c = st.columns(4)
+        kl = c[0].number_input("KL weight (logits)", 0.0, 100.0, 1.0, key="d_kl")
+        ce = c[1].number_input("Cross-entropy weight", 0.0, 100.0, 0.0, key="d_ce")
+        hid = c[2].number_input("Hidden-state weight", 0.0, 100.0, 0.0, key="d_hidden")
+        temp = c[3].number_input("Temperature", 0.05, 20.0, 1.0, key="d_temp")
+    st.caption(f"{int(steps) * int(batch) * int(seq_len):,} training tokens")
+    if st.button("Prune and distill", type="primary", key="d_launch", icon=":material/rocket_launch:"):
+        try:
+            cfg = runs_io.make_config(targets, int(steps), int(batch), int(seq_len), float(lr), int(eval_every),
+                                      int(eval_samples), kl, ce, hid, temp)
+            run_id = runs_io.new_run_id(state.get("model"), targets)
+            runs_io.launch(run_id, cfg)
+        except Exception as e:  # noqa: BLE001 - plain message, nothing written is lost
+            st.error(f"Could not start the run: {user_message(e)}")
+            return
+        st.query_params["run"] = run_id
+        st.rerun()
+
+
+def stage_line(status: dict, stages: tuple[str, ...]) -> str:
+    info = status.get("stages") or {}
+    parts = []
+    for s in stages:
+        e = info.get(s) or {}
+        mark = STAGE_ICONS.get(e.get("state"), "·") if e else "·"
+        if e.get("state") == "running":
+            mark = f"⏳ {100 * float(e.get('progress') or 0):.0f}%"
+        parts.append(f"{mark} {s}")
+    return "  →  ".join(parts)
+
+
+def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
+    """Everything read from the run folder; polled every 1.5 s while the job is active."""
+    try:
+        r = runs_io.read_run(runs_io.run_dir(run_id))
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Cannot show run {run_id!r}: {user_message(e)}")
+        return
+    status, cfg, summary, rows = r["status"], r["config"], r["summary"], r["metrics"]
+    eff = status.get("effective", "unknown")
+    total = int((cfg.get("distill") or {}).get("steps") or 0)
+    train = [row for row in rows if not row.get("eval")]
+    last = train[-1] if train else {}
+    c = st.columns(5)
+    c[0].metric("State", eff)
+    c[1].metric("Stage", status.get("stage") or "–")
+    c[2].metric("Step", f"{last.get('step', 0)} / {total}")
+    c[3].metric("Tokens/s", f"{last['tokens_per_s']:,.0f}" if last.get("tokens_per_s") else "–")
+    c[4].metric("ETA (distillation)", runs_io.fmt_duration(runs_io.eta_seconds(status, rows, total)))
+    st.progress(float(status.get("progress") or 0.0), text=f"{status.get('stage') or ''}: {status.get('message') or ''}")
+    from engine.pipeline import DISTILL_STAGES, STAGES
+
+    st.caption(stage_line(status, STAGES if cfg.get("kind", "pipeline") == "pipeline" else DISTILL_STAGES))
+    if eff == "failed":
+        st.error(f"The run failed: {status.get('error') or 'see job.log'}")
+    elif eff == "stale":
+        st.warning("The job's process is gone (machine restarted or killed). Resume it to continue from its last "
+                   "checkpoint.")
+    teacher = next((row.get("teacher_ppl") for row in rows if row.get("teacher_ppl")), summary.get("ppl_teacher"))
+    left, right = st.columns(2)
+    with left:
+        show_fig(train_charts.loss_chart(rows, smoothing, log_y, x), "loss_chart")
+    with right:
+        show_fig(train_charts.ppl_chart(rows, teacher, x, summary.get("ppl_one_shot")), "ppl_chart")
+    if eff == "done":
+        s = summary
+        c = st.columns(4)
+        c[0].metric("Parameters", state.human(s.get("params_student") or 0),
+                    f"{((s.get('params_ratio') or 1) - 1) * 100:+.1f}%", delta_color="off")
+        c[1].metric("Perplexity (teacher)", f"{s['ppl_teacher']:.2f}" if s.get("ppl_teacher") else "–")
+        c[2].metric("Perplexity (pruned, before)", f"{s['ppl_one_shot']:.2f}" if s.get("ppl_one_shot") else "–")
+        c[3].metric("Perplexity (distilled)", f"{s['ppl_distilled']:.2f}" if s.get("ppl_distilled") else "–")
+        st.success(f"Exported to `{s.get('model_dir', '')}`")
+        st.page_link("screens/compare.py", label="Compare teacher and student", icon=":material/compare_arrows:",
+                     query_params={"run": run_id})
+    was_active = st.session_state.get("_run_active")
+    st.session_state["_run_active"] = eff in ("queued", "running")
+    if was_active and eff not in ("queued", "running"):
+        st.rerun()  # stop polling: the page is redrawn without run_every
+
+
+def run_view(run_id: str) -> None:
+    try:
+        path = runs_io.run_dir(run_id)
+        status = runs_io.read_run(path)["status"]
+    except Exception as e:  # noqa: BLE001
+        st.error(f"There is no run {run_id!r} in {state.runs_root()}: {user_message(e)}")
+        if st.button("Start a new run", key="d_new_missing"):
+            del st.query_params["run"]
+            st.rerun()
+        return
+    eff = status.get("effective")
+    active = eff in ("queued", "running")
+    top = st.columns([3, 1, 1, 1])
+    top[0].markdown(f"Run **{run_id}** · `{path}`")
+    if active and top[1].button("Cancel", key="d_cancel", icon=":material/stop:", type="primary"):
+        from engine.runs import cancel
+
+        cancel(path)
+        st.toast("Cancel requested: the job stops after its current step and keeps a checkpoint.")
+    if eff in ("cancelled", "failed", "stale") and top[1].button("Resume", key="d_resume", icon=":material/replay:"):
+        from engine.runs import resume
+
+        try:
+            resume(path)
+        except Exception as e:  # noqa: BLE001
+            st.error(user_message(e))
+        else:
+            time.sleep(0.3)
+            st.rerun()
+    if top[2].button("New run", key="d_new"):
+        del st.query_params["run"]
+        st.rerun()
+    top[3].page_link("screens/runs.py", label="All runs", icon=":material/folder_open:")
+    c = st.columns([2, 1, 1])
+    smoothing = c[0].slider("Smoothing", 0.0, 0.99, 0.6, 0.01, key="d_smooth")
+    log_y = c[1].toggle("Log scale", value=False, key="d_log")
+    x = c[2].radio("x axis", ["step", "tokens"], horizontal=True, key="d_x")
+    st.session_state["_run_active"] = active
+    st.fragment(live_view, run_every=1.5 if active else None)(run_id, smoothing, log_y, x)
+
+
+run = st.query_params.get("run")
+if run:
+    run_view(run)
+else:
+    launch_form()

@@ -1,0 +1,193 @@
+"""Prune targets page: sliders for widths and depth, presets, a live size readout, the heatmaps with
+what would be cut, and the plan as JSON."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from dashboard import state
+from dashboard.common import (
+    current_cut,
+    current_model_info,
+    have_scores,
+    load_scores,
+    scores_folder,
+    user_message,
+)
+from dashboard.views import render_score_charts
+
+AXES = [("hidden", "Hidden size (embedding channels)"), ("ffn", "MLP size (neurons per layer)"),
+        ("heads", "Query heads per layer"), ("layers", "Layers")]
+PRESETS = [("Original", None), ("Width 75%", "width-75"), ("Depth 75%", "depth-75"), ("MLP 75%", "mlp-75"),
+           ("Width 50%", "width-50"), ("Depth 50%", "depth-50"), ("All 50%", "all-50")]
+DEPTH_LABELS = {"bi": "Block importance (BI)", "ppl": "Perplexity increase", "block": "Contiguous block",
+                "taylor": "Taylor+", "list": "Pick layers by hand"}
+
+st.title("Prune targets")
+
+folder = scores_folder()
+have = have_scores(folder)
+if have:
+    tensors, meta = load_scores(folder)
+    arch = meta.get("arch")
+else:
+    tensors, meta, arch = {}, {}, None
+if arch is None:
+    info = current_model_info()
+    if info is None:
+        st.stop()
+    arch = info["arch"]
+
+from engine.arch.base import ArchSpec  # noqa: E402
+from engine.plan import Targets, estimate, preset_targets, valid_values, validate_targets  # noqa: E402
+
+spec = ArchSpec.from_dict(arch)
+source = {"hidden": spec.hidden_size, "ffn": spec.intermediate_size, "heads": spec.n_heads, "layers": spec.n_layers}
+
+
+def _snap(values: list[int], v: int) -> int:
+    return min(values, key=lambda x: (abs(x - v), -x)) if values else v
+
+
+def _load_targets(t: Targets) -> None:
+    """Copy targets into the slider widgets' state (before they are drawn)."""
+    for axis, _ in AXES:
+        v = getattr(t, axis)
+        st.session_state[f"t_{axis}"] = source[axis] if v is None else int(v)
+    st.session_state["t_depth_by"] = t.depth_by
+    st.session_state["t_drop"] = list(t.drop_layers or [])
+
+
+def _apply_preset(name: str | None) -> None:
+    try:
+        _load_targets(Targets() if name is None else preset_targets(spec, name))
+        st.session_state.pop("preset_error", None)
+    except Exception as e:  # noqa: BLE001
+        st.session_state["preset_error"] = user_message(e)
+
+
+if "t_hidden" not in st.session_state or st.session_state.get("t_spec") != arch:
+    st.session_state["t_spec"] = arch
+    saved = state.get("targets")
+    try:
+        _load_targets(Targets.from_dict(saved) if saved else Targets())
+    except Exception:  # noqa: BLE001 - targets of another model
+        _load_targets(Targets())
+
+# ---------------------------------------------------------------- presets
+cols = st.columns(len(PRESETS))
+for col, (label, name) in zip(cols, PRESETS, strict=True):
+    col.button(label, key=f"preset_{name or 'none'}", on_click=_apply_preset, args=(name,), width="stretch")
+if st.session_state.get("preset_error"):
+    st.error(st.session_state["preset_error"])
+
+# ---------------------------------------------------------------- sliders
+left, right = st.columns([3, 2], gap="large")
+with left:
+    depth_options = ["bi", "list"]
+    if "ppl_increase" in tensors:
+        depth_options.insert(1, "ppl")
+    if "block_bi" in tensors:
+        depth_options.insert(-1, "block")
+    if "taylor" in tensors:
+        depth_options.insert(-1, "taylor")
+    if st.session_state.get("t_depth_by") not in depth_options:
+        st.session_state["t_depth_by"] = "bi"
+    partial = Targets(heads=st.session_state["t_heads"])
+    values = valid_values(spec, partial)
+    picked: dict[str, int] = {}
+    for axis, label in AXES:
+        vals = values[axis]
+        if axis == "layers" and st.session_state["t_depth_by"] == "list":
+            continue
+        key = f"t_{axis}"
+        st.session_state[key] = _snap(vals, int(st.session_state[key]))
+        if len(vals) == 1:
+            st.caption(f"{label}: {vals[0]} (fixed)")
+            picked[axis] = vals[0]
+            continue
+        steps = {b - a for a, b in zip(vals, vals[1:], strict=False)}
+        if len(steps) == 1:
+            picked[axis] = st.slider(label, vals[0], vals[-1], step=steps.pop(), key=key,
+                                     help=f"source: {source[axis]}")
+        else:
+            picked[axis] = st.select_slider(label, vals, key=key, help=f"source: {source[axis]}")
+    depth_by = st.radio("Choose the layers to drop by", depth_options, key="t_depth_by", horizontal=True,
+                        format_func=DEPTH_LABELS.get)
+    drop: list[int] = []
+    if depth_by == "list":
+        drop = st.multiselect("Layers to drop", list(range(spec.n_layers)), key="t_drop")
+    merge = st.toggle("Merge pruned query heads into kept ones (Minitron residual merge)", key="t_merge",
+                      value=False)
+
+targets = Targets(
+    hidden=picked["hidden"] if picked["hidden"] != source["hidden"] else None,
+    ffn=picked["ffn"] if picked["ffn"] != source["ffn"] else None,
+    heads=picked["heads"] if picked["heads"] != source["heads"] else None,
+    layers=None if depth_by == "list" or picked.get("layers") == source["layers"] else picked.get("layers"),
+    depth_by=depth_by, drop_layers=tuple(sorted(drop)) if depth_by == "list" and drop else None,
+    merge_heads=merge,
+)
+state.put("targets", targets.to_dict())
+
+# ---------------------------------------------------------------- readout
+with right:
+    t0 = time.perf_counter()
+    try:
+        validate_targets(spec, targets)
+        est = estimate(spec, targets)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"These targets are not valid: {user_message(e)}")
+        st.stop()
+    base = estimate(spec, Targets())
+    with st.container(border=True, key="readout"):
+        c1, c2 = st.columns(2)
+        c1.metric("Parameters", state.human(est.params), f"{(est.fraction_of_source - 1) * 100:+.1f}%",
+                  delta_color="off")
+        c2.metric("Of the original", f"{est.fraction_of_source * 100:.1f}%")
+        c3, c4 = st.columns(2)
+        c3.metric("FLOPs per token", state.human(est.flops_per_token),
+                  f"{(est.flops_per_token / base.flops_per_token - 1) * 100:+.1f}%", delta_color="off",
+                  help=f"Forward pass at a context of {est.context} tokens.")
+        c4.metric("Memory (bf16 weights)", state.human_bytes(est.memory_bytes_bf16),
+                  f"{(est.memory_bytes_bf16 / base.memory_bytes_bf16 - 1) * 100:+.1f}%", delta_color="off")
+        sz = est.sizes
+        st.caption(f"Result: {sz.layers} layers · {sz.heads} query / {sz.kv_heads} KV heads · hidden {sz.hidden} · "
+                   f"MLP {sz.ffn} · from {state.human(base.params)} parameters · "
+                   f"KV cache {state.human_bytes(est.kv_cache_bytes_per_token_bf16)}/token")
+    st.session_state["readout_ms"] = (time.perf_counter() - t0) * 1000
+
+# ---------------------------------------------------------------- what would be cut, and the plan
+if not have:
+    st.info("Compute importance scores to see which heads, neurons, channels and layers these targets remove.")
+    st.page_link("screens/importance.py", label="Go to Importance", icon=":material/grid_on:")
+    st.stop()
+
+cut = current_cut(folder, targets.to_dict())
+render_score_charts(tensors, meta, cut, key="tgt")
+
+st.subheader("Plan")
+if cut.plan is None:
+    st.caption("Set at least one target to make a plan." if not cut.error else "")
+else:
+    from engine.plan import dumps
+
+    text = dumps(cut.plan.to_dict()) + "\n"
+    c1, c2, c3 = st.columns([1, 1, 3])
+    c1.download_button("Download plan.json", text, file_name="plan.json", mime="application/json",
+                       icon=":material/download:", key="plan_download")
+    if c2.button("Save plan", key="plan_save", icon=":material/save:"):
+        path = state.runs_root() / "plans" / f"plan-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        try:
+            cut.plan.save(path)
+        except Exception as e:  # noqa: BLE001
+            st.error(f"Could not save the plan: {user_message(e)}")
+        else:
+            state.put("plan_path", str(path))
+    if st.session_state.get("plan_path"):
+        c3.success(f"Saved to `{st.session_state['plan_path']}`")
+    with st.expander("plan.json"):
+        st.code(text[:20000] + ("\n…" if len(text) > 20000 else ""), language="json")
+st.page_link("screens/distill.py", label="Next: prune and distill", icon=":material/arrow_forward:")

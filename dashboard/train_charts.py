@@ -1,0 +1,109 @@
+"""Pure chart functions for distillation runs: loss curves, held-out perplexity, comparisons."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import plotly.graph_objects as go
+
+from dashboard.charts import _layout
+
+LOSS_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+NOT_LOSS = {"step", "tokens", "lr", "tokens_per_s", "elapsed", "eval", "ppl", "kl", "time", "epoch",
+            "grad_norm", "eta_s"}
+
+
+def ema(values: np.ndarray, smoothing: float) -> np.ndarray:
+    """TensorBoard-style debiased exponential moving average; smoothing in [0, 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    if smoothing <= 0 or len(v) == 0:
+        return v
+    out = np.empty_like(v)
+    acc, weight = 0.0, 0.0
+    for i, x in enumerate(v):
+        acc = smoothing * acc + (1 - smoothing) * x
+        weight = smoothing * weight + (1 - smoothing)
+        out[i] = acc / weight
+    return out
+
+
+def loss_terms(rows: list[dict]) -> list[str]:
+    """Names of the loss series in training rows: `loss` first, then every other numeric loss term."""
+    names: list[str] = []
+    for r in rows[:50]:
+        for k, v in r.items():
+            if k in NOT_LOSS or k in names or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if k == "loss" or "loss" in k or k in ("kd", "ce", "kl_div", "cosine", "mse"):
+                names.append(k)
+    return sorted(names, key=lambda k: (k != "loss", k))
+
+
+def loss_chart(rows: list[dict], smoothing: float = 0.6, log_y: bool = False, x: str = "step",
+               terms: list[str] | None = None) -> go.Figure:
+    """Training loss (and each loss term) against steps or tokens; raw values shown faintly."""
+    rows = [r for r in rows if not r.get("eval")]
+    fig = go.Figure()
+    terms = terms if terms is not None else loss_terms(rows)
+    for i, name in enumerate(terms):
+        pts = [(r.get(x, r.get("step", j)), r[name]) for j, r in enumerate(rows)
+               if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if not pts:
+            continue
+        xs = np.asarray([p[0] for p in pts], dtype=np.float64)
+        ys = np.asarray([p[1] for p in pts], dtype=np.float64)
+        color = LOSS_COLORS[i % len(LOSS_COLORS)]
+        if smoothing > 0:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), opacity=0.25,
+                                     showlegend=False, hoverinfo="skip", name=f"{name} (raw)"))
+        fig.add_trace(go.Scatter(x=xs, y=ema(ys, smoothing), mode="lines+markers" if len(xs) < 30 else "lines",
+                                 line=dict(color=color, width=2), marker=dict(size=4), name=name,
+                                 hovertemplate=f"{x} %{{x:,}}<br>{name} %{{y:.4f}}<extra></extra>"))
+    fig.update_xaxes(title="tokens" if x == "tokens" else "step")
+    fig.update_yaxes(title="loss", type="log" if log_y else "linear")
+    if not fig.data:
+        fig.add_annotation(text="waiting for the first training step…", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper", font=dict(size=14, color="#888"))
+    return _layout(fig, "Distillation loss", height=360)
+
+
+def ppl_chart(rows: list[dict], teacher_ppl: float | None = None, x: str = "step",
+              one_shot_ppl: float | None = None, log_y: bool = True) -> go.Figure:
+    """Held-out perplexity of the student at each evaluation, with the teacher's as a reference."""
+    evals = [r for r in rows if r.get("eval") and isinstance(r.get("ppl"), (int, float))]
+    fig = go.Figure()
+    if evals:
+        xs = [r.get(x, r.get("step", 0)) for r in evals]
+        kl = [r.get("kl") for r in evals]
+        fig.add_trace(go.Scatter(
+            x=xs, y=[r["ppl"] for r in evals], mode="lines+markers", name="student", marker=dict(size=9),
+            line=dict(color="#d62728", width=2), customdata=[k if k is not None else float("nan") for k in kl],
+            hovertemplate=f"{x} %{{x:,}}<br>perplexity %{{y:.2f}}<br>KL %{{customdata:.4f}}<extra></extra>"))
+    if teacher_ppl:
+        fig.add_hline(y=teacher_ppl, line=dict(color="#2ca02c", dash="dash", width=2),
+                      annotation_text=f"teacher {teacher_ppl:.2f}", annotation_position="top left")
+    if one_shot_ppl and not evals:
+        fig.add_hline(y=one_shot_ppl, line=dict(color="#999", dash="dot"),
+                      annotation_text=f"pruned, before distillation {one_shot_ppl:.2f}")
+    fig.update_xaxes(title="tokens" if x == "tokens" else "step")
+    fig.update_yaxes(title="perplexity", type="log" if log_y else "linear")
+    if not evals:
+        fig.add_annotation(text="no evaluation yet", showarrow=False, x=0.5, y=0.5, xref="paper",
+                           yref="paper", font=dict(size=14, color="#888"))
+    return _layout(fig, "Held-out perplexity", height=360)
+
+
+def compare_bars(names: list[str], values: list[float | None], title: str, fmt: str | Callable = ".3g",
+                 colors: list[str] | None = None) -> go.Figure:
+    """A small bar chart comparing one number across models (teacher / one-shot / student).
+    fmt: a format spec or a function of the value."""
+    colors = colors or ["#2ca02c", "#999999", "#d62728", "#1f77b4"][: len(names)]
+    ys = [v if v is not None else 0 for v in values]
+    show = fmt if callable(fmt) else (lambda v: format(v, fmt))
+    text = [show(v) if v is not None else "n/a" for v in values]
+    fig = go.Figure(go.Bar(x=names, y=ys, text=text, textposition="outside", marker_color=colors,
+                           hovertemplate="%{x}: %{text}<extra></extra>"))
+    fig.update_yaxes(range=[0, max([y for y in ys if y] or [1]) * 1.2])
+    return _layout(fig, title, height=280)

@@ -1,0 +1,168 @@
+"""Page pieces shared by Importance and Prune targets: the score charts with the 'would be pruned'
+overlay, and the scoring-job panel (start button, live progress)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from dashboard import charts, jobs, state
+from dashboard.common import Cut, have_scores, load_scores, user_message
+
+PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
+
+
+def show_fig(fig, key: str) -> None:
+    st.plotly_chart(fig, key=key, config=PLOT_CONFIG, width="stretch")
+
+
+def cut_summary(tensors: dict[str, np.ndarray], cut: Cut) -> str:
+    L, H = tensors["heads"].shape
+    parts = []
+    if cut.layers.any():
+        parts.append(f"{int(cut.layers.sum())} of {L} layers ({', '.join(map(str, np.flatnonzero(cut.layers)))})")
+    kept = ~cut.layers
+    if kept.any():
+        h = int(cut.heads[kept].sum(1).max())
+        n = int(cut.neurons[kept].sum(1).max())
+        if h:
+            parts.append(f"{h} of {H} query heads per layer")
+        if n:
+            parts.append(f"{n} of {tensors['neurons'].shape[1]} MLP neurons per layer")
+    if cut.channels.any():
+        parts.append(f"{int(cut.channels.sum())} of {len(cut.channels)} embedding channels")
+    return "Red marks what the current targets would remove: " + "; ".join(parts) if parts else \
+        "No targets set: nothing is marked for removal (set them on **Prune targets**)."
+
+
+def render_score_charts(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, key: str) -> None:
+    """Tabs of heatmaps / bar charts for one scores file, with the cut overlaid on each."""
+    if cut.error:
+        st.warning(f"The targets cannot be applied to these scores: {cut.error}")
+    st.caption(cut_summary(tensors, cut))
+    c1, c2, c3 = st.columns([1, 1, 2])
+    norm = c1.toggle("Normalise each layer", value=True, key=f"{key}_norm",
+                     help="Divide each row by its maximum, so layers with small activations stay readable.")
+    sort = c2.toggle("Sort neurons per layer", value=True, key=f"{key}_sort",
+                     help="Sort each layer's neurons by importance before binning; off shows the raw order.")
+    tabs = st.tabs(["Attention heads", "MLP neurons", "Embedding channels", "Layers"])
+    with tabs[0]:
+        show_fig(charts.heads_heatmap(tensors["heads"], cut.heads, meta.get("n_kv_heads") or 1, normalise=norm),
+                 f"{key}_heads")
+    with tabs[1]:
+        show_fig(charts.neurons_heatmap(tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
+                 f"{key}_neurons")
+    with tabs[2]:
+        show_fig(charts.channels_heatmap(tensors["channels_per_layer"], cut.channels, cut.layers, normalise=norm),
+                 f"{key}_chan_heat")
+        show_fig(charts.channels_bar(tensors["channels"], cut.channels), f"{key}_chan_bar")
+    with tabs[3]:
+        render_layers(tensors, meta, cut, key)
+
+
+def render_layers(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, key: str) -> None:
+    show = st.segmented_control("Show", ["values", "ranks"], default="values", key=f"{key}_lshow") or "values"
+    ppl = tensors.get("ppl_increase")
+    show_fig(charts.layers_chart(tensors["bi"], ppl, cut.layers, tensors.get("taylor"),
+                                 meta.get("spearman_bi_ppl"), show=show), f"{key}_layers")
+    if ppl is None:
+        st.caption("Perplexity increase per layer was not computed (it costs one pass per layer); "
+                   "tick it on the Importance page to add it.")
+    elif meta.get("base_ppl"):
+        st.caption(f"Base perplexity on the calibration data: {meta['base_ppl']:.2f}. "
+                   f"Spearman ρ between BI and perplexity increase: {meta.get('spearman_bi_ppl') or float('nan'):.3f} "
+                   "(1 = the cheap metric orders layers exactly like the expensive one).")
+    if "block_bi" in tensors and meta.get("block_size"):
+        show_fig(charts.blocks_chart(tensors["block_bi"], int(meta["block_size"]), tensors.get("block_ppl_increase")),
+                 f"{key}_blocks")
+
+
+# ---------------------------------------------------------------- scoring job
+
+
+def start_scoring(folder: Path, depth_ppl: bool, block_size: int) -> None:
+    jobs.start_score_job(folder, state.get("model"), state.get("data"), int(state.get("samples")),
+                         int(state.get("seq_len")), state.get("data_range"), depth_ppl, block_size or None,
+                         state.get("text_column"))
+
+
+def score_panel(folder: Path, have: bool) -> None:
+    """Start button with the scoring options (and the equivalent CLI command)."""
+    d = state.defaults()
+    label = "Compute importance scores" if not have else "Add to these scores"
+    with st.container(border=True):
+        st.markdown(f"**{label}** · {state.get('samples')} samples × {state.get('seq_len')} tokens "
+                    "(change them on *Model and data*)")
+        c1, c2 = st.columns(2)
+        ppl = c1.checkbox("Perplexity increase per layer", value=bool(state.get("depth_ppl")), key="score_ppl",
+                          help="Remove each layer in turn and measure perplexity: about L/2 times the cost of the "
+                               f"width pass. {'Off by default on a CPU.' if d.device == 'cpu' else ''}")
+        blocks = c2.number_input("Contiguous blocks of n layers (0 = off)", min_value=0, max_value=16,
+                                 value=int(state.get("block_size") or 0), key="score_blocks")
+        cmd = jobs.score_command(state.get("model"), state.get("data"), folder, int(state.get("samples")),
+                                 int(state.get("seq_len")), state.get("data_range"), ppl, blocks or None,
+                                 state.get("text_column"))
+        if st.button(label, type="primary", key="score_start", icon=":material/play_arrow:"):
+            state.put("depth_ppl", ppl)
+            state.put("block_size", int(blocks))
+            try:
+                start_scoring(folder, ppl, int(blocks))
+            except Exception as e:  # noqa: BLE001
+                st.error(f"Could not start scoring: {user_message(e)}")
+            else:
+                st.rerun()
+        st.caption("Same from a terminal:")
+        st.code(shlex.join(cmd), language="bash")
+
+
+def job_active(folder: Path) -> bool:
+    job = jobs.job_status(folder)
+    return bool(job and job.get("state") in ("queued", "running"))
+
+
+@st.fragment(run_every=1.0)
+def score_progress(folder: str) -> None:
+    """Live progress of the scoring job; reruns the whole page when it ends."""
+    job = jobs.job_status(Path(folder))
+    if job is None:
+        return
+    if job.get("state") in ("queued", "running"):
+        frac = float(job.get("progress") or 0.0)
+        st.progress(frac, text=f"Scoring: {job.get('message') or job.get('state')} ({frac:.0%})")
+        if st.button("Cancel scoring", key="score_cancel", icon=":material/stop:"):
+            jobs.cancel_job(Path(folder))
+            st.rerun(scope="app")
+    else:
+        st.rerun(scope="app")
+
+
+def scoring_section(folder: Path) -> bool:
+    """Job status + start panel; True when scores can be drawn."""
+    have = have_scores(folder)
+    job = jobs.job_status(folder)
+    if job_active(folder):
+        score_progress(str(folder))
+    elif job and job.get("state") == "failed":
+        st.error(f"Scoring failed: {job.get('error') or 'unknown error'}")
+        with st.expander("Log"):
+            st.code(jobs.log_tail(folder, 30) or "(empty)")
+    elif job and job.get("state") == "cancelled" and not have:
+        st.info("Scoring was cancelled.")
+    if not job_active(folder):
+        if have:
+            with st.expander("Compute more (perplexity increase per layer, contiguous blocks)"):
+                score_panel(folder, True)
+        else:
+            score_panel(folder, False)
+    return have
+
+
+def load_or_error(folder: Path) -> tuple[dict, dict] | None:
+    try:
+        return load_scores(folder)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Could not read the scores in {folder}: {user_message(e)}")
+        return None

@@ -1,0 +1,117 @@
+"""`prunescope distill`: distill an already-pruned student from its teacher (a run folder job).
+
+Also holds the training / job options shared with `prunescope run`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Distillation and job options shared by `run` and `distill`."""
+    g = p.add_argument_group("distillation")
+    g.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--tokens", type=int, default=None, help="token budget instead of --steps")
+    g.add_argument("--batch", type=int, default=4, help="sequences per micro-batch and process")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--warmup", type=int, default=10, help="warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--kl-weight", type=float, default=1.0)
+    g.add_argument("--ce-weight", type=float, default=0.0)
+    g.add_argument("--hidden-weight", type=float, default=0.0)
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--eval-samples", type=int, default=16, help="held-out blocks for evaluation")
+    g.add_argument("--checkpoint-every", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    j = p.add_argument_group("data and job")
+    j.add_argument("--data", default="generated", help="file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]")
+    j.add_argument("--text-column", default=None)
+    j.add_argument("--train-range", default="0:0.6", help="fraction of documents for training (START:END)")
+    j.add_argument("--eval-range", default="0.6:1", help="held-out fraction of documents (START:END)")
+    j.add_argument("--dtype", default="auto", help="teacher weights / autocast: auto, bf16, fp32")
+    j.add_argument("--device", default="auto")
+    j.add_argument("--run-dir", required=True, help="run folder (config, status, metrics, checkpoints, model)")
+    j.add_argument("--detach", action="store_true", help="run as a background job and return at once")
+    j.add_argument("--if-busy", choices=["queue", "refuse"], default="queue",
+                   help="when the device runs another job: wait in the queue (default) or refuse")
+    j.add_argument("--force", action="store_true", help="replace an existing run folder")
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    from engine.runs import RunError
+
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise RunError(f"a range is START:END fractions, e.g. 0:0.6; got {text!r}") from None
+    if not 0 <= a < b <= 1:
+        raise RunError(f"range {text!r}: need 0 <= START < END <= 1")
+    return a, b
+
+
+def distill_config(args, layer_map=None):
+    from engine.distill import DistillConfig
+    from engine.runs import RunError
+
+    try:
+        return DistillConfig(
+            steps=args.steps, tokens=args.tokens, batch_size=args.batch, grad_accum=args.grad_accum,
+            seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
+            weight_decay=args.weight_decay, clip=args.clip, temperature=args.temperature,
+            kl_weight=args.kl_weight, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight,
+            layer_map=layer_map, eval_every=args.eval_every, eval_samples=args.eval_samples,
+            checkpoint_every=args.checkpoint_every, seed=args.seed, dtype=args.dtype)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def launch(args, config) -> int:
+    """Create the run folder, then run in the foreground or start a detached job."""
+    from engine.pipeline import barrier, create_run, execute, init_distributed, world
+    from engine.runs import RunError, start_job
+
+    rank, n = world()
+    if n > 1:  # torchrun / accelerate launch: rank 0 creates the folder, every rank runs the job
+        if args.detach:
+            raise RunError("--detach cannot be combined with torchrun / accelerate launch")
+        init_distributed()
+        if rank == 0:
+            create_run(args.run_dir, config, force=args.force)
+        barrier()
+        state = execute(args.run_dir, if_busy=args.if_busy)
+        return 0 if state in ("done", "cancelled") else 1
+    run = create_run(args.run_dir, config, force=args.force)
+    if args.detach:
+        pid = start_job(run.path, if_busy=args.if_busy)
+        print(f"started {config.kind} job in {run.path} (pid {pid}); follow it with "
+              f"`prunescope status {run.path}`, stop it with `prunescope cancel {run.path}`")
+        return 0
+    state = execute(run.path, if_busy=args.if_busy)
+    print(f"{run.path}: {state}")
+    return 0 if state in ("done", "cancelled") else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("distill", help="distill an already-pruned student from its teacher")
+    p.add_argument("--teacher", default="default", help="teacher model: default, hub id, folder or .gguf")
+    p.add_argument("--student", required=True, help="the pruned student (Hugging Face folder)")
+    p.add_argument("--layer-map", default=None,
+                   help="teacher layer of each student layer, e.g. 0,1,2,5 (for --hidden-weight)")
+    add_training_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from engine.pipeline import PipelineConfig
+
+    layer_map = tuple(int(x) for x in args.layer_map.split(",")) if args.layer_map else None
+    cfg = PipelineConfig(model=args.teacher, student=args.student, data=args.data, text_column=args.text_column,
+                         train_range=parse_range(args.train_range), eval_range=parse_range(args.eval_range),
+                         distill=distill_config(args, layer_map), eval_samples=args.eval_samples,
+                         seed=args.seed, dtype=args.dtype, device=args.device)
+    return launch(args, cfg)

@@ -1,0 +1,180 @@
+"""`prunescope prune`: plan from a scores file, prune the model, export a Hugging Face folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    from engine.plan import PlanError
+
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise PlanError(f"--drop-layers takes comma-separated layer indices, e.g. 3,4,5; got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model to target widths/depth and export it",
+                       description="Make a plan (kept heads, neurons, channels, layers) from a scores file, "
+                                   "trim the weights into a smaller model of the same architecture and export "
+                                   "it as a Hugging Face folder. Sizes left out keep the source size.")
+    p.add_argument("--scores", default=None, metavar="DIR", help="scores folder from `prunescope score`")
+    p.add_argument("--model", default=None,
+                   help="model the scores were computed on (default: the one named in the scores)")
+    p.add_argument("--hidden", type=int, default=None, help="target hidden size (embedding channels)")
+    p.add_argument("--ffn", type=int, default=None, help="target MLP intermediate size")
+    p.add_argument("--heads", type=int, default=None, help="target query heads (a multiple of the KV heads)")
+    p.add_argument("--layers", type=int, default=None, help="target number of layers")
+    p.add_argument("--preset", default=None, metavar="AXIS-PCT",
+                   help="targets near PCT%% of the parameters, e.g. width-75, depth-75, mlp-75, all-50")
+    p.add_argument("--depth-by", default="bi", choices=["bi", "ppl", "block", "taylor", "list"],
+                   help="which layers go: lowest BI, lowest perplexity increase, best contiguous block, "
+                        "lowest Taylor+, or --drop-layers")
+    p.add_argument("--drop-layers", default=None, metavar="I,J,...",
+                   help="source layer indices to drop (implies --depth-by list)")
+    p.add_argument("--merge-heads", action="store_true", help="residual merge of pruned query heads (Minitron)")
+    p.add_argument("--iterations", type=int, default=1, help="prune in T steps, rescoring between steps")
+    p.add_argument("--data", default=None, help="calibration data for rescoring (default: the scores' data)")
+    p.add_argument("--samples", type=int, default=None, help="calibration blocks for rescoring")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration block")
+    p.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this (edited) plan exactly")
+    p.add_argument("--plan-only", action="store_true", help="write OUT/plan.json and stop")
+    p.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 (default: the scores' dtype)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite a different model or plan in --out")
+    p.set_defaults(func=run)
+
+
+def _targets(args, spec):
+    from engine.plan import Targets, preset_targets
+
+    base = preset_targets(spec, args.preset) if args.preset else Targets()
+    drop = _int_list(args.drop_layers) if args.drop_layers is not None else None
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(base, name)  # noqa: E731
+    return Targets(hidden=pick("hidden"), ffn=pick("ffn"), heads=pick("heads"), layers=pick("layers"),
+                   depth_by="list" if drop is not None else args.depth_by, drop_layers=drop,
+                   merge_heads=args.merge_heads)
+
+
+def _write_plan(plan, out: Path, force: bool, dry_run: bool = False) -> Path:
+    """Write OUT/plan.json, refusing to replace a different plan there without --force."""
+    from engine.plan import Plan, PlanError
+
+    path = out / "plan.json"
+    if path.exists() and not force:
+        try:
+            same = Plan.load(path).to_dict() == plan.to_dict()
+        except PlanError:
+            same = False
+        if not same:
+            raise PlanError(f"{path} already holds a different plan; use --force to overwrite it, or --plan "
+                            f"{path} to apply it")
+    return path if dry_run else plan.save(path)
+
+
+def _model_spec(args, meta: dict) -> str:
+    from engine.models import BUILTIN_NAME
+
+    if args.model:
+        return args.model
+    name = meta.get("model") or "default"
+    return "default" if name == BUILTIN_NAME else name
+
+
+def _blocks(args, loaded, meta: dict):
+    from engine.data import DataSource, get_blocks
+    from engine.plan import PlanError
+
+    if args.data:
+        source = DataSource.parse(args.data)
+    elif isinstance(meta.get("data_source"), dict):
+        d = dict(meta["data_source"])
+        d["docs"] = tuple(d.get("docs", (0.0, 1.0)))
+        source = DataSource(**d)
+    else:
+        raise PlanError("--iterations needs calibration data to rescore with: give --data")
+    n, t = args.samples or meta.get("n_samples") or 32, args.seq_len or meta.get("seq_len") or 256
+    return get_blocks(source, loaded.tokenizer, int(n), int(t), int(meta.get("seed", 0) or 0), model=loaded.model)
+
+
+def run(args) -> int:
+    from engine.importance import Scores
+    from engine.plan import Plan, PlanError, make_plan
+
+    out = Path(args.out).expanduser()
+    scores = Scores.load(args.scores) if args.scores else None
+    if args.plan:
+        plan = Plan.load(args.plan)
+        if any(getattr(args, k) is not None for k in ("hidden", "ffn", "heads", "layers", "preset", "drop_layers")):
+            raise PlanError("--plan is applied exactly as written; drop --hidden/--ffn/--heads/--layers/--preset")
+        if args.iterations > 1:
+            raise PlanError("--plan and --iterations do not combine: a plan is one step")
+    elif scores is None:
+        raise PlanError("give --scores DIR (from `prunescope score`) or --plan PLAN.json")
+    else:
+        from engine.arch.base import ArchSpec
+
+        if "arch" not in scores.meta:
+            raise PlanError(f"{args.scores} has no 'arch' metadata; rescore with this version of prunescope")
+        plan = make_plan(scores, _targets(args, ArchSpec.from_dict(scores.meta["arch"])))
+    est = plan.estimate()
+    if args.plan_only:
+        path = _write_plan(plan, out, args.force)
+        print(f"plan: {path}")
+        print(f"estimate: {est.params:,} parameters ({100 * est.fraction_of_source:.1f}% of {est.source_params:,}), "
+              f"{est.memory_bytes_bf16 / 2**20:.1f} MiB in bf16")
+        return 0
+    return _prune(args, plan, scores, out)
+
+
+def _prune(args, plan, scores, out: Path) -> int:
+    from tqdm import tqdm
+
+    from engine.export import export_model
+    from engine.models import count_parameters, fingerprint, load
+    from engine.plan import PlanError
+    from engine.prune import apply_plan, prune_iteratively
+
+    meta = scores.meta if scores is not None else {}
+    own_plan = args.plan is not None and Path(args.plan).resolve() == (out / "plan.json").resolve()
+    if args.iterations <= 1 and not own_plan:
+        _write_plan(plan, out, args.force, dry_run=True)  # fail before the slow part
+    spec = _model_spec(args, meta or {"model": plan.model})
+    loaded = load(spec, dtype=args.dtype or meta.get("dtype") or "auto", device=args.device)
+    want = meta.get("fingerprint") or plan.fingerprint
+    if want and fingerprint(loaded.model) != want:
+        raise PlanError(f"the {'scores' if scores is not None else 'plan'} came from another model than {spec!r} "
+                        f"(fingerprint {want}, this model {fingerprint(loaded.model)}); give the right --model or "
+                        "rescore this one")
+    source_params = count_parameters(loaded.model)
+    if args.iterations > 1:
+        blocks = _blocks(args, loaded, meta)
+        bar = tqdm(total=1000, desc="pruning")
+
+        def progress(frac: float, message: str) -> None:
+            bar.update(max(0, int(frac * 1000) - bar.n))
+            bar.set_description_str(message, refresh=False)
+
+        try:
+            pruned, plans = prune_iteratively(loaded.model, blocks, plan.targets, args.iterations, progress=progress)
+        finally:
+            bar.close()
+        final = plans[-1] if plans else plan
+    else:
+        pruned, plans, final = apply_plan(loaded.model, plan, check_fingerprint=False), [plan], plan
+    path = export_model(pruned, loaded.tokenizer, out, plan=final, scores_meta=meta, source_name=loaded.name,
+                        force=args.force, params_source=source_params)
+    if args.iterations > 1:
+        for k, p in enumerate(plans, 1):  # each step's plan, in the numbering of the model it pruned
+            p.save(out / f"plan-step{k}.json")
+    elif not own_plan:
+        _write_plan(plan, out, force=True)
+    n = count_parameters(pruned)
+    print(f"pruned model: {path}")
+    print(f"parameters: {source_params:,} -> {n:,} ({100 * n / source_params:.1f}%)")
+    return 0

@@ -1,0 +1,25 @@
+"""`prunescope resume DIR`: continue a cancelled, failed or killed job from its last checkpoint."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("resume", help="continue a cancelled / failed / killed run from its last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--detach", action="store_true", help="resume as a background job")
+    p.add_argument("--if-busy", choices=["queue", "refuse"], default="queue")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from engine.pipeline import execute
+    from engine.runs import prepare_resume, resume
+
+    if args.detach:
+        pid = resume(args.run_dir, if_busy=args.if_busy)
+        print(f"resumed {args.run_dir} in the background (pid {pid})")
+        return 0
+    run_ = prepare_resume(args.run_dir)
+    state = execute(run_.path, if_busy=args.if_busy)
+    print(f"{run_.path}: {state}")
+    return 0 if state in ("done", "cancelled") else 1

@@ -1,0 +1,37 @@
+"""`prunescope run`: the whole pipeline (score -> plan -> prune -> evaluate -> distill -> evaluate ->
+export) in a run folder, in the foreground or as a detached background job (--detach)."""
+
+from __future__ import annotations
+
+from engine.commands.distill import add_training_args, distill_config, launch, parse_range
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="prune + distill + export in a run folder (optionally in the background)")
+    p.add_argument("--model", default="default", help="default, hub id, folder or .gguf")
+    t = p.add_argument_group("pruning targets (omitted: keep that axis)")
+    t.add_argument("--hidden", type=int, default=None, help="embedding channels")
+    t.add_argument("--ffn", type=int, default=None, help="MLP intermediate size")
+    t.add_argument("--heads", type=int, default=None, help="query heads")
+    t.add_argument("--layers", type=int, default=None, help="layers to keep")
+    t.add_argument("--depth-by", default="bi", help="how layers are chosen: bi, ppl, block, taylor")
+    t.add_argument("--calib-samples", type=int, default=32, help="calibration blocks for scoring")
+    t.add_argument("--calib-seq-len", type=int, default=256)
+    add_training_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from engine.pipeline import PipelineConfig
+    from engine.runs import RunError
+
+    targets = {k: getattr(args, k) for k in ("hidden", "ffn", "heads", "layers") if getattr(args, k) is not None}
+    if not targets:
+        raise RunError("give at least one target: --hidden, --ffn, --heads or --layers")
+    targets["depth_by"] = args.depth_by
+    cfg = PipelineConfig(model=args.model, data=args.data, text_column=args.text_column,
+                         train_range=parse_range(args.train_range), eval_range=parse_range(args.eval_range),
+                         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, targets=targets,
+                         distill=distill_config(args), eval_samples=args.eval_samples, seed=args.seed,
+                         dtype=args.dtype, device=args.device)
+    return launch(args, cfg)

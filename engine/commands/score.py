@@ -1,0 +1,108 @@
+"""`prunescope score`: importance scores of every prunable axis, saved (and cached) in a folder."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _data_range(text: str) -> tuple[float, float]:
+    from engine.importance import ScoreError
+
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ScoreError(f"--data-range must be START:END fractions of the documents, e.g. 0:0.6, got {text!r}") from None
+    return lo, hi
+
+
+def register(sub) -> None:
+    p = sub.add_parser("score", help="compute importance scores (heads, neurons, channels, layers)",
+                       description="Activation-based importance of heads, MLP neurons, embedding channels and "
+                                   "layers (BI, optional perplexity sweep, blocks, Taylor+), written to a folder "
+                                   "as scores.safetensors + scores.json and reused when asked again.")
+    p.add_argument("--model", default="default", help="default, hub id, HF folder or .gguf")
+    p.add_argument("--data", required=True,
+                   help="calibration text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] "
+                        "or generated[:N]")
+    p.add_argument("--data-range", default="0:1", metavar="START:END",
+                   help="fraction of the documents to use (WikiText convention: 0:0.6 for calibration)")
+    p.add_argument("--text-column", default=None, help="text column for jsonl/parquet/csv/hf (default: text)")
+    p.add_argument("--samples", type=int, default=32, help="calibration blocks (default 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aggregation", default="l2_mean",
+                   help="<batch>_<seq>, each of l2|mean|var (default l2_mean, as Minitron)")
+    p.add_argument("--depth-ppl", action="store_true", help="perplexity increase with each layer removed")
+    p.add_argument("--blocks", type=int, default=None, metavar="N", help="also score contiguous blocks of N layers")
+    p.add_argument("--block-ppl", action="store_true", help="perplexity with each block removed (needs --blocks)")
+    p.add_argument("--taylor", action="store_true", help="Taylor+ per layer (needs a backward pass)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--out", default=None, metavar="DIR", help="scores folder (default: in the prunescope cache)")
+    p.add_argument("--force", action="store_true", help="recompute and overwrite scores already in --out")
+    p.set_defaults(func=run)
+
+
+def _layers(values, k: int = 3, largest: bool = True) -> str:
+    idx = sorted(range(len(values)), key=lambda i: values[i], reverse=largest)[:k]
+    return ", ".join(f"{i} ({values[i]:.4g})" for i in idx)
+
+
+def summary(scores, folder, reused: str) -> list[str]:
+    """Short human summary of a scores file."""
+    m = scores.meta
+    lines = [
+        f"scores: {folder}",
+        f"cache: {'reused' if reused == 'all' else 'partly reused' if reused == 'partial' else 'computed'}",
+        f"model: {m.get('model')} ({m.get('model_type')}, {m.get('n_layers')} layers); data: {m.get('data')}; "
+        f"{m.get('n_samples')} x {m.get('seq_len')} tokens; aggregation {m.get('aggregation')}",
+    ]
+    bi = scores["bi"].tolist()
+    lines.append(f"BI most important layers: {_layers(bi)}; least: {_layers(bi, largest=False)}")
+    if scores.has("ppl_increase"):
+        ppl = scores["ppl_increase"].tolist()
+        lines.append(f"base perplexity {m.get('base_ppl'):.4g}; ppl increase most: {_layers(ppl)}; "
+                     f"least: {_layers(ppl, largest=False)}")
+        rho = m.get("spearman_bi_ppl")
+        lines.append(f"Spearman(BI, ppl increase) = {'n/a' if rho is None else f'{rho:.3f}'}")
+    n = m.get("block_size")
+    if scores.has("block_bi"):
+        lines.append(f"blocks of {n}: lowest BI start at layers {_layers(scores['block_bi'].tolist(), largest=False)}")
+    if scores.has("block_ppl_increase"):
+        lines.append(f"blocks of {n}: lowest ppl increase start at "
+                     f"{_layers(scores['block_ppl_increase'].tolist(), largest=False)}")
+    if scores.has("taylor"):
+        lines.append(f"Taylor+ least important layers: {_layers(scores['taylor'].tolist(), largest=False)}")
+    t = m.get("timings", {})
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return lines
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from engine.data import DataSource
+    from engine.importance import ScoreConfig, score
+    from engine.models import load
+
+    source = DataSource.parse(args.data, column=args.text_column, docs=_data_range(args.data_range))
+    config = ScoreConfig(aggregation=args.aggregation, depth_ppl=args.depth_ppl, block_size=args.blocks,
+                         block_ppl=args.block_ppl, taylor=args.taylor, batch_size=args.batch_size)
+    loaded = load(args.model, dtype=args.dtype, device=args.device)
+    bar = tqdm(total=1000, desc="scoring", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def progress(frac: float, message: str) -> None:
+        bar.update(max(0, int(frac * 1000) - bar.n))
+        bar.set_description_str(message, refresh=False)
+
+    try:
+        scores, folder = score(loaded, source, args.samples, args.seq_len, seed=args.seed, config=config,
+                               out_dir=args.out, progress=progress, force=args.force)
+    finally:
+        bar.close()
+    for line in summary(scores, folder, scores.meta.get("reused", "none")):
+        print(line)
+    return 0

@@ -1,0 +1,304 @@
+"""Pruning targets, their validation, and a closed-form size estimator.
+
+Everything here is pure arithmetic on an `ArchSpec` (no model is built), so the dashboard can
+call `estimate` and `valid_values` on every slider move. `engine.plan` re-exports all of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+from engine.arch.base import ArchAdapter, ArchSpec
+
+DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
+AXES = ("hidden", "ffn", "heads", "layers")
+DEFAULT_CONTEXT = 2048  # context length at which attention FLOPs per token are counted
+
+
+class PlanError(ValueError):
+    """Bad targets, plan or scores for pruning; the message says what would be valid."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Target sizes after pruning; None keeps the source size of that axis."""
+
+    hidden: int | None = None  # embedding channels (one global set across layers)
+    ffn: int | None = None  # MLP intermediate size (uniform across layers)
+    heads: int | None = None  # query heads (a multiple of the KV heads under GQA)
+    layers: int | None = None
+    depth_by: str = "bi"  # bi | ppl | block | taylor | list
+    drop_layers: tuple[int, ...] | None = None  # source layer indices, with depth_by="list"
+    merge_heads: bool = False  # Minitron residual merge of pruned query heads into kept ones
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["drop_layers"] = list(self.drop_layers) if self.drop_layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Targets:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PlanError(f"unknown target fields {sorted(unknown)}; valid: {', '.join(cls.__dataclass_fields__)}")
+        d = dict(d)
+        if d.get("drop_layers") is not None:
+            d["drop_layers"] = tuple(int(i) for i in d["drop_layers"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Concrete shapes of a (pruned) model."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    layers: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: int
+    flops_per_token: int  # forward pass, 2 x multiply-accumulates, attention at `context` tokens
+    memory_bytes_bf16: int  # weights only
+    fraction_of_source: float  # params / source params
+    source_params: int
+    kv_cache_bytes_per_token_bf16: int
+    context: int
+    sizes: Sizes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- family rules
+
+
+def adapter_class(model_type: str) -> type[ArchAdapter]:
+    """The registered adapter class of a model_type (its flags drive the config rules)."""
+    import engine.arch  # noqa: F401  (registers the adapters)
+    from engine.arch.registry import _REGISTRY, UnsupportedArchitecture, supported_model_types
+
+    if model_type not in _REGISTRY:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}")
+    return _REGISTRY[model_type]
+
+
+def is_gqa(spec: ArchSpec) -> bool:
+    """Grouped-query attention: K/V are shared by groups of query heads and never pruned.
+    Without it (n_kv_heads == n_heads) a pruned head takes its own K and V with it."""
+    return spec.n_kv_heads < spec.n_heads
+
+
+def resolve(spec: ArchSpec, targets: Targets) -> Sizes:
+    """The shapes `targets` give on this source (None -> source size). Does not validate."""
+    heads = spec.n_heads if targets.heads is None else targets.heads
+    layers = targets.layers
+    if layers is None and targets.depth_by == "list" and targets.drop_layers is not None:
+        layers = spec.n_layers - len(set(targets.drop_layers))
+    return Sizes(
+        hidden=spec.hidden_size if targets.hidden is None else targets.hidden,
+        ffn=spec.intermediate_size if targets.ffn is None else targets.ffn,
+        heads=heads, kv_heads=spec.n_kv_heads if is_gqa(spec) else heads,
+        layers=spec.n_layers if layers is None else layers, head_dim=spec.head_dim,
+    )
+
+
+def _nearest(values: list[int], v: int) -> str:
+    """The closest valid values below and above v."""
+    below, above = [x for x in values if x <= v], [x for x in values if x >= v]
+    return ", ".join(map(str, sorted({*below[-1:], *above[:1]})))
+
+
+def _heads_values(spec: ArchSpec) -> list[int]:
+    step = spec.n_kv_heads if is_gqa(spec) else 1
+    return list(range(step, spec.n_heads + 1, step))
+
+
+def _hidden_ok(spec: ArchSpec, hidden: int, heads: int) -> str | None:
+    """None if the config class accepts this hidden size with this many heads, else why not."""
+    cls = adapter_class(spec.model_type)
+    if not cls.explicit_head_dim and hidden != heads * spec.head_dim:
+        return (f"{spec.model_type} derives head_dim = hidden / heads, so hidden must equal heads x "
+                f"{spec.head_dim}: with {heads} heads use hidden {heads * spec.head_dim}, "
+                f"with hidden {hidden} use {hidden / spec.head_dim:g} heads")
+    if cls.hidden_multiple_of_heads and hidden % heads:
+        ok = [h for h in range(heads, spec.hidden_size + 1, heads)]
+        return (f"the {spec.model_type} config class requires the hidden size to be a multiple of the "
+                f"number of query heads: hidden {hidden} is not a multiple of {heads}; nearest valid: "
+                f"{_nearest(ok, hidden)}")
+    return None
+
+
+def validate_targets(spec: ArchSpec, targets: Targets) -> None:
+    """Raise PlanError naming every problem with `targets` on this source, and what would be valid."""
+    errors: list[str] = []
+    source = {"hidden": spec.hidden_size, "ffn": spec.intermediate_size, "heads": spec.n_heads,
+              "layers": spec.n_layers}
+    for name in AXES:
+        v = getattr(targets, name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            errors.append(f"{name} target must be a whole number, got {v!r}")
+        elif v < 1:
+            errors.append(f"{name} target {v} must be at least 1 (the source has {source[name]})")
+        elif v > source[name]:
+            errors.append(f"{name} target {v} is larger than the source ({source[name]}); pruning only removes")
+    if errors:
+        raise PlanError("; ".join(errors))
+    s = resolve(spec, targets)
+    if targets.heads is not None and is_gqa(spec) and s.heads % spec.n_kv_heads:
+        errors.append(f"heads target {s.heads} must be a multiple of the {spec.n_kv_heads} KV heads (every KV "
+                      f"group keeps the same number of query heads); valid: {_nearest(_heads_values(spec), s.heads)}")
+    elif why := _hidden_ok(spec, s.hidden, s.heads):
+        errors.append(why)
+    if targets.depth_by not in DEPTH_METHODS:
+        errors.append(f"depth_by {targets.depth_by!r} is unknown; valid: {', '.join(DEPTH_METHODS)}")
+    if targets.depth_by == "list":
+        drop = targets.drop_layers
+        if drop is None:
+            errors.append("depth_by 'list' needs drop_layers (source layer indices to remove)")
+        else:
+            bad = [i for i in drop if not 0 <= i < spec.n_layers]
+            if bad:
+                errors.append(f"drop_layers {bad} out of range: layers are 0..{spec.n_layers - 1}")
+            if len(set(drop)) != len(drop):
+                errors.append(f"drop_layers {list(drop)} has duplicates")
+            if len(set(drop)) >= spec.n_layers:
+                errors.append("drop_layers would remove every layer")
+            if targets.layers is not None and spec.n_layers - len(set(drop)) != targets.layers:
+                errors.append(f"layers target {targets.layers} disagrees with drop_layers ({len(set(drop))} of "
+                              f"{spec.n_layers} dropped leaves {spec.n_layers - len(set(drop))})")
+    elif targets.drop_layers is not None:
+        errors.append(f"drop_layers needs depth_by 'list', not {targets.depth_by!r}")
+    if errors:
+        raise PlanError("; ".join(errors))
+
+
+def valid_values(spec: ArchSpec, targets: Targets | None = None) -> dict[str, list[int]]:
+    """Valid target values per axis, for sliders to snap to.
+
+    The hidden list holds the sizes valid with the heads of `targets` (source heads if none), the
+    heads list those valid with its hidden size; ffn and layers are free (1..source).
+    """
+    t = targets or Targets()
+    s = resolve(spec, replace(t, depth_by="bi", drop_layers=None))
+    heads = s.heads if s.heads in _heads_values(spec) else spec.n_heads
+    hidden = s.hidden if 1 <= s.hidden <= spec.hidden_size else spec.hidden_size
+    return {
+        "hidden": _hidden_values(spec, heads),
+        "ffn": list(range(1, spec.intermediate_size + 1)),
+        "heads": [h for h in _heads_values(spec) if _hidden_ok(spec, hidden, h) is None],
+        "layers": list(range(1, spec.n_layers + 1)),
+    }
+
+
+# ---------------------------------------------------------------- the estimator
+
+
+def _count(spec: ArchSpec, s: Sizes) -> tuple[int, int]:
+    """(parameters, parameters that take part in matmuls per token incl. lm_head)."""
+    D, F, H, KV, hd, V = s.hidden, s.ffn, s.heads, s.kv_heads, s.head_dim, spec.vocab_size
+    nb = 2 if spec.norm_bias else 1
+    attn_mm = D * H * hd + 2 * D * KV * hd + H * hd * D
+    attn = attn_mm + (H * hd + 2 * KV * hd if spec.qkv_bias else 0) + (D if spec.o_bias else 0) \
+        + (2 * hd if spec.qk_norm else 0)
+    mlp_mm = (3 if spec.gated_mlp else 2) * D * F
+    mlp = mlp_mm + ((2 if spec.gated_mlp else 1) * F + D if spec.mlp_bias else 0)
+    layer = attn + mlp + 2 * nb * D
+    outer = V * D + spec.n_positions * D + (0 if spec.tied else V * D) + nb * D
+    return outer + s.layers * layer, s.layers * (attn_mm + mlp_mm) + V * D
+
+
+def estimate(spec: ArchSpec, targets: Targets, context: int = DEFAULT_CONTEXT) -> Estimate:
+    """Parameters, forward FLOPs per token and bf16 weight memory of the pruned model.
+
+    Equal to `count_parameters` of the model `apply_plan` builds. Microseconds per call.
+    """
+    s = resolve(spec, targets)
+    params, matmul = _count(spec, s)
+    source, _ = _count(spec, resolve(spec, Targets()))
+    attn_flops = 2 * 2 * s.layers * s.heads * s.head_dim * context  # q.k scores + weighted sum of v
+    return Estimate(
+        params=params, flops_per_token=2 * matmul + attn_flops, memory_bytes_bf16=2 * params,
+        fraction_of_source=params / source, source_params=source,
+        kv_cache_bytes_per_token_bf16=2 * 2 * s.layers * s.kv_heads * s.head_dim, context=context, sizes=s,
+    )
+
+
+# ---------------------------------------------------------------- presets
+
+PRESET_AXES = {
+    "hidden": ("hidden",), "embedding": ("hidden",), "channels": ("hidden",),
+    "ffn": ("ffn",), "mlp": ("ffn",), "heads": ("heads",), "attn": ("heads",),
+    "depth": ("layers",), "layers": ("layers",),
+    "width": ("hidden", "ffn", "heads"), "all": ("hidden", "ffn", "heads", "layers"),
+}
+
+
+def _hidden_values(spec: ArchSpec, heads: int) -> list[int]:
+    """Hidden sizes the config class accepts with this many query heads (ascending)."""
+    cls = adapter_class(spec.model_type)
+    if not cls.explicit_head_dim:
+        return [heads * spec.head_dim] if heads * spec.head_dim <= spec.hidden_size else []
+    step = heads if cls.hidden_multiple_of_heads else 1
+    return list(range(step, spec.hidden_size + 1, step))
+
+
+def _scaled(spec: ArchSpec, axes: tuple[str, ...], f: float) -> Targets:
+    """Targets with each axis in `axes` near f x its source size, snapped to valid values."""
+    def near(values: list[int], x: float) -> int:
+        return min(values, key=lambda v: (abs(v - x), -v))
+
+    kw: dict[str, int] = {}
+    explicit = adapter_class(spec.model_type).explicit_head_dim
+    heads = spec.n_heads
+    if "heads" in axes or ("hidden" in axes and not explicit):
+        x = spec.n_heads * f if "heads" in axes else spec.hidden_size * f / spec.head_dim
+        ok = [h for h in _heads_values(spec)
+              if "hidden" in axes or not explicit or _hidden_ok(spec, spec.hidden_size, h) is None]
+        heads = kw["heads"] = near(ok or [spec.n_heads], x)
+    if "hidden" in axes or (not explicit and heads != spec.n_heads):
+        if not explicit:
+            kw["hidden"] = heads * spec.head_dim
+        else:
+            step = heads if adapter_class(spec.model_type).hidden_multiple_of_heads else 1
+            kw["hidden"] = min(max(step, round(spec.hidden_size * f / step) * step), spec.hidden_size // step * step)
+    if "ffn" in axes:
+        kw["ffn"] = max(1, round(spec.intermediate_size * f))
+    if "layers" in axes:
+        kw["layers"] = max(1, round(spec.n_layers * f))
+    return Targets(**kw)
+
+
+def preset_targets(spec: ArchSpec, name: str) -> Targets:
+    """Targets named AXIS-PCT (e.g. "width-75", "depth-75", "mlp-75", "all-50"): the valid targets
+    along those axes whose parameter count is closest to PCT % of the source.
+
+    AXIS: hidden|embedding, ffn|mlp, heads|attn, depth|layers, width (hidden+ffn+heads), all.
+    An axis that cannot reach PCT alone (query heads hold few parameters) gets its closest value.
+    On GPT-2, hidden and heads move together (hidden = heads x head_dim).
+    """
+    m = re.fullmatch(r"([a-z]+)-(\d+)", name.strip().lower())
+    if not m or m.group(1) not in PRESET_AXES or not 0 < int(m.group(2)) <= 100:
+        raise PlanError(f"unknown preset {name!r}; use AXIS-PCT with AXIS one of "
+                        f"{', '.join(PRESET_AXES)} and PCT in 1..100, e.g. width-75")
+    axes, goal = PRESET_AXES[m.group(1)], int(m.group(2)) / 100
+    best, best_gap = Targets(), float("inf")
+    seen: set[Targets] = set()
+    for step in range(1000, 0, -2):
+        t = _scaled(spec, axes, step / 1000)
+        if t in seen:
+            continue
+        seen.add(t)
+        gap = abs(estimate(spec, t).fraction_of_source - goal)
+        if gap < best_gap - 1e-12:
+            best, best_gap = t, gap
+    validate_targets(spec, best)
+    return best

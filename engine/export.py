@@ -1,0 +1,164 @@
+"""Export a pruned model as a plain Hugging Face folder with a model card.
+
+The folder holds safetensors weights, the config the model was built from (rebuilt from the pruned
+shapes by engine.prune, never the source config.json), tokenizer, generation config, README.md
+(model card), prunescope_plan.json and prunescope_export.json (what was written, and the model's
+fingerprint, so re-exporting the same model into the folder is allowed).
+
+It is written into a temporary sibling folder first and moved into place at the end, so a failed
+export leaves nothing half-written; an existing folder holding another model is never overwritten
+without `force`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import engine
+from engine.arch import get_adapter
+from engine.models import count_parameters, fingerprint
+from engine.plan import Plan, dumps
+
+log = logging.getLogger(__name__)
+
+MARKER = "prunescope_export.json"
+PLAN_FILE = "prunescope_plan.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def _existing_owner(out: Path) -> str | None:
+    """Fingerprint of the model a previous export left in `out` ("" if a model of unknown origin)."""
+    if (out / MARKER).is_file():
+        try:
+            return str(json.loads((out / MARKER).read_text()).get("fingerprint", ""))
+        except (json.JSONDecodeError, OSError):
+            return ""
+    return "" if (out / "config.json").exists() else None
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | None, source_name: str,
+               params_source: int | None) -> str:
+    """README.md: source, targets, parameter counts, calibration data, scores summary, usage."""
+    a = get_adapter(model)
+    spec, params = a.spec(), count_parameters(model)
+    meta = scores_meta or {}
+    source = source_name or (plan.model if plan else "") or meta.get("model", "") or "unknown"
+    lines = ["---", "library_name: transformers", "tags: [prunescope, pruned, minitron]"]
+    if source != "unknown":
+        lines.append(f"base_model: {source}")
+    lines += ["---", "", f"# Pruned {source}", "",
+              f"Structurally pruned with prunescope {engine.__version__} (Minitron-style: heads, MLP neurons, "
+              f"embedding channels, layers) on {_dt.date.today().isoformat()}. Not distilled unless noted: "
+              "expect lower quality than the source until it is retrained.", "", "## Parameters", ""]
+    if params_source:
+        lines.append(f"- source: {params_source:,} ({_fmt(params_source)})")
+        lines.append(f"- pruned: {params:,} ({_fmt(params)}, {100 * params / params_source:.1f}% of the source)")
+    else:
+        lines.append(f"- pruned: {params:,} ({_fmt(params)})")
+    lines += ["", "## Architecture", "", "| | source | pruned |", "|---|---|---|"]
+    src = plan.spec if plan else None
+    for label, key in (("model_type", "model_type"), ("layers", "n_layers"), ("hidden size", "hidden_size"),
+                       ("MLP intermediate", "intermediate_size"), ("query heads", "n_heads"),
+                       ("KV heads", "n_kv_heads"), ("head_dim", "head_dim"), ("tied embeddings", "tied")):
+        lines.append(f"| {label} | {getattr(src, key) if src else '?'} | {getattr(spec, key)} |")
+    if plan is not None:
+        t = plan.targets
+        dropped = [i for i in range(plan.spec.n_layers) if i not in plan.kept_layers]
+        lines += ["", "## Targets", "", f"- hidden {t.hidden or 'kept'}, ffn {t.ffn or 'kept'}, heads "
+                  f"{t.heads or 'kept'}, layers {t.layers or 'kept'}",
+                  f"- depth chosen by: {t.depth_by}; dropped source layers: {dropped or 'none'}",
+                  f"- residual merge of pruned heads: {'yes' if plan.head_merge else 'no'}",
+                  f"- plan: `{PLAN_FILE}` (kept indices per layer and axis, source numbering)"]
+    lines += ["", "## Calibration data and scores", ""]
+    if meta:
+        for label, key in (("data", "data"), ("samples", "n_samples"), ("sequence length", "seq_len"),
+                           ("aggregation", "aggregation"), ("base perplexity", "base_ppl"),
+                           ("Spearman(BI, ppl increase)", "spearman_bi_ppl"), ("fingerprint", "fingerprint")):
+            if meta.get(key) is not None:
+                v = meta[key]
+                lines.append(f"- {label}: {v:.4g}" if isinstance(v, float) else f"- {label}: {v}")
+    else:
+        lines.append("- no scores metadata given")
+    if plan is not None and plan.info:
+        for k in ("bi", "ppl_increase"):
+            if k in plan.info:
+                lines.append(f"- {k} per source layer: {plan.info[k]}")
+    lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+              "```", ""]
+    return "\n".join(lines)
+
+
+def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: Plan | None = None,
+                 scores_meta: dict | None = None, source_name: str = "", force: bool = False,
+                 params_source: int | None = None) -> Path:
+    """Write `model` (+ tokenizer, model card, plan) as a from_pretrained-loadable folder; returns it."""
+    out = Path(out_dir).expanduser().resolve()
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]  # as save_pretrained does; keeps fingerprint stable
+    fp = fingerprint(model)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    owner = _existing_owner(out) if out.is_dir() else None
+    if owner is not None and owner != fp and not force:
+        raise FileExistsError(f"{out} already holds a different model; choose another output folder or use "
+                              "--force (force=True) to overwrite it")
+    if plan is not None and params_source is None:
+        params_source = plan.estimate().source_params
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:
+            log.warning("exporting without a tokenizer: AutoTokenizer will not load from %s", out)
+        (tmp / "README.md").write_text(model_card(model, plan, scores_meta, source_name, params_source))
+        if plan is not None:
+            (tmp / PLAN_FILE).write_text(dumps(plan.to_dict()) + "\n")
+        files = sorted(p.name for p in tmp.iterdir()) + [MARKER]
+        (tmp / MARKER).write_text(json.dumps({
+            "fingerprint": fp, "source": source_name or (plan.model if plan else ""), "files": files,
+            "params": count_parameters(model), "engine_version": engine.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, indent=2))
+        _install(tmp, out, files, owner is not None or force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s parameters to %s", f"{count_parameters(model):,}", out)
+    return out
+
+
+def _install(tmp: Path, out: Path, files: list[str], replace_model: bool) -> None:
+    """Move the finished export into `out`: a rename when `out` is new; otherwise stale weight files of
+    the model being replaced are removed and each file is moved in (files of other tools are kept)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    clash = [f for f in files if (out / f).exists()]
+    if clash and not replace_model:
+        raise FileExistsError(f"{out} already holds {', '.join(clash)}; choose another output folder or use --force")
+    if replace_model:
+        old_files = set()
+        if (out / MARKER).is_file():
+            try:
+                old_files = set(json.loads((out / MARKER).read_text()).get("files", []))
+            except (json.JSONDecodeError, OSError):
+                pass
+        for p in out.iterdir():
+            if p.is_file() and p.name not in files and (p.name in old_files or p.name.endswith(WEIGHT_SUFFIXES)):
+                p.unlink()
+    for f in files:
+        os.replace(tmp / f, out / f)
+

@@ -1,0 +1,170 @@
+"""The scoring API: `compute_scores` (in memory) and `score` (cached scores folder).
+
+One calibration batch at a time: a width+BI forward pass of the base model (no lm_head unless a
+perplexity is asked for) with hooks; when perplexities are asked for, the same pass caches the
+input of every layer *for this batch only* (memory L x batch x T x D in the model dtype), the base
+NLL is taken from its output, and the layer / block removal sweep restarts from those inputs.
+Taylor+ is a separate pass with gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+import engine
+from engine.arch import get_adapter
+from engine.importance.aggregate import DEFAULT_AGGREGATION, parse_aggregation, spearman
+from engine.importance.depth import lm_nll, removal_nll
+from engine.importance.scores import ScoreError, Scores
+from engine.importance.taylor import taylor_scores
+from engine.importance.width import WidthCollector
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+ALGORITHM_VERSION = 1  # bump when a score's definition changes (invalidates caches)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What to compute. `aggregation` is "<batch>_<seq>", each of l2 | mean | var."""
+
+    aggregation: str = DEFAULT_AGGREGATION
+    depth_ppl: bool = False  # per-layer perplexity increase sweep
+    block_size: int | None = None  # contiguous blocks of n layers (block_bi always when set)
+    block_ppl: bool = False  # also ppl with each block removed
+    taylor: bool = False
+    batch_size: int = 8
+
+    def validate(self, n_layers: int) -> None:
+        parse_aggregation(self.aggregation)
+        if self.batch_size < 1:
+            raise ScoreError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.block_size is not None and not 1 <= self.block_size <= n_layers:
+            raise ScoreError(f"block size must be between 1 and the model's {n_layers} layers, "
+                             f"got {self.block_size}")
+        if self.block_ppl and self.block_size is None:
+            raise ScoreError("block perplexity needs a block size (--blocks N)")
+
+
+class _Meter:
+    """Maps work units to a 0..1 progress fraction for the callback."""
+
+    def __init__(self, total: float, progress: Progress | None):
+        self.total, self.done, self.progress = max(total, 1e-9), 0.0, progress
+
+    def step(self, units: float, message: str) -> None:
+        self.done += units
+        if self.progress is not None:
+            self.progress(min(1.0, self.done / self.total), message)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreConfig = ScoreConfig(),
+                   progress: Progress | None = None) -> Scores:
+    """Every importance score of `model` on calibration `blocks` (N, T) token ids; nothing written.
+
+    Works on any model an adapter supports, pruned or not (widths are read from the activations).
+    `progress(fraction, message)` is called as work completes.
+    """
+    adapter = get_adapter(model)
+    L = adapter.n_layers
+    config.validate(L)
+    if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] < 1:
+        raise ScoreError(f"calibration blocks must be (n_samples, seq_len >= 2), got {tuple(blocks.shape)}")
+    blocks = blocks.long()
+    N, T = blocks.shape
+    n = config.block_size
+    device = next(model.parameters()).device
+    bs = config.batch_size
+    n_batches = math.ceil(N / bs)
+    need_ppl = config.depth_ppl or config.block_ppl
+    n_blocks = L - n + 1 if n else 0
+    # progress units ~ layer passes (an lm_head pass counted as one layer)
+    per_batch = L + (1 if need_ppl else 0) + (L * (L + 1) / 2 if config.depth_ppl else 0) \
+        + (sum(L - b - n + 1 for b in range(n_blocks)) if config.block_ppl else 0)
+    meter = _Meter(per_batch * n_batches + (3 * L * n_batches if config.taylor else 0), progress)
+    timings = {"width_bi": 0.0}
+    base_nll, nll_removed, nll_block = 0.0, torch.zeros(L, dtype=torch.float64), None
+    if config.block_ppl:
+        nll_block = torch.zeros(n_blocks, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    t_start = time.perf_counter()
+    collector = WidthCollector(adapter, config.aggregation, n, capture=need_ppl)
+    try:
+        with torch.no_grad(), collector:
+            for k in range(n_batches):
+                ids = blocks[k * bs:(k + 1) * bs].to(device)  # (b, T)
+                msg = f"batch {k + 1}/{n_batches}"
+                t0 = time.perf_counter()
+                collector.enabled = True
+                collector.count_tokens(ids)
+                out = adapter.base_model(input_ids=ids, use_cache=False)
+                collector.enabled = False
+                _sync(device)
+                timings["width_bi"] += time.perf_counter() - t0
+                meter.step(L, f"width + BI pass, {msg}")
+                if need_ppl:
+                    t0 = time.perf_counter()
+                    base_nll += lm_nll(adapter, out.last_hidden_state, ids).item()
+                    timings["base_ppl"] = timings.get("base_ppl", 0.0) + time.perf_counter() - t0
+                    meter.step(1, f"base perplexity, {msg}")
+                del out
+                if config.depth_ppl:
+                    t0 = time.perf_counter()
+                    nll_removed += removal_nll(adapter, ids, collector.captured, 1, on_step=lambda i, m=msg: meter.step(
+                        L - i, f"perplexity without layer {i}, {m}"))
+                    timings["depth_ppl"] = timings.get("depth_ppl", 0.0) + time.perf_counter() - t0
+                if config.block_ppl:
+                    t0 = time.perf_counter()
+                    nll_block += removal_nll(adapter, ids, collector.captured, n, on_step=lambda b, m=msg: meter.step(
+                        L - b - n + 1, f"perplexity without layers {b}..{b + n - 1}, {m}"))
+                    timings["block_ppl"] = timings.get("block_ppl", 0.0) + time.perf_counter() - t0
+                collector.clear_batch()
+        tensors = collector.result()
+        if config.taylor:
+            t0 = time.perf_counter()
+            tensors["taylor"] = taylor_scores(adapter, blocks, bs, on_batch=lambda k: meter.step(
+                3 * L, f"Taylor+ gradients, batch {k + 1}/{n_batches}"))
+            _sync(device)
+            timings["taylor"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+
+    n_pred = N * (T - 1)
+    meta: dict = {}
+    if need_ppl:
+        meta["base_ppl"] = math.exp(base_nll / n_pred)
+    if config.depth_ppl:
+        tensors["ppl_increase"] = (torch.exp(nll_removed / n_pred) - meta["base_ppl"]).float()
+        meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
+    if config.block_ppl:
+        tensors["block_ppl_increase"] = (torch.exp(nll_block / n_pred) - meta["base_ppl"]).float()
+    timings["total"] = time.perf_counter() - t_start
+    p = next(model.parameters())
+    spec = adapter.spec()
+    meta.update({
+        "model_type": spec.model_type, "n_layers": L, "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads,
+        "head_dim": spec.head_dim, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+        "arch": spec.to_dict(), "n_samples": N, "seq_len": T, "aggregation": config.aggregation,
+        "block_size": n, "engine_version": engine.__version__, "algorithm_version": ALGORITHM_VERSION,
+        "config": asdict(config), "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    })
+    meta.setdefault("spearman_bi_ppl", None)
+    meta.setdefault("base_ppl", None)
+    log.info("scored %d layers on %d x %d tokens in %.1fs", L, N, T, timings["total"])
+    if progress is not None:
+        progress(1.0, "scores done")
+    return Scores(tensors, meta)

@@ -1,0 +1,144 @@
+"""`score()`: scores of a loaded model on a data source, kept in a folder and reused.
+
+Cache policy
+- The cache key hashes what the numbers depend on: model fingerprint, data source, n_samples,
+  seq_len, seed, aggregation, model dtype, engine and algorithm versions. It is stored in
+  meta["cache_key"]; the default folder is `cache_dir()/scores/<key>` (`-blocks<n>` appended when a
+  block size is set, so different block sizes live side by side).
+- The optional parts (depth_ppl, block_size / block_ppl, taylor) are not in the key. A request whose
+  parts are all in the folder is answered from it (a subset reuses a superset). A request that needs
+  more computes only the missing optional parts (plus the one width pass they all share) and merges
+  them into the folder, so nothing cached is lost.
+- A folder holding scores with a different key, or block scores of another block size, raises
+  ScoreError naming the differences, unless `force=True`, which recomputes and overwrites.
+- batch_size is not part of the key: it changes only float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import engine
+from engine.arch import get_adapter
+from engine.data import DataSource, get_blocks
+from engine.importance.api import ALGORITHM_VERSION, Progress, ScoreConfig, compute_scores
+from engine.importance.scores import ScoreError, Scores
+from engine.models import LoadedModel, cache_dir, fingerprint
+
+log = logging.getLogger(__name__)
+
+KEY_FIELDS = ("fingerprint", "data_source", "n_samples", "seq_len", "seed", "aggregation", "dtype",
+              "engine_version", "algorithm_version")
+
+
+def key_inputs(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int, seed: int,
+               config: ScoreConfig) -> dict:
+    """The inputs the cache key is a hash of (also saved in the metadata)."""
+    p = next(loaded.model.parameters())
+    return {
+        "fingerprint": fingerprint(loaded.model), "data_source": source.to_dict(), "n_samples": n_samples,
+        "seq_len": seq_len, "seed": seed, "aggregation": config.aggregation,
+        "dtype": str(p.dtype).replace("torch.", ""), "engine_version": engine.__version__,
+        "algorithm_version": ALGORITHM_VERSION,
+    }
+
+
+def cache_key(inputs: dict) -> str:
+    blob = json.dumps({k: inputs[k] for k in KEY_FIELDS}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _normalise(value):
+    return json.loads(json.dumps(value, default=list))  # tuples -> lists, as read back from JSON
+
+
+def _differences(cached: dict, inputs: dict) -> list[str]:
+    out = []
+    for k in KEY_FIELDS:
+        if _normalise(cached.get(k)) != _normalise(inputs[k]):
+            out.append(f"{k}: cached {cached.get(k)!r}, requested {inputs[k]!r}")
+    return out
+
+
+def _missing(cached: Scores, config: ScoreConfig) -> ScoreConfig | None:
+    """The optional parts the cached scores lack (None if they hold everything asked for)."""
+    need_blocks = config.block_size is not None and (
+        cached.meta.get("block_size") != config.block_size or not cached.has("block_bi")
+        or (config.block_ppl and not cached.has("block_ppl_increase")))
+    miss = dataclasses.replace(
+        config, depth_ppl=config.depth_ppl and not cached.has("ppl_increase"),
+        taylor=config.taylor and not cached.has("taylor"),
+        block_size=config.block_size if need_blocks else None,
+        block_ppl=config.block_ppl and need_blocks)
+    if not (miss.depth_ppl or miss.taylor or miss.block_size):
+        return None
+    return miss
+
+
+def _merge(cached: Scores, new: Scores) -> Scores:
+    """Cached optional tensors not recomputed are kept; recomputed ones replace them."""
+    tensors = {**cached.tensors, **new.tensors}
+    meta = {**cached.meta, **{k: v for k, v in new.meta.items() if v is not None}}
+    meta["timings"] = {**cached.meta.get("timings", {}), **new.meta.get("timings", {})}
+    if "ppl_increase" in tensors:
+        from engine.importance.aggregate import spearman
+
+        meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
+    meta["block_size"] = new.meta.get("block_size") or cached.meta.get("block_size")
+    return Scores(tensors, meta)
+
+
+def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int, seed: int = 0,
+          config: ScoreConfig = ScoreConfig(), out_dir: str | Path | None = None,
+          progress: Progress | None = None, force: bool = False) -> tuple[Scores, Path]:
+    """Scores of `loaded` on `n_samples` blocks of `seq_len` tokens from `source`, saved in a folder.
+
+    Returns (scores, folder). meta["reused"] tells what happened: "all" (answered from the folder),
+    "partial" (missing parts computed and merged) or "none". See the module docstring for the policy.
+    """
+    config.validate(get_adapter(loaded.model).n_layers)
+    inputs = key_inputs(loaded, source, n_samples, seq_len, seed, config)
+    key = cache_key(inputs)
+    suffix = f"-blocks{config.block_size}" if config.block_size else ""
+    folder = Path(out_dir) if out_dir is not None else cache_dir() / "scores" / f"{key}{suffix}"
+    todo, cached = config, None
+    if Scores.exists(folder) and not force:
+        cached = Scores.load(folder)
+        if cached.meta.get("cache_key") != key:
+            diffs = _differences(cached.meta, inputs) or ["cache key (scores from another prunescope version?)"]
+            raise ScoreError(f"{folder} holds scores made with different inputs ({'; '.join(diffs)}); "
+                             "use another output folder, or --force / force=True to overwrite them")
+        cb = cached.meta.get("block_size")
+        if config.block_size and cb and cb != config.block_size and cached.has("block_bi"):
+            raise ScoreError(f"{folder} holds block scores for blocks of {cb} layers, requested {config.block_size}; "
+                             "use another output folder, or --force / force=True to replace them")
+        todo = _missing(cached, config)
+        if todo is None:
+            log.info("scores reused from %s", folder)
+            cached.meta["reused"] = "all"
+            if progress is not None:
+                progress(1.0, f"scores reused from {folder}")
+            return cached, folder
+    t0 = time.perf_counter()
+    blocks = get_blocks(source, loaded.tokenizer, n_samples, seq_len, seed, model=loaded.model,
+                        progress=(lambda f, m: progress(0.05 * f, m)) if progress else None)
+    t_data = time.perf_counter() - t0
+    inner = (lambda f, m: progress(0.05 + 0.95 * f, m)) if progress else None
+    new = compute_scores(loaded.model, blocks, todo, progress=inner)
+    new.meta["timings"]["data"] = round(t_data, 4)
+    new.meta.update(inputs)
+    new.meta.update({"cache_key": key, "model": loaded.name, "data": source.label})
+    result = _merge(cached, new) if cached is not None else new
+    result.meta.pop("reused", None)
+    result.meta["config"] = dataclasses.asdict(dataclasses.replace(
+        config, depth_ppl=result.has("ppl_increase"), taylor=result.has("taylor"),
+        block_size=result.meta.get("block_size"), block_ppl=result.has("block_ppl_increase")))
+    result.save(folder)
+    result.meta["reused"] = "partial" if cached is not None else "none"
+    log.info("scores written to %s", folder)
+    return result, folder

@@ -1,0 +1,310 @@
+"""A pruning plan: the targets plus exactly which heads, neurons, channels and layers are kept.
+
+`make_plan` derives it from a scores file; `Plan.save` writes a readable, editable plan.json that
+`apply_plan` (engine.prune) applies exactly as written. Indices always refer to the *source* model.
+
+plan.json:
+    {"format": "prunescope-plan/1", "model": ..., "fingerprint": ..., "arch": {ArchSpec},
+     "targets": {Targets}, "channels": [kept hidden channels],
+     "layers": [{"source": 3, "heads": [...], "neurons": [...], "merge": [[kept, pruned], ...]}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.arch.base import ArchSpec
+from engine.estimate import (  # noqa: F401  (re-exported: the plan API)
+    DEPTH_METHODS,
+    Estimate,
+    PlanError,
+    Sizes,
+    Targets,
+    adapter_class,
+    estimate,
+    is_gqa,
+    preset_targets,
+    resolve,
+    valid_values,
+    validate_targets,
+)
+from engine.importance.scores import Scores
+
+FORMAT = "prunescope-plan/1"
+DEPTH_TENSOR = {"bi": "bi", "ppl": "ppl_increase", "taylor": "taylor"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to keep, per axis, in source indices. Lists are sorted; per-layer lists align with kept_layers."""
+
+    targets: Targets
+    arch: dict  # source ArchSpec.to_dict()
+    fingerprint: str  # of the source model the scores were computed on
+    kept_layers: list[int]
+    heads: list[list[int]]  # kept query heads of each kept layer
+    neurons: list[list[int]]  # kept MLP neurons of each kept layer
+    channels: list[int]  # kept hidden channels (one global set)
+    head_merge: list[list[tuple[int, int]]] | None = None  # per kept layer: (kept head, pruned partner)
+    model: str = ""
+    info: dict = field(default_factory=dict)  # informational (scores summary); not applied
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ArchSpec.from_dict(self.arch)
+
+    @property
+    def sizes(self) -> Sizes:
+        """Shapes of the pruned model, from the lists."""
+        s = self.spec
+        h = len(self.heads[0])
+        return Sizes(hidden=len(self.channels), ffn=len(self.neurons[0]), heads=h,
+                     kv_heads=s.n_kv_heads if is_gqa(s) else h, layers=len(self.kept_layers), head_dim=s.head_dim)
+
+    def estimate(self) -> Estimate:
+        return estimate(self.spec, self.targets)
+
+    # -- serialisation ----------------------------------------------------
+    def to_dict(self) -> dict:
+        layers = []
+        for i, src in enumerate(self.kept_layers):
+            entry: dict = {"source": src, "heads": list(self.heads[i]), "neurons": list(self.neurons[i])}
+            if self.head_merge is not None:
+                entry["merge"] = [list(p) for p in self.head_merge[i]]
+            layers.append(entry)
+        return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint, "arch": self.arch,
+                "targets": self.targets.to_dict(), "result": self.sizes.__dict__, "info": self.info,
+                "channels": list(self.channels), "layers": layers}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        """Parse and validate (raises PlanError saying what is wrong)."""
+        try:
+            if d.get("format") != FORMAT:
+                raise PlanError(f"not a prunescope plan (format {d.get('format')!r}, expected {FORMAT!r})")
+            layers = d["layers"]
+            merge = [[(int(a), int(b)) for a, b in e.get("merge", [])] for e in layers] \
+                if any("merge" in e for e in layers) else None
+            plan = cls(
+                targets=Targets.from_dict(d["targets"]), arch=dict(d["arch"]), fingerprint=str(d["fingerprint"]),
+                kept_layers=[int(e["source"]) for e in layers], heads=[[int(h) for h in e["heads"]] for e in layers],
+                neurons=[[int(n) for n in e["neurons"]] for e in layers], channels=[int(c) for c in d["channels"]],
+                head_merge=merge, model=str(d.get("model", "")), info=dict(d.get("info") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from e
+        plan.validate()
+        return plan
+
+    def save(self, path: str | Path) -> Path:
+        """Write plan.json (indent 2, one line per index list)."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = path / "plan.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dumps(self.to_dict()) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plan.json"
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON: {e}") from e
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from e
+
+    # -- validation -------------------------------------------------------
+    def validate(self) -> None:
+        """Check the lists against the source shape and the family's config rules."""
+        try:
+            s = self.spec
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"plan arch is incomplete: {e}") from e
+        if not self.kept_layers:
+            raise PlanError("plan keeps no layers")
+        n = len(self.kept_layers)
+        if not (len(self.heads) == len(self.neurons) == n) or (self.head_merge is not None and len(self.head_merge) != n):
+            raise PlanError("plan has per-layer lists of different lengths")
+        _check_indices("kept layers", self.kept_layers, s.n_layers)
+        _check_indices("channels", self.channels, s.hidden_size)
+        for src, heads, neurons in zip(self.kept_layers, self.heads, self.neurons, strict=True):
+            _check_indices(f"layer {src} heads", heads, s.n_heads)
+            _check_indices(f"layer {src} neurons", neurons, s.intermediate_size)
+        for what, lists in (("heads", self.heads), ("neurons", self.neurons)):
+            counts = sorted({len(x) for x in lists})
+            if len(counts) > 1:
+                raise PlanError(f"every layer must keep the same number of {what} (widths are uniform so the "
+                                f"result is a standard config); the plan keeps {counts}")
+        if is_gqa(s):
+            per = s.n_heads // s.n_kv_heads
+            for src, heads in zip(self.kept_layers, self.heads, strict=True):
+                groups = [sum(1 for h in heads if h // per == g) for g in range(s.n_kv_heads)]
+                if len(set(groups)) != 1:
+                    raise PlanError(f"layer {src} keeps {groups} query heads per KV group; every group must keep "
+                                    "the same number (K/V heads are never pruned under GQA)")
+        sz, want = self.sizes, resolve(s, self.targets)
+        for name in ("hidden", "ffn", "heads", "layers"):
+            if getattr(sz, name) != getattr(want, name):
+                raise PlanError(f"targets give {name} {getattr(want, name)} but the lists keep {getattr(sz, name)}; "
+                                "edit both")
+        validate_targets(s, self.targets)
+        if self.targets.depth_by == "list":
+            drop = sorted(set(self.targets.drop_layers or ()))
+            if drop != [i for i in range(s.n_layers) if i not in self.kept_layers]:
+                raise PlanError(f"targets.drop_layers {drop} disagrees with the layers the plan keeps")
+        if self.head_merge is not None:
+            per = s.n_heads // s.n_kv_heads if is_gqa(s) else s.n_heads
+            for src, heads, pairs in zip(self.kept_layers, self.heads, self.head_merge, strict=True):
+                partners = [b for _, b in pairs]
+                for a, b in pairs:
+                    if a not in heads or b in heads or not 0 <= b < s.n_heads or a // per != b // per:
+                        raise PlanError(f"layer {src} merge pair [{a}, {b}] must join a kept head with a pruned "
+                                        "head of the same KV group")
+                if len(set(partners)) != len(partners) or len({a for a, _ in pairs}) != len(pairs):
+                    raise PlanError(f"layer {src} merge pairs reuse a head")
+
+
+def _check_indices(what: str, idx: list[int], size: int) -> None:
+    if not idx:
+        raise PlanError(f"{what}: keeps nothing")
+    if any(not 0 <= i < size for i in idx):
+        raise PlanError(f"{what}: indices must be in 0..{size - 1}")
+    if any(b <= a for a, b in zip(idx, idx[1:], strict=False)):
+        raise PlanError(f"{what}: indices must be sorted ascending without duplicates")
+
+
+def dumps(d: dict) -> str:
+    """JSON with indent 2, but each list of numbers on one line (plans hold long index lists)."""
+    text = json.dumps(d, indent=2)
+    text = re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    pairs = r"\[\s*(\[[-\d., ]*\](?:,\s*\[[-\d., ]*\])*)\s*\]"  # lists of short lists (merge pairs)
+    return re.sub(pairs, lambda m: "[" + re.sub(r",\s+\[", ", [", m.group(1)) + "]", text)
+
+
+# ---------------------------------------------------------------- deriving a plan from scores
+
+
+def _ranked(scores: torch.Tensor) -> list[int]:
+    """Indices by descending score; ties keep the lower index first."""
+    return torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices.tolist()
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores (ties -> lower index), sorted ascending."""
+    return sorted(_ranked(scores)[:k])
+
+
+def _kept_layers(scores: Scores, spec: ArchSpec, t: Targets, n_keep: int) -> list[int]:
+    L = spec.n_layers
+    n_drop = L - n_keep
+    if n_drop == 0:
+        return list(range(L))
+    if t.depth_by == "list":
+        return [i for i in range(L) if i not in set(t.drop_layers or ())]
+    if t.depth_by == "block":
+        size = int(scores.meta.get("block_size", 0) or 0)
+        if not scores.has("block_bi") or size != n_drop:
+            have = f"blocks of {size}" if scores.has("block_bi") else "no block scores"
+            raise PlanError(f"depth_by 'block' drops {n_drop} contiguous layers, so it needs block scores for "
+                            f"blocks of {n_drop}; the scores have {have} (score with --blocks {n_drop})")
+        bb = scores["block_bi"]
+        start = min(range(bb.numel()), key=lambda i: (float(bb[i]), i))
+        return [i for i in range(L) if not start <= i < start + n_drop]
+    name = DEPTH_TENSOR[t.depth_by]
+    if not scores.has(name):
+        hint = {"ppl": "--depth-ppl", "taylor": "--taylor"}.get(t.depth_by, "")
+        raise PlanError(f"depth_by {t.depth_by!r} needs the {name!r} scores, which this scores file lacks"
+                        + (f" (score with {hint})" if hint else ""))
+    return _top(scores[name], n_keep)
+
+
+def _check_scores(scores: Scores, spec: ArchSpec) -> None:
+    shapes = {"heads": (spec.n_layers, spec.n_heads), "neurons": (spec.n_layers, spec.intermediate_size),
+              "channels": (spec.hidden_size,)}
+    for name, shape in shapes.items():
+        if not scores.has(name):
+            raise PlanError(f"the scores have no {name!r} tensor; rescore the model with `prunescope score`")
+        if not torch.isfinite(scores[name]).all():
+            raise PlanError(f"the {name!r} scores hold NaN or infinite values; rescore the model")
+        if tuple(scores[name].shape) != shape:
+            raise PlanError(f"scores {name!r} have shape {tuple(scores[name].shape)}, the model needs {shape}; "
+                            "were they computed on another model?")
+
+
+def make_plan(scores: Scores, targets: Targets) -> Plan:
+    """Keep the most important units per axis: per layer heads (best within each KV group) and
+    neurons, one global set of channels, and the layers chosen by `targets.depth_by`."""
+    if "arch" not in scores.meta:
+        raise PlanError("the scores have no 'arch' metadata; rescore with this version of prunescope")
+    spec = ArchSpec.from_dict(scores.meta["arch"])
+    validate_targets(spec, targets)
+    _check_scores(scores, spec)
+    s = resolve(spec, targets)
+    kept_layers = _kept_layers(scores, spec, targets, s.layers)
+    groups = spec.n_kv_heads if is_gqa(spec) else 1
+    per, keep_per = spec.n_heads // groups, s.heads // groups
+    heads, neurons, merges = [], [], []
+    for layer in kept_layers:
+        hs = scores["heads"][layer]
+        kept, pairs = [], []
+        for g in range(groups):
+            ranked = [g * per + i for i in _ranked(hs[g * per:(g + 1) * per])]
+            kept += ranked[:keep_per]
+            # Minitron residual merge: rank i (1-based) of K kept takes partner rank 2K - i + 1 <= L
+            pairs += [(ranked[i - 1], ranked[2 * keep_per - i]) for i in range(1, keep_per + 1)
+                      if 2 * keep_per - i + 1 <= per]
+        heads.append(sorted(kept))
+        merges.append(sorted(pairs))
+        neurons.append(_top(scores["neurons"][layer], s.ffn))
+    info = {k: scores.meta[k] for k in ("data", "n_samples", "seq_len", "base_ppl", "aggregation", "model")
+            if k in scores.meta}
+    info["dropped_layers"] = [i for i in range(spec.n_layers) if i not in kept_layers]
+    for name in ("bi", "ppl_increase", "taylor"):
+        if scores.has(name):
+            info[name] = [round(float(x), 5) for x in scores[name]]
+    return Plan(targets=targets, arch=spec.to_dict(), fingerprint=str(scores.meta.get("fingerprint", "")),
+                kept_layers=kept_layers, heads=heads, neurons=neurons, channels=_top(scores["channels"], s.hidden),
+                head_merge=merges if targets.merge_heads else None, model=str(scores.meta.get("model", "")),
+                info=info)
+
+
+def step_targets(spec: ArchSpec, final: Targets, step: int, steps: int) -> Targets:
+    """Targets after `step` of `steps` iterative steps: each step removes ceil((source - target) / steps)
+    units per axis (clamped at the target), snapped so every intermediate config is valid."""
+    src, fin = resolve(spec, Targets()), resolve(spec, final)
+
+    def at(name: str, unit: int = 1) -> int:
+        a, b = getattr(src, name), getattr(fin, name)
+        per = math.ceil((a - b) / steps / unit) * unit
+        return max(b, a - step * per)
+
+    if step >= steps:
+        return final
+    heads = at("heads", spec.n_kv_heads if is_gqa(spec) else 1)
+    explicit = adapter_class(spec.model_type).explicit_head_dim
+    hidden = heads * spec.head_dim if not explicit else at("hidden")
+    if adapter_class(spec.model_type).hidden_multiple_of_heads and hidden % heads:
+        if any(h % heads == 0 for h in range(fin.hidden, hidden + 1)):
+            hidden = max(h for h in range(fin.hidden, hidden + 1) if h % heads == 0)
+        else:
+            heads = fin.heads  # cut the heads fully now; the final hidden is a multiple of them
+            hidden = max(h for h in range(fin.hidden, hidden + 1) if h % heads == 0)
+    layers = at("layers")
+    return Targets(hidden=hidden, ffn=at("ffn"), heads=heads, layers=layers,
+                   depth_by=final.depth_by if final.depth_by != "list" else "bi", merge_heads=final.merge_heads)

@@ -1,0 +1,319 @@
+"""Apply a plan: trim the weights into a new, smaller model of the same class.
+
+The source model is never modified. The new model is built from a config rebuilt from the pruned
+shapes (so its layers are numbered 0..n-1 and generation with a KV cache works), then every tensor
+is filled from the source by index selection: q/k/v/o per kept head, gate/up/down per kept neuron,
+everything that touches the hidden dimension per kept channel, kept layers in order.
+
+Residual head merge (plan.head_merge, Minitron sec. "attention heads"): a kept head i with pruned
+partner j becomes head_i + (head_i - head_j), applied to the weights that belong to that head
+alone: its query rows (and q bias) and its o_proj input columns. Under GQA K/V are shared by the
+group and stay untouched; without GQA (MHA, GPT-2) the head's own K and V rows are merged too.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from engine.arch import get_adapter
+from engine.arch.base import ArchAdapter
+from engine.models import count_parameters, fingerprint
+from engine.plan import (
+    Plan,
+    PlanError,
+    Targets,
+    estimate,
+    is_gqa,
+    make_plan,
+    resolve,
+    step_targets,
+    validate_targets,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+Index = torch.Tensor | None  # LongTensor of kept indices, or None = keep all
+
+
+# ---------------------------------------------------------------- trimming ops, by module type
+
+
+def _conv1d_type() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+@torch.no_grad()
+def trim_linear(src: nn.Linear, dst: nn.Linear, out_idx: Index = None, in_idx: Index = None) -> None:
+    """nn.Linear, weight (out, in)."""
+    w = src.weight if out_idx is None else src.weight.index_select(0, out_idx)
+    dst.weight.copy_(w if in_idx is None else w.index_select(1, in_idx))
+    if src.bias is not None:
+        dst.bias.copy_(src.bias if out_idx is None else src.bias.index_select(0, out_idx))
+
+
+@torch.no_grad()
+def trim_conv1d(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = None) -> None:
+    """transformers' Conv1D (GPT-2), weight stored (in, out)."""
+    w = src.weight if out_idx is None else src.weight.index_select(1, out_idx)
+    dst.weight.copy_(w if in_idx is None else w.index_select(0, in_idx))
+    if src.bias is not None:
+        dst.bias.copy_(src.bias if out_idx is None else src.bias.index_select(0, out_idx))
+
+
+@torch.no_grad()
+def trim_embedding(src: nn.Embedding, dst: nn.Embedding, out_idx: Index = None, in_idx: Index = None) -> None:
+    """nn.Embedding (rows, dim): `out_idx` selects embedding channels; rows (vocab, positions) stay."""
+    if in_idx is not None:
+        raise PlanError("embedding rows (vocabulary / positions) are never pruned")
+    dst.weight.copy_(src.weight if out_idx is None else src.weight.index_select(1, out_idx))
+
+
+@torch.no_grad()
+def trim_norm(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = None) -> None:
+    """Any norm (RMSNorm of each family, LayerNorm): 1-D weight and optional bias over its features."""
+    for name in ("weight", "bias"):
+        t = getattr(src, name, None)
+        if isinstance(t, torch.Tensor):
+            getattr(dst, name).copy_(t if out_idx is None else t.index_select(0, out_idx))
+
+
+def trim(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = None,
+         written: set[int] | None = None) -> None:
+    """Copy src's parameters into dst keeping `out_idx` outputs and `in_idx` inputs (None = all).
+    `written` collects the ids of the parameters filled (to prove none was missed)."""
+    if written is not None:
+        written.update(id(p) for p in dst.parameters(recurse=False))
+    if isinstance(src, nn.Linear):
+        trim_linear(src, dst, out_idx, in_idx)
+    elif isinstance(src, _conv1d_type()):
+        trim_conv1d(src, dst, out_idx, in_idx)
+    elif isinstance(src, nn.Embedding):
+        trim_embedding(src, dst, out_idx, in_idx)
+    elif getattr(src, "weight", None) is not None and src.weight.dim() == 1 and in_idx is None:
+        trim_norm(src, dst, out_idx)
+    else:
+        raise TypeError(f"no trimming rule for {type(src).__name__}")
+
+
+# ---------------------------------------------------------------- residual head merge
+
+
+@torch.no_grad()
+def merge_head_slices(t: torch.Tensor, pairs: list[tuple[int, int]], head_dim: int, dim: int,
+                      offset: int = 0) -> torch.Tensor:
+    """A copy of t where, along `dim`, head block a becomes 2 * block a - block b for each (a, b)."""
+    out = t.clone()
+    for a, b in pairs:
+        ka, kb = t.narrow(dim, offset + a * head_dim, head_dim), t.narrow(dim, offset + b * head_dim, head_dim)
+        out.narrow(dim, offset + a * head_dim, head_dim).copy_(ka + (ka - kb))
+    return out
+
+
+def _merged(module: nn.Module, pairs: list[tuple[int, int]], head_dim: int, side: str,
+            offsets: tuple[int, ...] = (0,)) -> nn.Module:
+    """A merged copy of a projection: side "out" merges output features (+bias), "in" input features."""
+    if not pairs:
+        return module
+    conv = isinstance(module, _conv1d_type())
+    out_dim, in_dim = (1, 0) if conv else (0, 1)
+    m = copy.deepcopy(module)
+    with torch.no_grad():
+        for off in offsets:
+            m.weight.copy_(merge_head_slices(m.weight, pairs, head_dim, out_dim if side == "out" else in_dim, off))
+            if side == "out" and m.bias is not None:
+                m.bias.copy_(merge_head_slices(m.bias, pairs, head_dim, 0, off))
+    return m
+
+
+# ---------------------------------------------------------------- config and model
+
+
+def build_config(model: nn.Module, plan: Plan):
+    """The source config with every shape field replaced from the plan (never the source file)."""
+    adapter = get_adapter(model)
+    sz = plan.sizes
+    try:
+        updates = adapter.config_updates(sz.hidden, sz.ffn, sz.heads, sz.kv_heads, sz.layers, sz.head_dim)
+    except ValueError as e:
+        raise PlanError(str(e)) from e
+    d = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "_commit_hash"):
+        d.pop(key, None)
+    d.update(updates)
+    d["architectures"] = [type(model).__name__]
+    if isinstance(d.get("layer_types"), list):
+        d["layer_types"] = [d["layer_types"][i] for i in plan.kept_layers]
+    if isinstance(d.get("max_window_layers"), int):  # Qwen: layers >= max_window_layers use the window
+        d["max_window_layers"] = sum(1 for i in plan.kept_layers if i < d["max_window_layers"])
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and sz.layers < plan.spec.n_layers:
+        log.warning("scale_attn_by_inverse_layer_idx is set: renumbered layers change their attention scale")
+    try:
+        config = type(model.config).from_dict(d)
+    except ValueError as e:
+        raise PlanError(f"the {model.config.model_type} config class rejects the pruned shapes: {e}") from e
+    for key, value in updates.items():
+        if getattr(config, key, None) != value:
+            raise PlanError(f"config field {key} did not round-trip ({getattr(config, key, None)} != {value})")
+    return config
+
+
+def _idx(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
+    """Feature indices of these heads in a projection laid out head by head."""
+    return _idx([h * head_dim + j for h in heads for j in range(head_dim)], device)
+
+
+def _copy_layer(src: ArchAdapter, dst: ArchAdapter, i_src: int, i_dst: int, plan: Plan, k: int,
+                ch: torch.Tensor, put: Callable[..., None]) -> None:
+    s, d, spec = src.layer(i_src), dst.layer(i_dst), plan.spec
+    dev, hd = ch.device, spec.head_dim
+    heads = plan.heads[k]
+    mha = not is_gqa(spec)
+    q_rows = _head_rows(heads, hd, dev)
+    kv_rows = _head_rows(heads if mha else list(range(spec.n_kv_heads)), hd, dev)
+    pairs = plan.head_merge[k] if plan.head_merge is not None else []
+    for a, b in ((s.attn_norm, d.attn_norm), (s.mlp_norm, d.mlp_norm)):
+        put(a, b, out_idx=ch)
+    if src.fused_qkv:
+        q_size, kv_size = spec.n_heads * hd, spec.n_kv_heads * hd
+        offsets = (0, q_size, q_size + kv_size) if mha else (0,)
+        qkv = _merged(s.qkv, pairs, hd, "out", offsets)
+        put(qkv, d.qkv, out_idx=torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows]), in_idx=ch)
+    else:
+        put(_merged(s.q, pairs, hd, "out"), d.q, out_idx=q_rows, in_idx=ch)
+        for a, b in ((s.k, d.k), (s.v, d.v)):
+            put(_merged(a, pairs, hd, "out") if mha else a, b, out_idx=kv_rows, in_idx=ch)
+    put(_merged(s.o, pairs, hd, "in"), d.o, out_idx=ch, in_idx=q_rows)
+    for a, b in ((s.q_norm, d.q_norm), (s.k_norm, d.k_norm)):
+        if a is not None:
+            put(a, b)  # over head_dim: head pruning leaves it intact
+    n = _idx(plan.neurons[k], dev)
+    put(s.up, d.up, out_idx=n, in_idx=ch)
+    if s.gate is not None:
+        put(s.gate, d.gate, out_idx=n, in_idx=ch)
+    put(s.down, d.down, out_idx=ch, in_idx=n)
+
+
+def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> nn.Module:
+    """A new model of the same class holding the kept units of `model`; `model` is left untouched."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    plan.validate()
+    src = get_adapter(model)
+    spec = src.spec()
+    if spec.to_dict() != plan.arch:
+        diff = {k: (plan.arch.get(k), v) for k, v in spec.to_dict().items() if plan.arch.get(k) != v}
+        raise PlanError(f"the plan was made for another architecture (plan vs model: {diff})")
+    if check_fingerprint and plan.fingerprint and fingerprint(model) != plan.fingerprint:
+        raise PlanError(f"the plan was made from scores of another model (fingerprint {plan.fingerprint}, "
+                        f"this model {fingerprint(model)}); rescore this model")
+    config = build_config(model, plan)
+    p0 = next(model.parameters())
+    with torch.device(p0.device), no_init_weights():
+        new = AutoModelForCausalLM.from_config(config, dtype=p0.dtype,
+                                               attn_implementation=model.config._attn_implementation)
+    new.train(model.training)
+    new.tie_weights()  # no_init_weights skips the tying done in init_weights
+    dst = get_adapter(new)
+    ch = _idx(plan.channels, p0.device)
+    written: set[int] = set()
+    put = functools.partial(trim, written=written)
+    put(src.embed_tokens, dst.embed_tokens, out_idx=ch)
+    if src.position_embeddings is not None:
+        put(src.position_embeddings, dst.position_embeddings, out_idx=ch)
+    put(src.final_norm, dst.final_norm, out_idx=ch)
+    if not spec.tied:
+        put(src.lm_head, dst.lm_head, in_idx=ch)
+    for k, i_src in enumerate(plan.kept_layers):
+        _copy_layer(src, dst, i_src, k, plan, k, ch, put)
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    _check_result(new, plan, written)
+    return new
+
+
+def _check_result(new: nn.Module, plan: Plan, written: set[int]) -> None:
+    a = get_adapter(new)
+    if plan.spec.tied and a.lm_head.weight is not a.embed_tokens.weight:
+        raise RuntimeError("tied embeddings came apart while pruning")
+    want = estimate(plan.spec, plan.targets).params
+    if count_parameters(new) != want:
+        raise RuntimeError(f"pruned model has {count_parameters(new)} parameters, the plan expects {want}")
+    missed = [name for name, p in new.named_parameters() if id(p) not in written]
+    if missed:
+        raise RuntimeError(f"parameters not filled from the source (the adapter does not cover them): {missed}")
+
+
+# ---------------------------------------------------------------- iterative pruning
+
+
+def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, iterations: int,
+                      score_config=None, progress: Progress | None = None) -> tuple[nn.Module, list[Plan]]:
+    """Prune in `iterations` steps, rescoring the partially pruned model between steps.
+
+    Each step removes ceil((source - target) / iterations) units per axis (clamped at the target;
+    query heads in whole multiples of the KV heads). depth_by="list" drops the listed source layers
+    in the first step; depth_by="block" drops one block per step (scored with that block size).
+    """
+    from engine.importance import ScoreConfig, compute_scores
+
+    spec = get_adapter(model).spec()
+    validate_targets(spec, targets)
+    if iterations < 1:
+        raise PlanError(f"iterations must be at least 1, got {iterations}")
+    source_layers = spec.n_layers
+    plans: list[Plan] = []
+    current = model
+    for step in range(1, iterations + 1):
+        cur_spec = get_adapter(current).spec()
+        t = step_targets(spec, targets, step, iterations)
+        if targets.depth_by == "list":
+            t = Targets(hidden=t.hidden, ffn=t.ffn, heads=t.heads, merge_heads=targets.merge_heads,
+                        depth_by="list" if step == 1 else "bi", drop_layers=targets.drop_layers if step == 1 else None)
+        if resolve(cur_spec, t) == resolve(cur_spec, Targets()):
+            continue  # nothing left to cut on any axis
+        drop = cur_spec.n_layers - resolve(cur_spec, t).layers
+        cfg = _score_config(ScoreConfig, score_config, t.depth_by, drop)
+        if progress:
+            progress((step - 1) / iterations, f"step {step}/{iterations}: scoring")
+        scores = compute_scores(current, blocks, cfg)
+        plan = make_plan(scores, t)
+        current = apply_plan(current, plan)
+        plans.append(plan)
+        log.info("iterative step %d/%d: %d parameters (%d -> %d layers of %d)", step, iterations,
+                 count_parameters(current), cur_spec.n_layers, plan.sizes.layers, source_layers)
+    if progress:
+        progress(1.0, "done")
+    return current, plans
+
+
+def _score_config(cls, base, depth_by: str, drop: int):
+    """The scoring config of one step: the user's, plus what the depth criterion needs."""
+    import dataclasses
+
+    cfg = base if base is not None else cls()
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    want = {"ppl": {"depth_ppl": True}, "taylor": {"taylor": True}, "block": {"block_size": drop}}.get(depth_by, {})
+    return dataclasses.replace(cfg, **{k: v for k, v in want.items() if k in fields}) if drop else cfg
+
+
+def steps_of(source: int, target: int, iterations: int) -> list[int]:
+    """Sizes after each step (for display): source minus ceil((source - target) / T) per step."""
+    per = math.ceil((source - target) / iterations)
+    return [max(target, source - per * s) for s in range(1, iterations + 1)]

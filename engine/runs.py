@@ -1,0 +1,528 @@
+"""Run folders and detached jobs.
+
+A run folder holds everything about one job:
+
+    config.json     what to do (written once; `kind` is "pipeline" or "distill")
+    status.json     state (queued / running / done / failed / cancelled), stage, progress, pid,
+                    heartbeat, error; rewritten atomically (temp file + rename)
+    metrics.jsonl   one JSON row per training step / evaluation, appended and flushed
+    job.log         stdout / stderr of a detached worker
+    scores/, plan.json, checkpoints/, model/, summary.json   (written by the pipeline)
+
+A job runs as its own process (`start_job`), in a new session, so a dashboard rerun or restart does
+not stop it. One job per device at a time: the worker holds an advisory lock (`flock`, released by
+the kernel even on SIGKILL) under `$PRUNESCOPE_LOCKS` (default `<cache>/locks`); a second job waits
+in state "queued" or is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+CANCEL_FILE = "cancel.request"
+
+
+class RunError(RuntimeError):
+    """A run folder or job problem the user can fix; shown as one line."""
+
+
+class Cancelled(Exception):
+    """Raised inside a worker when a cancel request or SIGTERM arrived (after a clean stop)."""
+
+
+def runs_root() -> Path:
+    """Default root of run folders: $PRUNESCOPE_RUNS, else ./runs."""
+    return Path(os.environ.get("PRUNESCOPE_RUNS") or "runs")
+
+
+def lock_dir() -> Path:
+    if os.environ.get("PRUNESCOPE_LOCKS"):
+        return Path(os.environ["PRUNESCOPE_LOCKS"])
+    from engine.models import cache_dir
+
+    return cache_dir() / "locks"
+
+
+# ---------------------------------------------------------------- files
+
+
+def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
+    """Write via a temp file in the same folder + rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: dict, fsync: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str), fsync=fsync)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row with a single O_APPEND write (flushed: no user-space buffer)."""
+    data = (json.dumps(row, default=float) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete rows; a partially written or corrupt line is skipped."""
+    rows = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when the process exists and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+class Run:
+    """One run folder. Status updates are merged in memory and written atomically (thread-safe)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._status: dict = read_json(self.status_file) or {}
+        self._last_write = 0.0
+
+    status_file = property(lambda self: self.path / "status.json")
+    config_file = property(lambda self: self.path / "config.json")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    log_file = property(lambda self: self.path / "job.log")
+
+    @classmethod
+    def create(cls, path: str | Path, config: dict, force: bool = False) -> Run:
+        """A new run folder with its config; refuses to reuse a folder that already holds a run."""
+        path = Path(path)
+        if (path / "config.json").exists() and not force:
+            raise RunError(f"{path} already holds a run; resume it with `prunescope resume {path}`, "
+                           "or choose another --run-dir")
+        if force and path.exists():
+            import shutil
+
+            if pid_alive((read_json(path / "status.json") or {}).get("pid")) and \
+                    (read_json(path / "status.json") or {}).get("state") in ACTIVE:
+                raise RunError(f"{path} has a live job; cancel it first")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(path / "config.json", config)
+        run = cls(path)
+        run.update(state="queued", stage=None, progress=0.0, message="created", error=None,
+                   created=time.time(), stages={}, force=True)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise RunError(f"{path} is not a run folder (no config.json)")
+        return cls(path)
+
+    def config(self) -> dict:
+        cfg = read_json(self.config_file)
+        if cfg is None:
+            raise RunError(f"{self.config_file} is missing or unreadable")
+        return cfg
+
+    # -- status -------------------------------------------------------------
+    def status(self) -> dict:
+        """The status as on disk, with `effective` = state, or "stale" for a dead running job."""
+        st = read_json(self.status_file) or {}
+        st["effective"] = effective_state(st)
+        return st
+
+    def update(self, force: bool = True, **fields) -> None:
+        """Merge fields into status.json and write it atomically (throttled when force=False)."""
+        with self._lock:
+            self._status.update(fields)
+            now = time.time()
+            self._status["updated"] = now
+            if force or now - self._last_write > 0.5:
+                write_json(self.status_file, self._status)
+                self._last_write = now
+
+    def set_stage(self, stage: str, progress: float = 0.0, message: str = "", force: bool = True) -> None:
+        stages = dict(self._status.get("stages") or {})
+        entry = dict(stages.get(stage) or {"state": "running", "started": time.time()})
+        entry.update(progress=round(float(progress), 4))
+        stages[stage] = entry
+        self.update(force=force, stage=stage, progress=round(float(progress), 4), message=message,
+                    stages=stages)
+
+    def finish_stage(self, stage: str, **info) -> None:
+        stages = dict(self._status.get("stages") or {})
+        entry = dict(stages.get(stage) or {"started": time.time()})
+        entry.update(state="done", progress=1.0, seconds=round(time.time() - entry["started"], 2), **info)
+        stages[stage] = entry
+        self.update(stage=stage, progress=1.0, stages=stages)
+
+    def stage_done(self, stage: str) -> bool:
+        return (self._status.get("stages") or {}).get(stage, {}).get("state") == "done"
+
+    def progress_cb(self, stage: str):
+        """A `(fraction, message)` callback that reports into this stage (throttled writes)."""
+        return lambda frac, msg="": self.set_stage(stage, frac, msg, force=False)
+
+    # -- metrics ------------------------------------------------------------
+    def log_metrics(self, row: dict) -> None:
+        append_jsonl(self.metrics_file, row)
+
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics_file)
+
+    # -- cancel -------------------------------------------------------------
+    def cancel_requested(self) -> bool:
+        return (self.path / CANCEL_FILE).exists()
+
+
+def effective_state(status: dict) -> str:
+    """status["state"], except "stale" for a queued/running job whose process is gone or silent."""
+    state = status.get("state", "unknown")
+    if state in ACTIVE:
+        hb = status.get("heartbeat") or status.get("updated") or 0
+        if status.get("pid") and not pid_alive(status.get("pid")):
+            return "stale"
+        if status.get("pid") and time.time() - hb > STALE_AFTER_S:
+            return "stale"
+    return state
+
+
+def is_live(status: dict) -> bool:
+    """A worker process exists for this run (queued behind the lock, or running)."""
+    return effective_state(status) in ACTIVE and pid_alive(status.get("pid"))
+
+
+def list_runs(root: str | Path | None = None) -> list[dict]:
+    """Run folders under root (newest first): name, path, status (with `effective`), config, summary."""
+    root = Path(root) if root else runs_root()
+    out = []
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        if d.is_dir() and (d / "config.json").is_file():
+            run = Run(d)
+            out.append({"name": d.name, "path": str(d), "status": run.status(),
+                        "config": read_json(d / "config.json") or {},
+                        "summary": read_json(d / "summary.json")})
+    out.sort(key=lambda r: r["status"].get("created") or 0, reverse=True)
+    return out
+
+
+# ---------------------------------------------------------------- device lock
+
+
+def device_key(device: str = "auto") -> str:
+    """A file-name-safe key for the device a job will use."""
+    from engine.models import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return dev.type
+    import torch
+
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(",", "_")
+    return f"cuda{idx}" + (f"-vis{vis}" if vis else "")
+
+
+class DeviceLock:
+    """An advisory `flock` on `<lock_dir>/<device>.lock`; the file also names the holder."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.path = lock_dir() / f"{key}.lock"
+        self._fd: int | None = None
+
+    def holder(self) -> dict:
+        return read_json(self.path) or {}
+
+    def try_acquire(self, run_dir: Path | None = None) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "run": str(run_dir or ""), "since": time.time()}).encode())
+        self._fd = fd
+        return True
+
+    def busy(self) -> bool:
+        """True when another process holds the lock (checked without keeping it)."""
+        if self.try_acquire():
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def busy_message(self) -> str:
+        h = self.holder()
+        who = f"run {h.get('run')} (pid {h.get('pid')})" if h.get("run") else f"pid {h.get('pid', '?')}"
+        return (f"device {self.key} is busy with {who}; wait for it, cancel it with "
+                f"`prunescope cancel {h.get('run') or 'DIR'}`, or queue this job (--if-busy queue)")
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def run_worker(run: Run, work: Callable[[threading.Event], None], device: str = "auto",
+               if_busy: str = "queue") -> str:
+    """Everything a job process does around its work: pid + heartbeat, device lock (queue/refuse),
+    SIGTERM/SIGINT -> stop event, final state (done / cancelled / failed + error message).
+
+    `work(stop)` must poll `stop.is_set() or run.cancel_requested()` and return early (after a
+    final checkpoint) or raise `Cancelled`. Returns the final state; errors are re-raised."""
+    stop = threading.Event()
+    alive = threading.Event()
+    run.update(pid=os.getpid(), heartbeat=time.time(), error=None, host=os.uname().nodename)
+
+    def beat() -> None:
+        while not alive.wait(HEARTBEAT_S):
+            run.update(heartbeat=time.time())
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, lambda *_: stop.set())
+    lock = DeviceLock(device_key(device))
+    try:
+        if not lock.try_acquire(run.path):
+            if if_busy != "queue":
+                raise RunError(lock.busy_message())
+            run.update(state="queued", message=f"waiting for device {lock.key}: {lock.busy_message()}")
+            log.info("waiting for device %s (%s)", lock.key, lock.holder())
+            while not lock.try_acquire(run.path):
+                if stop.is_set() or run.cancel_requested():
+                    raise Cancelled()
+                time.sleep(1.0)
+        run.update(state="running", started=run._status.get("started") or time.time(), message="running")
+        work(stop)
+        if stop.is_set() or run.cancel_requested():
+            raise Cancelled()
+        run.update(state="done", progress=1.0, message="done", finished=time.time())
+    except Cancelled:
+        run.update(state="cancelled", message="cancelled (checkpoint kept; resume continues from it)",
+                   finished=time.time())
+    except BaseException as e:
+        from engine.cli import user_error_types
+
+        if isinstance(e, user_error_types()):
+            log.error("job failed: %s", e)
+        else:
+            log.exception("job failed")
+        run.update(state="failed", error=f"{type(e).__name__}: {e}", message="failed", finished=time.time())
+        raise
+    finally:
+        alive.set()
+        lock.release()
+        with contextlib.suppress(OSError):
+            (run.path / CANCEL_FILE).unlink()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return run._status["state"]
+
+
+# ---------------------------------------------------------------- controller side
+
+
+def start_job(run_dir: str | Path, if_busy: str = "queue", device: str | None = None) -> int:
+    """Launch the run folder's job as a detached process (own session, output to job.log); its pid.
+
+    if_busy: "queue" (wait for the device) or "refuse" (raise RunError now if the device is busy)."""
+    run = Run.open(run_dir)
+    st = run.status()
+    if is_live(st):
+        raise RunError(f"{run.path} is already {st['effective']} (pid {st.get('pid')})")
+    if if_busy not in ("queue", "refuse"):
+        raise RunError(f"if_busy must be 'queue' or 'refuse', got {if_busy!r}")
+    dev = device or run.config().get("device", "auto")
+    lock = DeviceLock(device_key(dev))
+    if if_busy == "refuse" and lock.busy():
+        raise RunError(lock.busy_message())
+    with contextlib.suppress(OSError):
+        (run.path / CANCEL_FILE).unlink()
+    run.update(state="queued", message="starting", error=None, heartbeat=time.time())
+    cmd = [sys.executable, "-m", "engine.pipeline", str(run.path.resolve()), "--if-busy", if_busy]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(run.log_file, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, close_fds=True)
+    run.update(pid=proc.pid, heartbeat=time.time())
+    log.info("started job %s (pid %d)", run.path, proc.pid)
+    return proc.pid
+
+
+def cancel(run_dir: str | Path, wait: float = 0.0) -> str:
+    """Ask a job to stop cleanly (final checkpoint, state "cancelled"); returns the state after.
+
+    Writes a cancel request and sends SIGTERM to the worker; a queued job stops waiting; a dead
+    ("stale") job is marked cancelled directly. wait: seconds to wait for the worker to exit."""
+    run = Run.open(run_dir)
+    st = run.status()
+    if st["effective"] not in ACTIVE + ("stale",):
+        return st.get("state", "unknown")
+    (run.path / CANCEL_FILE).write_text(str(time.time()))
+    pid = st.get("pid")
+    if st["effective"] == "stale" or not pid_alive(pid):
+        run.update(state="cancelled", message="cancelled (the worker was no longer running)")
+        return "cancelled"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid), signal.SIGTERM)
+    deadline = time.time() + wait
+    while time.time() < deadline and pid_alive(pid):
+        time.sleep(0.2)
+    return run.status()["effective"]
+
+
+def resume(run_dir: str | Path, if_busy: str = "queue") -> int:
+    """Relaunch a cancelled / failed / stale job detached; it continues from its last checkpoint."""
+    run = Run.open(run_dir)
+    st = run.status()
+    if is_live(st):
+        raise RunError(f"{run.path} is still {st['effective']} (pid {st.get('pid')}); nothing to resume")
+    if st["effective"] == "done":
+        raise RunError(f"{run.path} is already done")
+    return start_job(run.path, if_busy=if_busy)
+
+
+def prepare_resume(run_dir: str | Path) -> Run:
+    """Checks for a foreground resume: the run exists and is not active or done."""
+    run = Run.open(run_dir)
+    st = run.status()
+    if is_live(st):
+        raise RunError(f"{run.path} is still {st['effective']} (pid {st.get('pid')}); nothing to resume")
+    if st["effective"] == "done":
+        raise RunError(f"{run.path} is already done")
+    with contextlib.suppress(OSError):
+        (run.path / CANCEL_FILE).unlink()
+    return run
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoints `step-NNNNNN.pt`, oldest first (temp files are ignored)."""
+    d = Path(ckpt_dir)
+    return sorted(d.glob("step-*.pt")) if d.is_dir() else []
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    files = checkpoint_files(ckpt_dir)
+    return files[-1] if files else None
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """torch.save to a temp file, fsync, rename to step-NNNNNN.pt; keep the newest `keep`."""
+    import torch
+
+    d = Path(ckpt_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"step-{step:06d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    for old in checkpoint_files(d)[:-max(1, keep)]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    for stray in d.glob(".tmp-*"):  # left by a killed writer
+        if time.time() - stray.stat().st_mtime > 3600:
+            with contextlib.suppress(OSError):
+                stray.unlink()
+    return final
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop rows past `step` (and any partial line): a resumed run rewrites them identically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
+    atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in rows))

@@ -1,0 +1,150 @@
+"""End to end in a real browser: start `prunescope app` on a tiny model, compute scores, see the heads
+heatmap, move a slider and see the readout change, launch a short prune + distill, see the loss chart
+gain points, reload and still see the run. Saves a screenshot of every page into assets/."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from app_process import ROOT, start_app, stop_app
+from playwright.sync_api import Page, expect
+from tiny_models import _CORPUS, save_tiny
+
+pytestmark = pytest.mark.browser
+ASSETS = Path(os.environ.get("PRUNESCOPE_SCREENSHOTS") or ROOT / "assets")
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model = save_tiny("llama", root / "tiny-llama")
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(f" = Article {i} = \n\n{_CORPUS * 4}" for i in range(200)))
+    env = dict(os.environ, PRUNESCOPE_CACHE=str(root / "cache"), PRUNESCOPE_LOCKS=str(root / "locks"),
+               PRUNESCOPE_DEVICE="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    (root / "runs").mkdir()
+    proc, url = start_app(str(model), root / "runs", env, data=str(data))
+    yield url
+    stop_app(proc)
+
+
+def idle(page: Page, timeout: float = 60_000) -> None:
+    """Wait until the app is connected and its script has finished running."""
+    page.wait_for_selector("[data-testid=stApp]", timeout=timeout)
+    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
+
+
+def shot(page: Page, name: str) -> None:
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(600)  # let plotly finish its transitions
+    page.screenshot(path=str(ASSETS / f"{name}.png"), full_page=True)
+
+
+def nav(page: Page, title: str) -> None:
+    """Go to a page through the sidebar navigation (same session)."""
+    page.locator("[data-testid=stSidebarNav]").get_by_text(title, exact=True).click()
+    page.wait_for_timeout(300)
+    idle(page)
+
+
+def metric(page: Page, label: str) -> str:
+    box = page.locator("[data-testid=stMetric]").filter(has=page.get_by_text(label, exact=True)).first
+    return box.locator("[data-testid=stMetricValue]").inner_text()
+
+
+def loss_points(page: Page) -> int:
+    """Points of the 'loss' trace in the loss chart, read from plotly's own data."""
+    return page.evaluate("""() => {
+        for (const el of document.querySelectorAll('.js-plotly-plot')) {
+            const t = (el.data || []).find(d => d.name === 'loss');
+            if (t) return t.x.length;
+        }
+        return 0;
+    }""")
+
+
+def test_full_flow(page: Page, app_url: str):
+    t0 = time.time()
+    # Model and data
+    page.goto(app_url + "/")
+    idle(page)
+    expect(page.locator("[data-testid=stMetric]").filter(has_text="Query heads")).to_contain_text("6")
+    shot(page, "model")
+
+    # Importance: compute with the job, then the heads heatmap appears
+    nav(page, "Importance")
+    page.get_by_role("button", name="Compute importance scores").click()
+    expect(page.locator("[data-testid=stProgress]").first).to_be_visible(timeout=30_000)
+    heatmap = page.locator(".js-plotly-plot").filter(has_text="Attention heads")
+    expect(heatmap).to_be_visible(timeout=120_000)
+    expect(heatmap.locator(".hm, image").first).to_be_attached()
+    idle(page)
+    shot(page, "importance")
+
+    # Prune targets: a slider move changes the readout
+    nav(page, "Prune targets")
+    before = metric(page, "Parameters")
+    thumb = page.locator("[data-testid=stSlider]").filter(has_text="MLP size").get_by_role("slider")
+    thumb.focus()
+    for _ in range(8):
+        thumb.press("ArrowLeft")
+    expect(page.locator("[data-testid=stMetric]").filter(has_text="Parameters")
+           .locator("[data-testid=stMetricValue]")).not_to_have_text(before, timeout=10_000)
+    idle(page)
+    page.get_by_role("button", name="Width 75%").click()
+    idle(page)
+    assert metric(page, "Of the original") != "100.0%"
+    shot(page, "targets")
+
+    # Distill: launch a short prune + distill, see the loss chart gain points
+    nav(page, "Distill")
+    steps = page.get_by_label("Steps", exact=True)
+    steps.fill(str(STEPS))
+    steps.press("Enter")
+    idle(page)
+    page.get_by_label("Evaluate every (steps)").fill("100")
+    page.get_by_label("Evaluate every (steps)").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Prune and distill").click()
+    page.wait_for_url(re.compile(r"[?&]run="), timeout=30_000)
+    run_id = re.search(r"run=([^&]+)", page.url).group(1)
+    seen: list[int] = []
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        n = loss_points(page)
+        if n and (not seen or n != seen[-1]):
+            seen.append(n)
+        if n >= STEPS:
+            break
+        page.wait_for_timeout(700)
+    assert seen and seen[-1] == STEPS, f"loss points seen: {seen}"
+    assert len(seen) >= 2, f"the loss chart never grew while the run was live: {seen}"
+    expect(page.locator("[data-testid=stMetric]").filter(has_text="State")).to_contain_text("done", timeout=60_000)
+    idle(page)
+    shot(page, "distill")
+
+    # Reload: the run id is in the URL, so the same run is shown
+    page.reload()
+    idle(page)
+    assert f"run={run_id}" in page.url
+    expect(page.get_by_text(f"Run {run_id}")).to_be_visible()
+    assert loss_points(page) == STEPS
+
+    # Compare: speed and answers come from a background job
+    nav(page, "Compare")
+    page.get_by_role("button", name="Measure speed and answer the prompt").click()
+    expect(page.locator("[data-testid=stMetric]").filter(has_text="Decode tokens/s").first).to_be_visible(
+        timeout=90_000)
+    idle(page)
+    shot(page, "compare")
+
+    # Runs: the run is listed with its CLI command
+    nav(page, "Runs")
+    expect(page.get_by_text("prunescope run", exact=False).first).to_be_visible()
+    shot(page, "runs")
+    assert time.time() - t0 < 180, f"the browser flow took {time.time() - t0:.0f}s"

@@ -1,0 +1,129 @@
+"""Pure chart functions of the dashboard: shapes, overlays, binning, smoothing (no Streamlit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from dashboard import charts, train_charts
+
+
+def _z(trace) -> np.ndarray:
+    return np.asarray(trace.z)
+
+
+def test_bin_columns_means_and_starts():
+    z = np.arange(20, dtype=np.float32).reshape(2, 10)
+    binned, starts = charts.bin_columns(z, max_bins=4)
+    assert binned.shape == (2, 4) and binned.dtype == np.float32
+    assert starts[0] == 0 and len(starts) == 4
+    edges = list(starts) + [10]
+    for b in range(4):
+        np.testing.assert_allclose(binned[0, b], z[0, edges[b]:edges[b + 1]].mean())
+    same, s2 = charts.bin_columns(z, max_bins=128)  # fewer columns than bins: unchanged
+    np.testing.assert_array_equal(same, z)
+    assert list(s2) == list(range(10))
+
+
+def test_heads_heatmap_overlay_marks_removed_heads():
+    heads = np.random.default_rng(0).random((4, 6)).astype(np.float32)
+    removed = np.zeros((4, 6), bool)
+    removed[1, 2] = removed[3] = True
+    fig = charts.heads_heatmap(heads, removed, kv_heads=2)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 2
+    base, overlay = fig.data
+    np.testing.assert_allclose(_z(base), heads)  # raw values when not normalised
+    assert _z(overlay).dtype == np.uint8
+    np.testing.assert_array_equal(_z(overlay) == 255, removed)
+    assert overlay.hoverinfo == "skip" and overlay.showscale is False
+    assert overlay.colorscale[0][1].endswith(", 0)")  # transparent where kept
+    # KV-group boundaries: 6 heads in 2 groups -> one separator line
+    assert len(fig.layout.shapes) == 1
+
+
+def test_heads_heatmap_without_cut_has_no_overlay_and_normalises():
+    heads = np.array([[1.0, 2.0], [10.0, 40.0]], np.float32)
+    fig = charts.heads_heatmap(heads, np.zeros((2, 2), bool), normalise=True)
+    assert len(fig.data) == 1
+    np.testing.assert_allclose(_z(fig.data[0]), [[0.5, 1.0], [0.25, 1.0]])
+    assert "importance" in fig.data[0].hovertemplate
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_neurons_heatmap_is_binned_and_overlay_is_fraction(sort):
+    rng = np.random.default_rng(1)
+    neurons = rng.random((3, 1536)).astype(np.float32)
+    removed = np.zeros_like(neurons, bool)
+    order = np.argsort(neurons, axis=1)[:, :384]  # the 384 least important per layer
+    np.put_along_axis(removed, order, True, axis=1)
+    fig = charts.neurons_heatmap(neurons, removed, sort=sort)
+    base, overlay = fig.data
+    assert _z(base).shape == (3, 128)
+    ov = _z(overlay).astype(int)
+    # the overlay's total red equals the removed share
+    np.testing.assert_allclose(ov.sum(1) / 255 / 128, 0.25, atol=0.01)
+    if sort:  # sorted descending: the cut is the right-hand tail
+        assert (ov[:, -32:] == 255).all() and (ov[:, :96] == 0).all()
+
+
+def test_channels_heatmap_and_bar():
+    rng = np.random.default_rng(2)
+    per_layer = rng.random((4, 40)).astype(np.float32)
+    channels = per_layer.sum(0)
+    removed = channels < np.quantile(channels, 0.25)
+    dropped = np.array([False, True, False, False])
+    fig = charts.channels_heatmap(per_layer, removed, dropped)
+    ov = _z(fig.data[1])
+    assert (ov[1] == 255).all()  # a dropped layer is red across
+    np.testing.assert_array_equal(ov[0] == 255, removed)
+    bar = charts.channels_bar(channels, removed)
+    vals = np.asarray(bar.data[0].y)
+    assert (np.diff(vals) <= 0).all()  # sorted descending
+    cum = np.asarray(bar.data[1].y)
+    assert cum[-1] == pytest.approx(100, abs=1e-3)
+    colors = bar.data[0].marker.color
+    assert colors[-1] == charts.PRUNED_RED and colors[0] != charts.PRUNED_RED
+
+
+def test_layers_chart_values_ranks_and_dropped():
+    bi = np.array([0.5, 0.1, 0.3, 0.05], np.float32)
+    ppl = np.array([9.0, 0.5, 2.0, 0.1], np.float32)
+    fig = charts.layers_chart(bi, ppl, np.array([0, 0, 0, 1], bool), spearman=1.0)
+    assert [t.name for t in fig.data] == ["BI (1 - cos)", "perplexity increase"]
+    assert "Spearman" in fig.layout.title.text
+    assert len(fig.layout.shapes) == 1  # one dropped layer band
+    ranks = charts.layers_chart(bi, ppl, show="ranks")
+    assert list(ranks.data[0].y) == [1, 3, 2, 4]
+    only_bi = charts.layers_chart(bi)
+    assert len(only_bi.data) == 1
+
+
+def test_blocks_chart_marks_least_important():
+    fig = charts.blocks_chart(np.array([0.3, 0.1, 0.2], np.float32), 2, np.array([3.0, 1.0, 2.0], np.float32))
+    assert list(fig.data[0].x) == ["0-1", "1-2", "2-3"]
+    assert fig.layout.annotations[0].x == "1-2"
+
+
+def test_ema_and_loss_chart():
+    np.testing.assert_allclose(train_charts.ema(np.array([1.0, 1.0, 1.0]), 0.9), [1, 1, 1])
+    np.testing.assert_allclose(train_charts.ema(np.array([1.0, 3.0]), 0.0), [1, 3])
+    rows = [{"step": i, "tokens": 100 * i, "loss": 5.0 - 0.1 * i, "kl_loss": 5.0 - 0.1 * i, "lr": 1e-4,
+             "tokens_per_s": 10.0, "elapsed_s": i} for i in range(1, 11)]
+    rows.append({"eval": True, "step": 10, "tokens": 1000, "ppl": 30.0, "kl": 0.5, "teacher_ppl": 20.0})
+    assert train_charts.loss_terms(rows) == ["loss", "kl_loss"]
+    fig = train_charts.loss_chart(rows, smoothing=0.5, log_y=True, x="tokens")
+    assert fig.layout.yaxis.type == "log"
+    named = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in named] == ["loss", "kl_loss"]
+    assert list(named[0].x)[-1] == 1000
+    empty = train_charts.loss_chart([])
+    assert empty.layout.annotations and not empty.data
+    ppl = train_charts.ppl_chart(rows, teacher_ppl=20.0)
+    assert list(ppl.data[0].y) == [30.0]
+    assert any("teacher" in (a.text or "") for a in ppl.layout.annotations)
+
+
+def test_compare_bars_handles_missing():
+    fig = train_charts.compare_bars(["a", "b"], [1.5, None], "t", ".2f")
+    assert list(fig.data[0].text) == ["1.50", "n/a"]

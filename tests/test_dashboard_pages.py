@@ -1,0 +1,294 @@
+"""Every dashboard page under streamlit.testing.v1.AppTest, on a tiny llama and a tiny text file.
+
+Jobs are real detached subprocesses (scoring, prune + distill, compare) on the tiny model; tests
+wait for them with a timeout by calling `run()` again (`run_every` does not tick in AppTest).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+from tiny_models import _CORPUS, save_tiny
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+JOB_TIMEOUT = 150
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny model folder, a small text file, and fresh runs / cache folders in the environment."""
+    root = tmp_path_factory.mktemp("dash")
+    model = save_tiny("llama", root / "tiny-llama")
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(f" = Article {i} = \n\n{_CORPUS * 3}" for i in range(40)))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PRUNESCOPE_MODEL", str(model))
+    mp.setenv("PRUNESCOPE_DATA", str(data))
+    mp.setenv("PRUNESCOPE_RUNS", str(root / "runs"))
+    mp.setenv("PRUNESCOPE_CACHE", str(root / "cache"))
+    mp.setenv("PRUNESCOPE_LOCKS", str(root / "locks"))
+    mp.setenv("PRUNESCOPE_DEVICE", "cpu")
+    yield {"root": root, "model": model, "data": data}
+    mp.undo()
+
+
+def app(page: str | None = None, fresh: bool = True, **session) -> AppTest:
+    """The app on `page`; fresh=True forgets the choices a previous session saved."""
+    if fresh:
+        from dashboard import state
+
+        state.prefs_file().unlink(missing_ok=True)
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.session_state["samples"] = 8
+    at.session_state["seq_len"] = 32
+    for k, v in session.items():
+        at.session_state[k] = v
+    at.run()
+    if page:
+        at.switch_page(f"screens/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    """Plotly charts on the page by key suffix, as parsed JSON specs."""
+    out = {}
+    for el in at.get("plotly_chart"):
+        key = el.proto.id.rsplit("-", 1)[-1]
+        for prefix in ("imp_", "tgt_"):
+            key = key.removeprefix(prefix)
+        out[key] = json.loads(el.proto.spec)
+    return out
+
+
+def array(v) -> np.ndarray:
+    """A plotly array as sent to the browser (typed-array dict or a list)."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = v.get("shape")
+        return a.reshape([int(s) for s in str(shape).split(",")]) if shape else a
+    return np.asarray(v)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def wait(at: AppTest, done, timeout: float = JOB_TIMEOUT) -> AppTest:
+    t0 = time.time()
+    while not done(at):
+        assert time.time() - t0 < timeout, f"timed out; errors: {[e.value for e in at.error]}"
+        time.sleep(1.0)
+        at.run()
+        assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture(scope="module")
+def scored(env) -> AppTest:
+    """The Importance page after computing scores with its button (a real background job)."""
+    at = app("importance")
+    assert not at.get("plotly_chart")
+    at.button(key="score_start").click().run()
+    return wait(at, lambda a: len(a.get("plotly_chart")) >= 5)
+
+
+# ---------------------------------------------------------------- Model and data
+
+
+def test_model_page_shows_architecture(env):
+    at = app()
+    m = metrics(at)
+    assert (m["Layers"], m["Query heads"], m["KV heads"], m["Hidden size"], m["MLP size"]) == ("4", "6", "2", "48", "37")
+    assert any("llama" in c.value for c in at.caption)
+    at.button(key="data_check").click().run()
+    assert not at.error and "blocks of 32 tokens" in at.success[0].value
+
+
+def test_model_page_bad_model_is_a_plain_error(env, monkeypatch):
+    monkeypatch.setenv("PRUNESCOPE_MODEL", str(env["root"] / "no-such-model"))
+    at = app()
+    assert not at.exception
+    assert "Could not load model" in at.error[0].value and "Traceback" not in at.error[0].value
+
+
+def test_model_page_missing_column_is_explained(env):
+    bad = env["root"] / "rows.jsonl"
+    bad.write_text('{"body": "hello"}\n')
+    at = app(data=str(bad))
+    at.text_input(key="data_column").set_value("text").run()
+    at.button(key="data_check").click().run()
+    assert "no column 'text'" in at.error[0].value and "body" in at.error[0].value
+
+
+def test_model_page_generated_data_is_labelled(env):
+    at = app()
+    at.radio(key="data_kind").set_value("Model-generated text").run()
+    assert any("not real data" in c.value for c in at.caption)
+    assert at.session_state["data"].startswith("generated")
+
+
+# ---------------------------------------------------------------- Importance
+
+
+def test_importance_heatmaps(scored):
+    c = charts(scored)
+    assert {"heads", "neurons", "chan_heat", "chan_bar", "layers"} <= set(c)
+    heads = c["heads"]["data"][0]
+    assert heads["type"] == "heatmap" and array(heads["z"]).shape == (4, 6)
+    assert "importance" in heads["hovertemplate"]
+    assert array(c["neurons"]["data"][0]["z"]).shape == (4, 37)  # 37 neurons < 128 bins: one per column
+    assert len(c["heads"]["data"]) == 1  # no targets yet: no overlay
+
+
+def test_importance_reads_cached_scores_without_a_job(scored, env):
+    at = app("importance")
+    assert len(at.get("plotly_chart")) >= 5 and not at.get("progress")
+
+
+# ---------------------------------------------------------------- Prune targets
+
+
+def test_targets_slider_updates_readout_and_overlay(scored, env):
+    at = app("targets")
+    before = metrics(at)
+    assert before["Of the original"] == "100.0%"
+    at.slider(key="t_ffn").set_value(20).run()
+    after = metrics(at)
+    assert after["Parameters"] != before["Parameters"] and after["Of the original"] != "100.0%"
+    c = charts(at)
+    overlay = c["neurons"]["data"][1]
+    assert overlay["hoverinfo"] == "skip" and array(overlay["z"]).dtype == np.uint8
+    assert (array(overlay["z"]) == 255).sum() == 4 * (37 - 20)
+    at.select_slider(key="t_heads").set_value(4).run() if at.select_slider else at.slider(key="t_heads").set_value(4).run()
+    heads_overlay = array(charts(at)["heads"]["data"][1]["z"])
+    assert ((heads_overlay == 255).sum(axis=1) == 2).all()  # 6 -> 4 heads in every layer
+    assert at.get("download_button")
+    at.button(key="plan_save").click().run()
+    saved = Path(at.session_state["plan_path"])
+    plan = json.loads(saved.read_text())
+    assert plan["targets"]["ffn"] == 20 and len(plan["layers"][0]["neurons"]) == 20
+
+
+def test_targets_presets_and_depth(scored, env):
+    at = app("targets")
+    at.button(key="preset_depth-75").click().run()
+    assert at.session_state["targets"]["layers"] == 3
+    layers = charts(at)["layers"]
+    assert len(layers["layout"]["shapes"]) == 1  # one dropped layer highlighted
+    at.button(key="preset_none").click().run()
+    assert metrics(at)["Of the original"] == "100.0%"
+
+
+# ---------------------------------------------------------------- Distill, Runs, Compare
+
+
+@pytest.fixture(scope="module")
+def finished_run(scored, env) -> tuple[AppTest, str]:
+    at = app("targets")
+    at.button(key="preset_width-75").click().run()
+    at.switch_page("screens/distill.py").run()
+    for key, value in (("d_steps", 6), ("d_batch", 2), ("d_seq", 32), ("d_eval_every", 3), ("d_eval_samples", 4)):
+        at.number_input(key=key).set_value(value)
+    at.button(key="d_launch").click().run()
+    assert not at.error, [e.value for e in at.error]
+    run_id = at.query_params["run"]
+    seen_points = []
+
+    def done(a: AppTest) -> bool:
+        loss = charts(a).get("loss_chart")
+        if loss and loss["data"]:
+            seen_points.append(len(array(loss["data"][-1]["x"])))
+        return metrics(a).get("State") in ("done", "failed", "cancelled", "stale")
+
+    wait(at, done, timeout=240)
+    assert metrics(at)["State"] == "done", [e.value for e in at.error]
+    return at, run_id
+
+
+def test_distill_live_view(finished_run):
+    at, run_id = finished_run
+    c = charts(at)
+    loss = [t for t in c["loss_chart"]["data"] if t.get("name") == "loss"][0]
+    assert len(array(loss["x"])) == 6
+    ppl = c["ppl_chart"]
+    assert list(array(ppl["data"][0]["x"])) == [0, 3, 6]  # before distillation, then every 3 steps
+    assert any("teacher" in (a.get("text") or "") for a in ppl["layout"]["annotations"])
+    assert metrics(at)["Step"] == "6 / 6"
+
+
+def test_distill_run_survives_a_refresh(finished_run, env):
+    _, run_id = finished_run
+    at = AppTest.from_file(APP, default_timeout=60)  # a new session, as after a browser reload
+    at.query_params["run"] = run_id
+    at.run()
+    at.switch_page("screens/distill.py").run()
+    assert metrics(at)["State"] == "done" and "loss_chart" in charts(at)
+
+
+def test_reload_keeps_choices(scored, env):
+    at = app("targets")
+    at.button(key="preset_mlp-75").click().run()
+    ffn = at.session_state["targets"]["ffn"]
+    again = app("targets", fresh=False)  # a new session reads the saved choices
+    assert again.session_state["targets"]["ffn"] == ffn and metrics(again) == metrics(at)
+
+
+def test_distill_unknown_run_is_explained(env):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = "no-such-run"
+    at.run()
+    at.switch_page("screens/distill.py").run()
+    assert not at.exception and "no run 'no-such-run'" in at.error[0].value
+
+
+def test_distill_without_targets_asks_for_them(env):
+    at = app("distill")
+    assert "No pruning targets" in at.warning[0].value
+
+
+def test_runs_page(finished_run, env):
+    _, run_id = finished_run
+    at = app("runs")
+    table = at.dataframe[0].value
+    assert run_id in list(table["run"]) and table.loc[table["run"] == run_id, "state"].item() == "done"
+    code = "\n".join(c.value for c in at.code)
+    assert "prunescope run" in code and "--hidden" in code and "--run-dir" in code
+    assert str(Path(env["root"] / "runs" / run_id / "model")) in code
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "plan.json" in labels and "scores.csv" in labels
+
+
+def test_runs_scores_csv_and_delete(finished_run, env):
+    from dashboard import runs_io
+
+    _, run_id = finished_run
+    path = Path(env["root"] / "runs" / run_id)
+    csv = runs_io.scores_csv(path / "scores")
+    assert csv.startswith("tensor,layer,index,score") and "\nheads,3,5," in csv
+    copy = path.parent / "copy-to-delete"
+    import shutil
+
+    shutil.copytree(path, copy)
+    runs_io.delete_run(copy)
+    assert not copy.exists() and path.exists()
+
+
+def test_compare_page(finished_run, env):
+    _, run_id = finished_run
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = run_id
+    at.run()
+    at.switch_page("screens/compare.py").run()
+    assert not at.exception
+    text = "\n".join(m.value for m in at.markdown)
+    assert "Teacher" in text and "Student" in text and "Held-out perplexity" in text
+    at.button(key="cmp_go").click().run()
+    wait(at, lambda a: "Decode tokens/s" in metrics(a))
+    assert len([m for m in at.metric if m.label == "Decode tokens/s"]) == 2

@@ -1,0 +1,322 @@
+"""Importance scores against brute-force references built from explicitly captured activations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import _CORPUS, FAMILIES, random_ids, save_tiny, tiny_model
+
+from engine.arch import get_adapter, hidden_from_args, hidden_from_output
+from engine.data import DataSource
+from engine.importance import AGGREGATIONS, ScoreConfig, ScoreError, Scores, compute_scores, score, spearman
+from engine.importance.aggregate import rankdata
+
+N, T = 5, 16  # 5 blocks in batches of 2: the last batch is smaller (tests the running merge)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------- brute-force references
+
+
+@torch.no_grad()
+def capture(model, ids) -> dict:
+    """Full activations of every hooked point, (N, T, C) each, from one plain forward."""
+    a = get_adapter(model)
+    acts: dict = {"o": [], "down": [], "norms": [], "x": [], "y": []}
+    handles = []
+    for i in range(a.n_layers):
+        p = a.layer(i)
+        handles.append(p.o.register_forward_pre_hook(lambda m, args: acts["o"].append(args[0].clone())))
+        handles.append(p.down.register_forward_pre_hook(lambda m, args: acts["down"].append(args[0].clone())))
+        acts["norms"].append([])
+        for norm in a.norms(i):
+            handles.append(norm.register_forward_hook(
+                lambda m, args, out, i=i: acts["norms"][i].append(out.clone())))
+
+        def block_hook(m, args, kwargs, out):
+            acts["x"].append(hidden_from_args(args, kwargs).clone())
+            acts["y"].append(hidden_from_output(out).clone())
+        handles.append(p.block.register_forward_hook(block_hook, with_kwargs=True))
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def ref_agg(x: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """(N, T, C) -> (C,), straight from the definition."""
+    b, s = aggregation.split("_")
+    per_sample = {"mean": lambda: x.abs().mean(1), "l2": lambda: x.pow(2).sum(1).sqrt(),
+                  "var": lambda: x.var(1, unbiased=False)}[s]()
+    return {"mean": lambda: per_sample.mean(0), "l2": lambda: per_sample.pow(2).sum(0).sqrt(),
+            "var": lambda: per_sample.var(0, unbiased=False)}[b]()
+
+
+def ref_bi(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 1 - F.cosine_similarity(x, y, dim=-1).mean()
+
+
+@torch.no_grad()
+def naive_ppl(model, ids, keep: list[int] | None = None) -> float:
+    a = get_adapter(model)
+    keep = list(range(a.n_layers)) if keep is None else keep
+    with a.only_layers(keep):
+        return math.exp(model(ids, labels=ids, use_cache=False).loss.item())
+
+
+def close(a, b, rtol=1e-4, atol=1e-5) -> None:
+    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- width and BI
+
+
+def test_width_and_bi_match_bruteforce_every_aggregation(family):
+    model = tiny_model(family)
+    a = get_adapter(model)
+    ids = random_ids(N, T)
+    acts = capture(model, ids)
+    L, H = a.n_layers, a.n_heads
+    for agg in AGGREGATIONS:
+        s = compute_scores(model, ids, ScoreConfig(aggregation=agg, batch_size=2, block_size=2))
+        heads = torch.stack([torch.linalg.vector_norm(ref_agg(o, agg).view(H, -1), dim=-1) for o in acts["o"]])
+        close(s["heads"], heads)
+        close(s["neurons"], torch.stack([ref_agg(d, agg) for d in acts["down"]]))
+        per_layer = torch.stack([sum(ref_agg(n, agg) for n in norms) for norms in acts["norms"]])
+        close(s["channels_per_layer"], per_layer)
+        close(s["channels"], per_layer.sum(0))
+    assert s["heads"].shape == (L, H) and s["neurons"].shape == (L, a.intermediate_size)
+    assert s["channels"].shape == (a.hidden_size,) and s["channels_per_layer"].shape == (L, a.hidden_size)
+    close(s["bi"], torch.stack([ref_bi(x, y) for x, y in zip(acts["x"], acts["y"], strict=True)]))
+    close(s["block_bi"], torch.stack([ref_bi(acts["x"][b], acts["y"][b + 1]) for b in range(L - 1)]))
+    assert s.meta["arch"]["n_layers"] == L and s.meta["block_size"] == 2
+
+
+def test_result_does_not_depend_on_batch_size():
+    model = tiny_model("llama")
+    ids = random_ids(N, T)
+    one = compute_scores(model, ids, ScoreConfig(aggregation="var_var", batch_size=1))
+    all_ = compute_scores(model, ids, ScoreConfig(aggregation="var_var", batch_size=N))
+    for k in one.tensors:
+        close(one[k], all_[k])
+
+
+def _zero_v_of_head(model, layer: int, head: int) -> list[int]:
+    """Zero the value projection feeding query head `head`; returns the query heads that read it."""
+    a = get_adapter(model)
+    p, hd = a.layer(layer), a.head_dim
+    with torch.no_grad():
+        if a.fused_qkv:  # GPT-2 c_attn Conv1D (in, out): columns q | k | v
+            cols = slice(2 * a.hidden_size + head * hd, 2 * a.hidden_size + (head + 1) * hd)
+            p.qkv.weight[:, cols] = 0
+            p.qkv.bias[cols] = 0
+            return [head]
+        g = head // a.heads_per_group
+        p.v.weight[g * hd:(g + 1) * hd] = 0
+        if p.v.bias is not None:
+            p.v.bias[g * hd:(g + 1) * hd] = 0
+        return list(range(g * a.heads_per_group, (g + 1) * a.heads_per_group))
+
+
+def _zero_neuron(model, layer: int, j: int) -> None:
+    a = get_adapter(model)
+    up = a.layer(layer).up
+    with torch.no_grad():
+        if a.conv1d:
+            up.weight[:, j] = 0
+        else:
+            up.weight[j] = 0
+        if up.bias is not None:
+            up.bias[j] = 0
+
+
+def test_zeroed_value_rows_give_zero_head_and_zeroed_up_rows_zero_neuron(family):
+    model = tiny_model(family)
+    dead_heads = _zero_v_of_head(model, 1, 1)
+    _zero_neuron(model, 0, 5)
+    for agg in ("l2_mean", "var_var", "mean_l2"):
+        s = compute_scores(model, random_ids(N, T), ScoreConfig(aggregation=agg, batch_size=2))
+        assert (s["heads"][1, dead_heads] == 0).all(), agg
+        alive = [h for h in range(s["heads"].shape[1]) if h not in dead_heads]
+        assert (s["heads"][1, alive] > 0).all() and (s["heads"][0] > 0).all()
+        assert s["neurons"][0, 5] == 0
+        assert (s["neurons"][0, :5] > 0).all() and (s["neurons"][1] > 0).all()
+
+
+def test_identity_layer_has_zero_bi_and_zero_ppl_increase(family):
+    model = tiny_model(family)
+    p = get_adapter(model).layer(1)
+    with torch.no_grad():
+        for m in (p.o, p.down):
+            m.weight.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
+    s = compute_scores(model, random_ids(N, T), ScoreConfig(depth_ppl=True, batch_size=2))
+    assert abs(s["bi"][1].item()) < 1e-6
+    assert abs(s["ppl_increase"][1].item()) < 1e-4 * s.meta["base_ppl"]
+    assert (s["bi"][[0, 2]] > 1e-4).all()
+
+
+# ---------------------------------------------------------------- depth
+
+
+def test_cached_prefix_sweep_equals_naive_removal(family):
+    model = tiny_model(family)
+    L = get_adapter(model).n_layers
+    ids = random_ids(N, T)
+    s = compute_scores(model, ids, ScoreConfig(depth_ppl=True, block_size=2, block_ppl=True, batch_size=2))
+    base = naive_ppl(model, ids)
+    assert s.meta["base_ppl"] == pytest.approx(base, rel=1e-5)
+    tol = dict(rtol=0, atol=1e-5 * base)
+    close(s["ppl_increase"], [naive_ppl(model, ids, [j for j in range(L) if j != i]) - base for i in range(L)], **tol)
+    close(s["block_ppl_increase"],
+          [naive_ppl(model, ids, [j for j in range(L) if j not in (b, b + 1)]) - base for b in range(L - 1)], **tol)
+    assert s.meta["spearman_bi_ppl"] == pytest.approx(spearman(s["bi"], s["ppl_increase"]))
+    assert {"width_bi", "depth_ppl", "block_ppl", "total"} <= set(s.meta["timings"])
+
+
+def test_taylor_matches_bruteforce_and_leaves_model_untouched():
+    model = tiny_model("qwen2")
+    a = get_adapter(model)
+    ids = random_ids(N, T)
+    model.lm_head.weight.requires_grad_(False)  # a caller's setting that must survive
+    s = compute_scores(model, ids, ScoreConfig(taylor=True, batch_size=2))
+    assert not model.lm_head.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    model.requires_grad_(True)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    ref = torch.stack([sum((p * p.grad).abs().sum() for p in a.layers[i].parameters()) for i in range(a.n_layers)])
+    close(s["taylor"], ref, rtol=1e-4, atol=0)
+
+
+def test_bf16_model_accumulates_in_fp32():
+    model = tiny_model("gpt2")
+    ids = random_ids(4, T)
+    cfg = ScoreConfig(depth_ppl=True, taylor=True, batch_size=2)
+    ref = compute_scores(model, ids, cfg)
+    low = compute_scores(model.to(torch.bfloat16), ids, cfg)
+    assert low.meta["dtype"] == "bfloat16"
+    for k, v in ref.tensors.items():
+        assert low[k].dtype == torch.float32 and torch.isfinite(low[k]).all()
+        assert (low[k] - v).abs().max() <= 0.05 * v.abs().max(), k
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    x = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 0.5])
+    y = torch.tensor([1.0, 0.0, 3.0, 3.0, 4.0, 2.0])
+    assert rankdata(x).tolist() == stats.rankdata(x.numpy()).tolist()
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x.numpy(), y.numpy()).statistic)
+    assert spearman(torch.ones(4), y[:4]) is None
+
+
+def test_bad_config_is_a_score_error():
+    model = tiny_model("gpt2")
+    for cfg in (ScoreConfig(aggregation="l3_mean"), ScoreConfig(block_ppl=True), ScoreConfig(block_size=9)):
+        with pytest.raises(ScoreError):
+            compute_scores(model, random_ids(2, 8), cfg)
+
+
+def test_pruned_shapes_are_read_from_the_model():
+    """Scoring works with any widths, e.g. a model pruned to other sizes than its family's defaults."""
+    model = tiny_model("mistral", hidden_size=24, intermediate_size=11, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=6)
+    s = compute_scores(model, random_ids(3, 8), ScoreConfig(depth_ppl=True))
+    assert s["heads"].shape == (3, 4) and s["neurons"].shape == (3, 11) and s["channels"].shape == (24,)
+
+
+# ---------------------------------------------------------------- files, cache and CLI
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, monkeypatch):
+    from engine.models import load
+
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    folder = save_tiny("llama", tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text((" = Doc = \n" + _CORPUS + "\n") * 20)
+    return load(str(folder), device="cpu"), DataSource.parse(str(text)), folder, text
+
+
+def test_score_caches_reuses_extends_and_refuses(tiny_setup, tmp_path, monkeypatch):
+    import engine.importance.cache as cache
+
+    loaded, source, _, _ = tiny_setup
+    calls: list[ScoreConfig] = []
+    real = cache.compute_scores
+    monkeypatch.setattr(cache, "compute_scores", lambda m, b, c, progress=None: calls.append(c) or real(m, b, c, progress))
+    s1, folder = score(loaded, source, 4, 16, config=ScoreConfig(depth_ppl=True))
+    assert folder.parent.name == "scores" and s1.meta["reused"] == "none" and len(calls) == 1
+    assert s1.meta["cache_key"] == folder.name and s1.meta["fingerprint"] and s1.meta["data_source"]["kind"] == "file"
+    mtime = (folder / "scores.safetensors").stat().st_mtime_ns
+    s2, folder2 = score(loaded, source, 4, 16)  # a subset: reused
+    assert folder2 == folder and s2.meta["reused"] == "all" and len(calls) == 1
+    assert (folder / "scores.safetensors").stat().st_mtime_ns == mtime
+    close(s2["ppl_increase"], s1["ppl_increase"])
+    s3, _ = score(loaded, source, 4, 16, config=ScoreConfig(taylor=True, depth_ppl=True))  # superset
+    assert s3.meta["reused"] == "partial" and not calls[-1].depth_ppl and calls[-1].taylor
+    on_disk = Scores.load(folder)
+    assert on_disk.has("taylor") and on_disk.has("ppl_increase") and on_disk.meta["config"]["taylor"]
+    with pytest.raises(ScoreError, match="seed"):
+        score(loaded, source, 4, 16, seed=1, out_dir=folder)
+    s4, _ = score(loaded, source, 4, 16, seed=1, out_dir=folder, force=True)
+    assert Scores.load(folder).meta["seed"] == 1 and not s4.has("taylor")
+    blocks, bfolder = score(loaded, source, 4, 16, config=ScoreConfig(block_size=2))
+    assert bfolder.name.endswith("-blocks2") and blocks["block_bi"].shape == (3,)
+    with pytest.raises(ScoreError, match="blocks of 2"):
+        score(loaded, source, 4, 16, config=ScoreConfig(block_size=3), out_dir=bfolder)
+
+
+def test_cli_end_to_end(tiny_setup, tmp_path, capsys):
+    from engine.cli import main
+
+    _, _, model_dir, text = tiny_setup
+    out = tmp_path / "scores"
+    argv = ["score", "--model", str(model_dir), "--data", str(text), "--data-range", "0:1", "--samples", "4",
+            "--seq-len", "16", "--depth-ppl", "--blocks", "2", "--block-ppl", "--taylor", "--batch-size", "3",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "cache: computed" in printed and "Spearman" in printed
+    s = Scores.load(out)
+    assert {"heads", "neurons", "channels", "channels_per_layer", "bi", "ppl_increase", "block_bi",
+            "block_ppl_increase", "taylor"} <= set(s.tensors)
+    assert main(argv) == 0 and "cache: reused" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--out", str(out), "--seed", "3"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["score", "--model", str(model_dir), "--data", str(text), "--block-ppl"]) == 2
+
+
+# ---------------------------------------------------------------- the built-in model
+
+
+@pytest.mark.slow
+def test_builtin_model_on_wikitext(builtin, wikitext):
+    from engine.data import get_blocks
+
+    a = get_adapter(builtin.model)
+    blocks = get_blocks(DataSource.parse(str(wikitext), docs=(0.0, 0.6)), builtin.tokenizer, 4, 128)
+    s = compute_scores(builtin.model, blocks, ScoreConfig(depth_ppl=True, block_size=4))
+    L = a.n_layers
+    shapes = {"heads": (L, a.n_heads), "neurons": (L, a.intermediate_size), "channels": (a.hidden_size,),
+              "channels_per_layer": (L, a.hidden_size), "bi": (L,), "ppl_increase": (L,), "block_bi": (L - 3,)}
+    for name, shape in shapes.items():
+        assert s[name].shape == shape, name
+        assert torch.isfinite(s[name]).all(), name
+    assert 1 < s.meta["base_ppl"] < 100
+    # measured (4 x 128 and 8 x 256 tokens): by ppl increase layers 0, 1, 29 rank 1st-3rd; by BI 0 and 29
+    # rank 1st and 2nd. The first and last layers must be in the top 5 of 30 by both.
+    for name in ("ppl_increase", "bi"):
+        top = s[name].argsort(descending=True)[:5].tolist()
+        assert 0 in top and L - 1 in top, (name, top)
+    assert s.meta["spearman_bi_ppl"] is not None and s.meta["spearman_bi_ppl"] > 0

@@ -1,0 +1,205 @@
+"""The prune + distill pipeline: in-process on a tiny model, the CLI round trip as real processes
+(run --detach, status, cancel, resume), a SIGKILLed job resuming, and the built-in model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny
+
+from engine.distill import DistillConfig
+from engine.pipeline import STAGES, PipelineConfig, create_run, execute
+from engine.runs import Run, RunError, checkpoint_files, prepare_resume, read_json, start_job
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the quick brown fox jumps over lazy dog pruning removes heads neurons and layers distillation "
+         "teaches small model from large one Paris is capital of France water boils at hundred degrees").split()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Own device locks and score cache; one thread (tiny models, shared CPU) for us and our jobs."""
+    monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """40 WikiText-style articles of random sentences."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    arts = []
+    for a in range(40):
+        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                 for _ in range(30)]
+        arts.append(f" = Article {a} = \n\n {' '.join(sents)} \n")
+    path.write_text("\n".join(arts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("models")
+    return save_tiny("llama", base / "teacher"), save_tiny("llama", base / "student", seed=1)
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def _status(run_dir: Path) -> dict:
+    r = _cli("status", str(run_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _poll(run_dir: Path, pred, timeout: float = 90.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = Run(run_dir).status()
+        if pred(st):
+            return st
+        if st.get("effective") in ("failed", "stale"):
+            raise AssertionError(f"job died: {st}\n{(run_dir / 'job.log').read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {Run(run_dir).status()}\n{(run_dir / 'job.log').read_text()[-3000:]}")
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in Run(run_dir).metrics() if not r.get("eval")]
+
+
+def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_dirs, cache):
+    cfg = PipelineConfig(model=str(tiny_dirs[0]), data=str(corpus), calib_samples=8, calib_seq_len=32,
+                         targets={"ffn": 24, "heads": 4, "layers": 3}, eval_samples=4,
+                         distill=DistillConfig(steps=20, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2,
+                                               eval_every=10, checkpoint_every=10, hidden_weight=0.5))
+    run = create_run(tmp_path / "run", cfg)
+    assert execute(run.path) == "done"
+    st = Run(run.path).status()
+    assert st["state"] == "done" and all(st["stages"][s]["state"] == "done" for s in STAGES)
+    s = read_json(run.path / "summary.json")
+    assert s["params_student"] < s["params_teacher"] and 0 < s["params_ratio"] < 1
+    assert s["kl_distilled"] < 0.8 * s["kl_one_shot"]  # a random teacher: KL, not ppl, must improve
+    assert set(s["stage_seconds"]) == set(STAGES)
+    assert (run.path / "plan.json").is_file() and (run.path / "scores" / "scores.safetensors").is_file()
+    assert checkpoint_files(run.path / "checkpoints")[-1].name == "step-000020.pt"
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run.path / "model")
+    assert exported.config.num_hidden_layers == 3 and exported.config.intermediate_size == 24
+    assert _train_steps(run.path) == list(range(1, 21))
+    with pytest.raises(RunError, match="already done"):
+        prepare_resume(run.path)
+    with pytest.raises(RunError, match="already holds a run"):
+        create_run(run.path, cfg)
+
+
+@pytest.mark.slow
+def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_dirs, cache):
+    run_dir = tmp_path / "run"
+    r = _cli("run", "--model", str(tiny_dirs[0]), "--data", str(corpus), "--ffn", "24", "--heads", "4",
+             "--calib-samples", "8", "--calib-seq-len", "32", "--steps", "300", "--batch", "2", "--seq-len", "32",
+             "--lr", "3e-3", "--eval-every", "200", "--eval-samples", "4", "--checkpoint-every", "100",
+             "--run-dir", str(run_dir), "--detach")
+    assert r.returncode == 0, r.stderr
+    assert "started pipeline job" in r.stdout
+    _poll(run_dir, lambda st: st.get("stage") == "distill" and len(_train_steps(run_dir)) >= 5)
+    st = _status(run_dir)
+    assert st["effective"] == "running" and st["last_train"]["step"] >= 5 and "loss" in st["last_train"]
+    text = _cli("status", str(run_dir))
+    assert "state:    running" in text.stdout and "stage:    distill" in text.stdout
+
+    r = _cli("cancel", str(run_dir))
+    assert r.returncode == 0 and "cancelled" in r.stdout, (r.stdout, r.stderr)
+    st = _status(run_dir)
+    assert st["state"] == "cancelled" and st["stages"]["prune"]["state"] == "done"
+    stopped_at = _train_steps(run_dir)[-1]
+    assert stopped_at < 300 and checkpoint_files(run_dir / "checkpoints")[-1].name == f"step-{stopped_at:06d}.pt"
+
+    r = _cli("resume", str(run_dir), "--detach")
+    assert r.returncode == 0, r.stderr
+    _poll(run_dir, lambda st: st.get("state") == "done", timeout=120)
+    assert _train_steps(run_dir) == list(range(1, 301))
+    assert "resumed from step-" in (run_dir / "job.log").read_text()
+    assert read_json(run_dir / "summary.json")["ppl_distilled"] > 0 and (run_dir / "model" / "config.json").exists()
+    r = _cli("resume", str(run_dir))
+    assert r.returncode == 2 and "already done" in r.stderr
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, corpus, tiny_dirs, cache, caplog):
+    run_dir = tmp_path / "run"
+    cfg = PipelineConfig(model=str(tiny_dirs[0]), student=str(tiny_dirs[1]), data=str(corpus), eval_samples=4,
+                         distill=DistillConfig(steps=200, batch_size=2, seq_len=32, lr=3e-3, eval_every=1000,
+                                               checkpoint_every=20))
+    start_job(create_run(run_dir, cfg).path)  # what `prunescope distill ... --detach` does
+    st = _poll(run_dir, lambda st: len(checkpoint_files(run_dir / "checkpoints")) > 0
+               and len(_train_steps(run_dir)) % 20 > 4)
+    os.kill(st["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    ckpt_step = int(checkpoint_files(run_dir / "checkpoints")[-1].stem.split("-")[1])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]  # strictly valid JSONL: every line parses
+    assert max(r["step"] for r in rows) > ckpt_step
+    assert _status(run_dir)["effective"] == "stale"
+
+    with caplog.at_level(logging.INFO, logger="engine.distill"):  # resume in this process: no 2nd startup
+        assert execute(prepare_resume(run_dir).path) == "done"
+    assert f"resumed from step-{ckpt_step:06d}.pt" in caplog.text
+    assert Run(run_dir).status()["state"] == "done"
+    assert _train_steps(run_dir) == list(range(1, 201))
+    assert read_json(run_dir / "summary.json")["kind"] == "distill"
+
+
+@pytest.mark.slow
+def test_builtin_model_pruned_to_75_percent_distills(tmp_path, wikitext, builtin):
+    """SmolLM2-135M, MLP 1536 -> 896 (~75% of the parameters), 16 steps of 2 x 128 tokens on CPU
+    (~5-15 s a step on a shared 2-core CPU: kept short)."""
+    cfg = PipelineConfig(model="default", data=str(wikitext), calib_samples=8, calib_seq_len=128,
+                         targets={"ffn": 896}, eval_samples=8,
+                         distill=DistillConfig(steps=16, batch_size=2, seq_len=128, lr=5e-4, warmup_steps=2,
+                                               eval_every=8, checkpoint_every=1000, eval_batch_size=4))
+    run = create_run(tmp_path / "run", cfg)
+    assert execute(run.path) == "done"
+    s = read_json(run.path / "summary.json")
+    print("\nbuilt-in summary:", json.dumps(s, indent=1))
+    assert 0.72 < s["params_ratio"] < 0.78
+    assert s["ppl_distilled"] < s["ppl_one_shot"]
+    assert s["kl_distilled"] < s["kl_one_shot"]
+
+
+def test_cli_distill_and_status_in_process(tmp_path, corpus, tiny_dirs, cache, capsys):
+    from engine.cli import main
+
+    d = str(tmp_path / "run")
+    assert main(["distill", "--teacher", str(tiny_dirs[0]), "--student", str(tiny_dirs[1]), "--data", str(corpus),
+                 "--steps", "6", "--batch", "2", "--seq-len", "32", "--eval-every", "3", "--eval-samples", "2",
+                 "--hidden-weight", "0.5", "--layer-map", "0,1,2,3", "--run-dir", d]) == 0
+    assert Run(d).status()["state"] == "done" and _train_steps(Path(d)) == list(range(1, 7))
+    assert Run(d).config()["distill"]["layer_map"] == [0, 1, 2, 3]
+    assert main(["status", d]) == 0
+    out = capsys.readouterr().out
+    assert "state:    done" in out and "hidden_loss=" in out and "ppl=" in out
+    assert main(["run", "--model", str(tiny_dirs[0]), "--run-dir", str(tmp_path / "x")]) == 2
+    assert "give at least one target" in capsys.readouterr().err
+    assert main(["cancel", d]) == 0 and "done" in capsys.readouterr().out

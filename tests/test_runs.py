@@ -1,0 +1,185 @@
+"""Run folders: atomic status, metrics JSONL, stale detection, device lock (queue / refuse), cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import runs
+from engine.runs import (
+    DeviceLock,
+    Run,
+    RunError,
+    append_jsonl,
+    cancel,
+    effective_state,
+    list_runs,
+    read_jsonl,
+    run_worker,
+    save_checkpoint,
+    start_job,
+    truncate_metrics,
+)
+
+
+@pytest.fixture(autouse=True)
+def own_locks(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
+
+
+def _wait(pred, timeout=20.0, every=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_create_open_and_refuse_existing(tmp_path):
+    run = Run.create(tmp_path / "r", {"kind": "pipeline", "x": 1})
+    assert run.status()["state"] == "queued" and run.config() == {"kind": "pipeline", "x": 1}
+    with pytest.raises(RunError, match="already holds a run"):
+        Run.create(tmp_path / "r", {})
+    Run.create(tmp_path / "r", {"x": 2}, force=True)
+    assert Run.open(tmp_path / "r").config() == {"x": 2}
+    with pytest.raises(RunError, match="not a run folder"):
+        Run.open(tmp_path / "nothing")
+
+
+def test_status_writes_are_atomic_under_concurrent_reads(tmp_path):
+    run = Run.create(tmp_path / "r", {})
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader():
+        while not stop.is_set():
+            text = run.status_file.read_text()
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                bad.append(text)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    for i in range(300):
+        run.set_stage("distill", i / 300, "x" * (i * 7 % 900))
+    stop.set()
+    th.join()
+    assert not bad
+    assert not [p for p in run.path.iterdir() if p.name.startswith(".status.json")]  # no temp files left
+    assert run.status()["stages"]["distill"]["progress"] == pytest.approx(299 / 300, abs=1e-4)
+
+
+def test_metrics_jsonl_tolerates_partial_last_line_and_truncates(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for s in range(1, 6):
+        append_jsonl(path, {"step": s, "loss": 1.0 / s})
+    append_jsonl(path, {"eval": True, "step": 5, "ppl": 3.0})
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')  # a writer killed mid-line
+    rows = read_jsonl(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5]
+    truncate_metrics(path, 3)
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]  # every line valid JSON again
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    d = tmp_path / "checkpoints"
+    for s in (2, 4, 6):
+        save_checkpoint(d, s, {"step": s}, keep=2)
+    assert [p.name for p in runs.checkpoint_files(d)] == ["step-000004.pt", "step-000006.pt"]
+    (d / ".tmp-abc.pt").write_bytes(b"half")  # a killed writer's temp file is never picked
+    assert runs.latest_checkpoint(d).name == "step-000006.pt"
+
+
+def test_stale_detection(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = time.time()
+    assert effective_state({"state": "running", "pid": dead.pid, "heartbeat": now}) == "stale"
+    assert effective_state({"state": "running", "pid": os.getpid(), "heartbeat": now - 600}) == "stale"
+    assert effective_state({"state": "running", "pid": os.getpid(), "heartbeat": now}) == "running"
+    assert effective_state({"state": "done", "pid": dead.pid}) == "done"
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited but not reaped
+    assert _wait(lambda: not runs.pid_alive(zombie.pid))
+    zombie.wait()
+    run = Run.create(tmp_path / "r", {})
+    run.update(state="running", pid=dead.pid, heartbeat=now)
+    assert list_runs(tmp_path)[0]["status"]["effective"] == "stale"
+    assert cancel(run.path) == "cancelled"  # a dead job is marked cancelled directly
+    assert Run.open(run.path).status()["state"] == "cancelled"
+
+
+def test_worker_queues_behind_the_lock_then_runs(tmp_path):
+    run = Run.create(tmp_path / "r", {})
+    holder = DeviceLock("cpu")
+    assert holder.try_acquire(tmp_path / "other")
+    seen = {}
+
+    def work(stop):
+        seen["state"] = Run.open(run.path).status()["state"]
+
+    th = threading.Thread(target=lambda: seen.setdefault("final", run_worker(run, work, "cpu", "queue")))
+    th.start()
+    assert _wait(lambda: "waiting for device cpu" in (Run.open(run.path).status().get("message") or ""))
+    assert Run.open(run.path).status()["state"] == "queued"
+    holder.release()
+    th.join(timeout=20)
+    assert seen == {"state": "running", "final": "done"}
+    assert Run.open(run.path).status()["pid"] == os.getpid()
+
+
+def test_worker_refuses_when_busy_and_queued_job_can_be_cancelled(tmp_path):
+    holder = DeviceLock("cpu")
+    assert holder.try_acquire(tmp_path / "other")
+    try:
+        refused = Run.create(tmp_path / "a", {})
+        with pytest.raises(RunError, match="device cpu is busy with run .*other"):
+            run_worker(refused, lambda stop: None, "cpu", "refuse")
+        st = Run.open(refused.path).status()
+        assert st["state"] == "failed" and "busy" in st["error"]
+
+        queued = Run.create(tmp_path / "b", {})
+        th = threading.Thread(target=lambda: run_worker(queued, lambda stop: None, "cpu", "queue"))
+        th.start()
+        assert _wait(lambda: "waiting" in (Run.open(queued.path).status().get("message") or ""))
+        (queued.path / runs.CANCEL_FILE).write_text("now")
+        th.join(timeout=20)
+        assert Run.open(queued.path).status()["state"] == "cancelled"
+
+        started = Run.create(tmp_path / "c", {"device": "cpu"})
+        with pytest.raises(RunError, match="busy"):
+            start_job(started.path, if_busy="refuse")
+    finally:
+        holder.release()
+
+
+def test_worker_records_failure(tmp_path):
+    run = Run.create(tmp_path / "r", {})
+
+    def work(stop):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        run_worker(run, work, "cpu")
+    st = Run.open(run.path).status()
+    assert st["state"] == "failed" and st["error"] == "ValueError: boom"
+    assert not DeviceLock("cpu").busy()  # released
+
+
+def test_runs_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRUNESCOPE_RUNS", str(tmp_path))
+    assert runs.runs_root() == Path(tmp_path)
+    Run.create(tmp_path / "one", {"kind": "pipeline"})
+    time.sleep(0.01)
+    Run.create(tmp_path / "two", {"kind": "distill"})
+    assert [r["name"] for r in list_runs()] == ["two", "one"]
