@@ -246,7 +246,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
+            k = min(64, flat.numel())  # evenly spaced samples, in integer arithmetic (exact for any size)
+            idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
