@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
-from engine.arch.base import ArchAdapter, ArchSpec
+from engine.arch import ArchSpec, adapter_class
 
 DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 AXES = ("hidden", "ffn", "heads", "layers")
@@ -76,17 +76,6 @@ class Estimate:
 
 
 # ---------------------------------------------------------------- family rules
-
-
-def adapter_class(model_type: str) -> type[ArchAdapter]:
-    """The registered adapter class of a model_type (its flags drive the config rules)."""
-    import engine.arch  # noqa: F401  (registers the adapters)
-    from engine.arch.registry import _REGISTRY, UnsupportedArchitecture, supported_model_types
-
-    if model_type not in _REGISTRY:
-        raise UnsupportedArchitecture(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}")
-    return _REGISTRY[model_type]
 
 
 def is_gqa(spec: ArchSpec) -> bool:

@@ -241,7 +241,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 def fingerprint(model: torch.nn.Module) -> str:
     """A short, stable identity of a model's architecture and weights (for score caches)."""
     cfg = {k: v for k, v in model.config.to_diff_dict().items()
-           if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+           if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):

@@ -2,9 +2,9 @@
 
 from engine.arch import gpt2, llama  # noqa: F401  (register the adapters)
 from engine.arch.base import ArchAdapter, ArchSpec, LayerParts, hidden_from_args, hidden_from_output
-from engine.arch.registry import UnsupportedArchitecture, get_adapter, supported_model_types
+from engine.arch.registry import UnsupportedArchitecture, adapter_class, get_adapter, supported_model_types
 
 __all__ = [
-    "ArchAdapter", "ArchSpec", "LayerParts", "UnsupportedArchitecture", "get_adapter", "hidden_from_args",
+    "ArchAdapter", "ArchSpec", "LayerParts", "UnsupportedArchitecture", "adapter_class", "get_adapter", "hidden_from_args",
     "hidden_from_output", "supported_model_types",
 ]

@@ -22,12 +22,16 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(model: nn.Module) -> ArchAdapter:
-    """The adapter for this model, chosen by `model.config.model_type` (never by name)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def adapter_class(model_type: str) -> type[ArchAdapter]:
+    """The adapter class registered for a `model_type` (for rules that need no model instance)."""
     cls = _REGISTRY.get(model_type)
     if cls is None:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
         )
-    return cls(model)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for this model, chosen by `model.config.model_type` (never by name)."""
+    return adapter_class(getattr(getattr(model, "config", None), "model_type", None))(model)
