@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -28,3 +29,14 @@ def builtin():
     from engine.models import load
 
     return load("default")
+
+
+@pytest.fixture(autouse=True)
+def cpu_threads(request):
+    """Tiny models run on one thread (thread sync costs more than it saves on 2 cores, ~5x here);
+    tests marked slow (the real built-in model) keep all threads."""
+    n = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

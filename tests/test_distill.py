@@ -24,15 +24,6 @@ CFG = DistillConfig(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2,
                     checkpoint_every=4, eval_samples=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread sync costs more than it saves, worst on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if not r.get("eval")]
 

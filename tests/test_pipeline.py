@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_models import save_tiny
 
 from engine.distill import DistillConfig
@@ -28,13 +27,9 @@ WORDS = ("the quick brown fox jumps over lazy dog pruning removes heads neurons 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Own device locks and score cache; one thread (tiny models, shared CPU) for us and our jobs."""
+    """Own device locks; one thread for the job processes too (tiny models, see conftest)."""
     monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
