@@ -30,8 +30,8 @@ PAGES = [
     st.Page(HERE / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ]
 page = st.navigation(PAGES)
-render_sidebar()
 try:
     page.run()
-finally:  # also after st.stop() / st.rerun(): a reload keeps model, data and targets
+finally:  # also after st.stop(): the sidebar shows the choices the page just made, and they are saved
+    render_sidebar()
     state.persist()

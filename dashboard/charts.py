@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-PRUNED_RED = "rgba(214, 39, 40, 0.72)"
-OVERLAY_SCALE = [[0.0, "rgba(214, 39, 40, 0)"], [1.0, PRUNED_RED]]
-HEAT_SCALE = "Viridis"
+PRUNED_RED = "rgba(220, 30, 30, 0.85)"
+OVERLAY_SCALE = [[0.0, "rgba(220, 30, 30, 0)"], [1.0, PRUNED_RED]]
+HEAT_SCALE = "Blues"  # light = unimportant, dark = important; red overlays stand out on it
 BI_COLOR = "#1f77b4"
 PPL_COLOR = "#ff7f0e"
 TAYLOR_COLOR = "#2ca02c"
@@ -25,6 +24,16 @@ def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
                       margin=dict(l=60, r=20, t=50, b=45), template="plotly_white",
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
     return fig
+
+
+def _vline(x: float, color: str, width: float = 2, dash: str = "solid") -> dict:
+    """A vertical line shape across the plot (a plain dict: add_vline is slow in a hot path)."""
+    return dict(type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="paper", line=dict(color=color, width=width,
+                                                                                      dash=dash))
+
+
+def _right_axis(title: str, **kw) -> dict:
+    return dict(title=dict(text=title), overlaying="y", side="right", showgrid=False, **kw)
 
 
 def _normalise_rows(z: np.ndarray) -> np.ndarray:
@@ -69,8 +78,8 @@ def heads_heatmap(heads: np.ndarray, removed: np.ndarray | None = None, kv_heads
     ))
     if removed is not None and removed.any():
         fig.add_trace(_overlay(np.asarray(removed, dtype=np.uint8) * 255))
-    for g in range(1, n_heads // group):  # KV-group boundaries
-        fig.add_vline(x=g * group - 0.5, line=dict(color="white", width=2))
+    # KV-group boundaries
+    fig.update_layout(shapes=[_vline(g * group - 0.5, "white") for g in range(1, n_heads // group)])
     fig.update_xaxes(title="query head", dtick=1 if n_heads <= 32 else None)
     fig.update_yaxes(title="layer", autorange="reversed", dtick=1 if n_layers <= 40 else None)
     return _layout(fig, "Attention heads", height=max(300, 60 + 16 * n_layers))
@@ -157,24 +166,23 @@ def channels_bar(channels: np.ndarray, removed: np.ndarray | None = None) -> go.
     rank = np.arange(len(c))
     rm = np.zeros(len(c), bool) if removed is None else np.asarray(removed, bool)[order]
     colors = np.where(rm, PRUNED_RED, BI_COLOR)
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Bar(x=rank, y=vals, marker=dict(color=colors.tolist(), line=dict(width=0)),
-                         customdata=order.astype(np.int32), name="importance",
-                         hovertemplate="rank %{x}: channel %{customdata}<br>importance %{y:.4g}<extra></extra>"),
-                  secondary_y=False)
-    fig.add_trace(go.Scatter(x=rank, y=cum.astype(np.float32), mode="lines", name="cumulative %",
-                             line=dict(color="#444", width=2),
-                             hovertemplate="top %{x} channels hold %{y:.1f}%<extra></extra>"),
-                  secondary_y=True)
+    fig = go.Figure([
+        go.Bar(x=rank, y=vals, marker=dict(color=colors.tolist(), line=dict(width=0)),
+               customdata=order.astype(np.int32), name="importance",
+               hovertemplate="rank %{x}: channel %{customdata}<br>importance %{y:.4g}<extra></extra>"),
+        go.Scatter(x=rank, y=cum.astype(np.float32), mode="lines", name="cumulative %", yaxis="y2",
+                   line=dict(color="#444", width=2), hovertemplate="top %{x} channels hold %{y:.1f}%<extra></extra>"),
+    ])
     kept = int((~rm).sum())
+    shapes, notes = [], []
     if removed is not None and kept < len(c):
-        fig.add_vline(x=kept - 0.5, line=dict(color=PRUNED_RED, dash="dash"),
-                      annotation_text=f"keep {kept}: {cum[kept - 1]:.1f}% of importance",
-                      annotation_position="top left")
-    fig.update_layout(bargap=0)
-    fig.update_xaxes(title="channel rank (most important first)")
-    fig.update_yaxes(title="importance", secondary_y=False)
-    fig.update_yaxes(title="cumulative %", range=[0, 101], secondary_y=True, showgrid=False)
+        shapes.append(_vline(kept - 0.5, PRUNED_RED, 2, "dash"))
+        notes.append(dict(x=kept - 0.5, y=1, xref="x", yref="paper", xanchor="right", yanchor="bottom",
+                          showarrow=False, text=f"keep {kept}: {cum[kept - 1]:.1f}% of importance"))
+    fig.update_layout(bargap=0, shapes=shapes, annotations=notes,
+                      xaxis=dict(title=dict(text="channel rank (most important first)")),
+                      yaxis=dict(title=dict(text="importance")),
+                      yaxis2=_right_axis("cumulative %", range=[0, 101]))
     return _layout(fig, "Embedding channels, sorted", height=360)
 
 
@@ -200,47 +208,46 @@ def layers_chart(bi: np.ndarray, ppl_increase: np.ndarray | None = None, dropped
         series.append(("Taylor+", np.asarray(taylor, np.float32), TAYLOR_COLOR, True))
     ranks_mode = show == "ranks"
     two_axes = len(series) > 1 and not ranks_mode
-    fig = make_subplots(specs=[[{"secondary_y": two_axes}]])
+    traces = []
     for i, (name, v, color, right) in enumerate(series):
         r = _ranks(v)
-        y = r if ranks_mode else v
-        fig.add_trace(go.Bar(x=x, y=y, name=name, marker_color=color, offsetgroup=str(i),
+        traces.append(go.Bar(x=x, y=r if ranks_mode else v, name=name, marker_color=color, offsetgroup=str(i),
+                             yaxis="y2" if two_axes and right else "y",
                              customdata=np.stack([v, r], axis=-1).astype(np.float32),
                              hovertemplate=f"layer %{{x}}<br>{name} %{{customdata[0]:.4g}}"
-                                           "<br>rank %{customdata[1]:.0f}<extra></extra>"),
-                      secondary_y=bool(two_axes and right))
-    if dropped is not None:
-        for i in np.flatnonzero(np.asarray(dropped, bool)):
-            fig.add_vrect(x0=i - 0.5, x1=i + 0.5, fillcolor="rgba(214, 39, 40, 0.16)", line_width=0, layer="below")
+                                           "<br>rank %{customdata[1]:.0f}<extra></extra>"))
+    fig = go.Figure(traces)
+    if dropped is not None:  # a red band behind each layer the depth target drops
+        fig.update_layout(shapes=[dict(type="rect", x0=i - 0.5, x1=i + 0.5, y0=0, y1=1, xref="x", yref="paper",
+                                       fillcolor="rgba(214, 39, 40, 0.16)", line=dict(width=0), layer="below")
+                                  for i in np.flatnonzero(np.asarray(dropped, bool))])
     title = "Layers: BI vs perplexity increase" if ppl_increase is not None else "Layers: block importance (BI)"
     if spearman is not None and np.isfinite(spearman):
         title += f"  (Spearman ρ = {spearman:.2f})"
-    fig.update_layout(barmode="group", bargap=0.25)
-    fig.update_xaxes(title="layer", dtick=1 if len(bi) <= 40 else None)
-    fig.update_yaxes(title="rank (1 = most important)" if ranks_mode else "BI", secondary_y=False,
-                     autorange="reversed" if ranks_mode else True)
+    fig.update_layout(barmode="group", bargap=0.25,
+                      xaxis=dict(title=dict(text="layer"), dtick=1 if len(bi) <= 40 else None),
+                      yaxis=dict(title=dict(text="rank (1 = most important)" if ranks_mode else "BI"),
+                                 autorange="reversed" if ranks_mode else True))
     if two_axes:
-        fig.update_yaxes(title="Δ perplexity", secondary_y=True, showgrid=False)
+        fig.update_layout(yaxis2=_right_axis("Δ perplexity / Taylor+" if taylor is not None else "Δ perplexity"))
     return _layout(fig, title, height=380)
 
 
-def blocks_chart(block_bi: np.ndarray, block_size: int, block_ppl: np.ndarray | None = None,
-                 dropped: np.ndarray | None = None) -> go.Figure:
+def blocks_chart(block_bi: np.ndarray, block_size: int, block_ppl: np.ndarray | None = None) -> go.Figure:
     """Importance of each contiguous block of `block_size` layers, by its first layer."""
     v = np.asarray(block_bi, np.float32)
     x = np.arange(len(v))
     labels = [f"{i}-{i + block_size - 1}" for i in x]
-    fig = make_subplots(specs=[[{"secondary_y": block_ppl is not None}]])
-    fig.add_trace(go.Bar(x=labels, y=v, name="block BI", marker_color=BI_COLOR, offsetgroup="0",
-                         hovertemplate="layers %{x}<br>BI %{y:.4g}<extra></extra>"), secondary_y=False)
+    fig = go.Figure(go.Bar(x=labels, y=v, name="block BI", marker_color=BI_COLOR, offsetgroup="0",
+                           hovertemplate="layers %{x}<br>BI %{y:.4g}<extra></extra>"))
     if block_ppl is not None:
         fig.add_trace(go.Bar(x=labels, y=np.asarray(block_ppl, np.float32), name="perplexity increase",
-                             marker_color=PPL_COLOR, offsetgroup="1",
-                             hovertemplate="layers %{x}<br>Δ ppl %{y:.4g}<extra></extra>"), secondary_y=True)
-        fig.update_yaxes(title="Δ perplexity", secondary_y=True, showgrid=False)
+                             marker_color=PPL_COLOR, offsetgroup="1", yaxis="y2",
+                             hovertemplate="layers %{x}<br>Δ ppl %{y:.4g}<extra></extra>"))
+        fig.update_layout(yaxis2=_right_axis("Δ perplexity"))
     best = int(np.argmin(v))
-    fig.add_annotation(x=labels[best], y=float(v[best]), text="least important", showarrow=True, arrowhead=2)
-    fig.update_layout(barmode="group")
-    fig.update_xaxes(title=f"contiguous block of {block_size} layers")
-    fig.update_yaxes(title="BI", secondary_y=False)
+    fig.update_layout(barmode="group", xaxis=dict(title=dict(text=f"contiguous block of {block_size} layers")),
+                      yaxis=dict(title=dict(text="BI")),
+                      annotations=[dict(x=labels[best], y=float(v[best]), text="least important", showarrow=True,
+                                        arrowhead=2)])
     return _layout(fig, f"Contiguous blocks of {block_size} layers", height=340)

@@ -21,16 +21,37 @@ def user_message(e: BaseException) -> str:
     return text.splitlines()[0] if len(text) > 600 else text
 
 
-@st.cache_data(show_spinner="Loading the model to read its architecture…", max_entries=8)
+@st.cache_data(show_spinner="Reading the model's architecture…", max_entries=8)
 def model_info(spec: str, identity: str) -> dict:
-    """`engine.models.describe` plus the ArchSpec dict; the model itself is dropped after reading."""
-    from engine.arch import get_adapter
-    from engine.models import describe, load
+    """Architecture of a model spec without loading its weights: the model is built on the meta device
+    from its config (seconds even for a large model; the UI process holds no weights). A GGUF file is
+    converted once into the cache first, as `engine.models.load` would."""
+    import dataclasses
 
-    loaded = load(spec, device="cpu")
-    info = describe(loaded)
-    info["arch"] = get_adapter(loaded.model).spec().to_dict()
-    return info
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.arch import get_adapter
+    from engine.models import BUILTIN_NAME, ModelLoadError, count_parameters, resolve_spec
+
+    path, kw = resolve_spec(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read the config of {spec!r}: {e}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    a = get_adapter(model)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or a.lm_head.weight is a.embed_tokens.weight
+    arch = dataclasses.replace(a.spec(), tied=tied)  # meta tensors share data_ptr 0: take tying from config
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {
+        "name": BUILTIN_NAME if spec in ("default", "builtin", "") else spec, "model_type": a.model_type,
+        "layers": a.n_layers, "query_heads": a.n_heads, "kv_heads": a.n_kv_heads, "head_dim": a.head_dim,
+        "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size, "vocab_size": arch.vocab_size,
+        "tied_embeddings": tied, "parameters": count_parameters(model), "dtype": str(dtype or "").replace("torch.", ""),
+        "source": path, "arch": arch.to_dict(),
+    }
 
 
 def current_model_info() -> dict | None:
@@ -100,8 +121,11 @@ class Cut:
     neurons: np.ndarray  # (L, F)
     channels: np.ndarray  # (D,)
     layers: np.ndarray  # (L,)
-    plan: object | None = None
     error: str | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.heads.any() or self.neurons.any() or self.channels.any() or self.layers.any())
 
 
 def targets_obj(d: dict | None):
@@ -112,28 +136,57 @@ def targets_obj(d: dict | None):
     return Targets.from_dict(d)
 
 
+def _top_mask(v: np.ndarray, k: int) -> np.ndarray:
+    """True for the k highest values (ties: lower index first, as engine.plan ranks)."""
+    keep = np.zeros(v.shape[-1], bool)
+    keep[np.argsort(-v, kind="stable")[:k]] = True
+    return keep
+
+
+def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict[str, np.ndarray]:
+    """What `engine.plan.make_plan` would remove, as masks (True = pruned), in numpy: a slider move
+    must stay far under 300 ms. Same ranking rules as make_plan (tested against it)."""
+    import torch
+
+    from engine.arch.base import ArchSpec
+    from engine.importance import Scores
+    from engine.plan import PlanError, is_gqa, resolve, validate_targets
+    from engine.plan import _kept_layers as kept_layers_of
+
+    if "arch" not in meta:
+        raise PlanError("the scores have no 'arch' metadata; rescore with this version of prunescope")
+    spec = ArchSpec.from_dict(meta["arch"])
+    t = targets_obj(targets)
+    validate_targets(spec, t)
+    size = resolve(spec, t)
+    depth = {k: torch.from_numpy(v) for k, v in tensors.items() if k in ("bi", "ppl_increase", "taylor", "block_bi")}
+    kept = kept_layers_of(Scores(depth, meta), spec, t, size.layers)
+    L, H = tensors["heads"].shape
+    layers = np.ones(L, bool)
+    layers[kept] = False
+    groups = spec.n_kv_heads if is_gqa(spec) else 1
+    per, keep_per = H // groups, size.heads // groups
+    heads = np.ones((L, H), bool)
+    neurons = np.ones(tensors["neurons"].shape, bool)
+    for i in kept:
+        for g in range(groups):
+            heads[i, g * per:(g + 1) * per] = ~_top_mask(tensors["heads"][i, g * per:(g + 1) * per], keep_per)
+        neurons[i] = ~_top_mask(tensors["neurons"][i], size.ffn)
+    return {"heads": heads, "neurons": neurons, "channels": ~_top_mask(tensors["channels"], size.hidden),
+            "layers": layers}
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def _cut(folder: str, mtime: float, targets_key: tuple) -> dict:
+    tensors, meta = load_scores(folder)
+    return cut_masks(tensors, meta, {k: list(v) if isinstance(v, tuple) else v for k, v in targets_key})
+
+
+def make_plan_for(folder: str | Path, targets: dict):
+    """The engine's plan for these targets (for saving / downloading; not on the slider path)."""
     from engine.plan import make_plan
 
-    tensors, meta = load_scores(folder)
-    scores = scores_engine_object(folder)
-    L, H = tensors["heads"].shape
-    F = tensors["neurons"].shape[1]
-    D = tensors["channels"].shape[0]
-    plan = make_plan(scores, targets_obj(dict(targets_key)))
-    heads = np.ones((L, H), bool)
-    neurons = np.ones((L, F), bool)
-    channels = np.ones(D, bool)
-    layers = np.ones(L, bool)
-    layers[list(plan.kept_layers)] = False
-    for j, i in enumerate(plan.kept_layers):
-        heads[i, plan.heads[j]] = False
-        neurons[i, plan.neurons[j]] = False
-    channels[plan.channels] = False
-    heads[layers] = True
-    neurons[layers] = True
-    return {"heads": heads, "neurons": neurons, "channels": channels, "layers": layers, "plan": plan}
+    return make_plan(scores_engine_object(folder), targets_obj(targets))
 
 
 def current_cut(folder: Path, targets: dict | None) -> Cut:

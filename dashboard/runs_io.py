@@ -97,11 +97,30 @@ def cli_command(cfg: dict, path: Path) -> str:
         if d.get(key) is not None and float(d[key]) != default:
             cmd += [flag, f"{d[key]:g}"]
     cmd += ["--eval-samples", str(cfg.get("eval_samples", 16)), "--run-dir", str(path), "--detach"]
-    text = shlex.join(cmd)
+    text = wrap_command(cmd)
     t = cfg.get("targets") or {}
     if t.get("depth_by") == "list" or t.get("merge_heads"):
         text += "\n# hand-picked layers / head merging are not CLI flags: save the plan and apply it with the engine"
     return text
+
+
+def wrap_command(cmd: list[str], width: int = 88) -> str:
+    """A shell command over several lines (`\\` continuations), breaking before `--flag`s."""
+    lines, cur = [], ""
+    i = 0
+    while i < len(cmd):
+        part = shlex.quote(cmd[i])
+        if cmd[i].startswith("--") and i + 1 < len(cmd) and not cmd[i + 1].startswith("--"):
+            part += " " + shlex.quote(cmd[i + 1])
+            i += 1
+        if cur and len(cur) + 1 + len(part) > width:
+            lines.append(cur)
+            cur = "  " + part
+        else:
+            cur = f"{cur} {part}" if cur else part
+        i += 1
+    lines.append(cur)
+    return " \\\n".join(lines)
 
 
 def read_run(path: Path) -> dict:

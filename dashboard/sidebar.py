@@ -25,12 +25,12 @@ def render_sidebar() -> None:
     model = state.get("model")
     d = state.defaults()
     with st.sidebar:
-        st.markdown("### ✂️ prunescope")
+        st.markdown("### :material/content_cut: prunescope")
         st.caption(f"Model: **{'built-in SmolLM2-135M-Instruct' if model in ('default', 'builtin') else model}**")
         label = _data_label(state.get("data"))
         st.caption(f"Data: {Path(label).name if '/' in label and not label.startswith('hf:') else label} · "
                    f"{state.get('samples')} × {state.get('seq_len')} tokens")
-        st.caption("Scores: " + ("✅ ready" if have_scores(scores_folder()) else "not computed yet"))
+        st.caption("Scores: " + (":material/check_circle: ready" if have_scores(scores_folder()) else "not computed yet"))
         t = state.get("targets") or {}
         picked = ", ".join(f"{k} {v}" for k, v in t.items() if k in ("hidden", "ffn", "heads", "layers") and v)
         st.caption("Targets: " + (picked or "none (original size)"))

@@ -38,7 +38,10 @@ def loss_terms(rows: list[dict]) -> list[str]:
                 continue
             if k == "loss" or "loss" in k or k in ("kd", "ce", "kl_div", "cosine", "mse"):
                 names.append(k)
-    return sorted(names, key=lambda k: (k != "loss", k))
+    names = sorted(names, key=lambda k: (k != "loss", k))
+    if len(names) == 2 and names[0] == "loss":  # one term: it *is* the loss, do not draw it twice
+        return ["loss"]
+    return names
 
 
 def loss_chart(rows: list[dict], smoothing: float = 0.6, log_y: bool = False, x: str = "step",
@@ -81,15 +84,18 @@ def ppl_chart(rows: list[dict], teacher_ppl: float | None = None, x: str = "step
             x=xs, y=[r["ppl"] for r in evals], mode="lines+markers", name="student", marker=dict(size=9),
             line=dict(color="#d62728", width=2), customdata=[k if k is not None else float("nan") for k in kl],
             hovertemplate=f"{x} %{{x:,}}<br>perplexity %{{y:.2f}}<br>KL %{{customdata:.4f}}<extra></extra>"))
-    if teacher_ppl:
-        fig.add_hline(y=teacher_ppl, line=dict(color="#2ca02c", dash="dash", width=2),
-                      annotation_text=f"teacher {teacher_ppl:.2f}", annotation_position="top left")
+    xs_all = [r.get(x, r.get("step", 0)) for r in rows if isinstance(r.get(x, r.get("step")), (int, float))]
+    span = [min(xs_all), max(xs_all)] if xs_all else [0, 1]
+    if teacher_ppl:  # a trace, not add_hline: hline annotations are misplaced on log axes
+        fig.add_trace(go.Scatter(x=span, y=[teacher_ppl, teacher_ppl], mode="lines", name=f"teacher ({teacher_ppl:.2f})",
+                                 line=dict(color="#2ca02c", dash="dash", width=2),
+                                 hovertemplate=f"teacher perplexity {teacher_ppl:.2f}<extra></extra>"))
     if one_shot_ppl and not evals:
-        fig.add_hline(y=one_shot_ppl, line=dict(color="#999", dash="dot"),
-                      annotation_text=f"pruned, before distillation {one_shot_ppl:.2f}")
+        fig.add_trace(go.Scatter(x=span, y=[one_shot_ppl, one_shot_ppl], mode="lines", line=dict(color="#999", dash="dot"),
+                                 name=f"pruned, before distillation ({one_shot_ppl:.2f})"))
     fig.update_xaxes(title="tokens" if x == "tokens" else "step")
     fig.update_yaxes(title="perplexity", type="log" if log_y else "linear")
-    if not evals:
+    if not evals and not teacher_ppl:
         fig.add_annotation(text="no evaluation yet", showarrow=False, x=0.5, y=0.5, xref="paper",
                            yref="paper", font=dict(size=14, color="#888"))
     return _layout(fig, "Held-out perplexity", height=360)

@@ -3,7 +3,6 @@ overlay, and the scoring-job panel (start button, live progress)."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,20 @@ import streamlit as st
 
 from dashboard import charts, jobs, state
 from dashboard.common import Cut, have_scores, load_scores, user_message
+from dashboard.runs_io import wrap_command
 
 PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
 
 
 def show_fig(fig, key: str) -> None:
     st.plotly_chart(fig, key=key, config=PLOT_CONFIG, width="stretch")
+
+
+@st.cache_resource(max_entries=96, show_spinner=False)
+def figure(name: str, *args, **kwargs):
+    """charts.<name>(...) cached by its inputs (arrays included): building a plotly figure costs tens of
+    milliseconds, and a slider move changes only the chart of its own axis. Figures are never mutated."""
+    return getattr(charts, name)(*args, **kwargs)
 
 
 def cut_summary(tensors: dict[str, np.ndarray], cut: Cut) -> str:
@@ -50,15 +57,15 @@ def render_score_charts(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, ke
                      help="Sort each layer's neurons by importance before binning; off shows the raw order.")
     tabs = st.tabs(["Attention heads", "MLP neurons", "Embedding channels", "Layers"])
     with tabs[0]:
-        show_fig(charts.heads_heatmap(tensors["heads"], cut.heads, meta.get("n_kv_heads") or 1, normalise=norm),
+        show_fig(figure("heads_heatmap", tensors["heads"], cut.heads, meta.get("n_kv_heads") or 1, normalise=norm),
                  f"{key}_heads")
     with tabs[1]:
-        show_fig(charts.neurons_heatmap(tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
+        show_fig(figure("neurons_heatmap", tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
                  f"{key}_neurons")
     with tabs[2]:
-        show_fig(charts.channels_heatmap(tensors["channels_per_layer"], cut.channels, cut.layers, normalise=norm),
+        show_fig(figure("channels_heatmap", tensors["channels_per_layer"], cut.channels, cut.layers, normalise=norm),
                  f"{key}_chan_heat")
-        show_fig(charts.channels_bar(tensors["channels"], cut.channels), f"{key}_chan_bar")
+        show_fig(figure("channels_bar", tensors["channels"], cut.channels), f"{key}_chan_bar")
     with tabs[3]:
         render_layers(tensors, meta, cut, key)
 
@@ -66,8 +73,8 @@ def render_score_charts(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, ke
 def render_layers(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, key: str) -> None:
     show = st.segmented_control("Show", ["values", "ranks"], default="values", key=f"{key}_lshow") or "values"
     ppl = tensors.get("ppl_increase")
-    show_fig(charts.layers_chart(tensors["bi"], ppl, cut.layers, tensors.get("taylor"),
-                                 meta.get("spearman_bi_ppl"), show=show), f"{key}_layers")
+    show_fig(figure("layers_chart", tensors["bi"], ppl, cut.layers, tensors.get("taylor"),
+                    meta.get("spearman_bi_ppl"), show=show), f"{key}_layers")
     if ppl is None:
         st.caption("Perplexity increase per layer was not computed (it costs one pass per layer); "
                    "tick it on the Importance page to add it.")
@@ -76,7 +83,7 @@ def render_layers(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, key: str
                    f"Spearman ρ between BI and perplexity increase: {meta.get('spearman_bi_ppl') or float('nan'):.3f} "
                    "(1 = the cheap metric orders layers exactly like the expensive one).")
     if "block_bi" in tensors and meta.get("block_size"):
-        show_fig(charts.blocks_chart(tensors["block_bi"], int(meta["block_size"]), tensors.get("block_ppl_increase")),
+        show_fig(figure("blocks_chart", tensors["block_bi"], int(meta["block_size"]), tensors.get("block_ppl_increase")),
                  f"{key}_blocks")
 
 
@@ -115,7 +122,7 @@ def score_panel(folder: Path, have: bool) -> None:
             else:
                 st.rerun()
         st.caption("Same from a terminal:")
-        st.code(shlex.join(cmd), language="bash")
+        st.code(wrap_command(cmd), language="bash")
 
 
 def job_active(folder: Path) -> bool:

@@ -111,19 +111,51 @@ def test_ema_and_loss_chart():
     rows = [{"step": i, "tokens": 100 * i, "loss": 5.0 - 0.1 * i, "kl_loss": 5.0 - 0.1 * i, "lr": 1e-4,
              "tokens_per_s": 10.0, "elapsed_s": i} for i in range(1, 11)]
     rows.append({"eval": True, "step": 10, "tokens": 1000, "ppl": 30.0, "kl": 0.5, "teacher_ppl": 20.0})
-    assert train_charts.loss_terms(rows) == ["loss", "kl_loss"]
+    assert train_charts.loss_terms(rows) == ["loss"]  # a single term is the loss itself
+    for r in rows[:10]:
+        r["ce_loss"] = 1.0
+    assert train_charts.loss_terms(rows) == ["loss", "ce_loss", "kl_loss"]
     fig = train_charts.loss_chart(rows, smoothing=0.5, log_y=True, x="tokens")
     assert fig.layout.yaxis.type == "log"
     named = [t for t in fig.data if t.showlegend is not False]
-    assert [t.name for t in named] == ["loss", "kl_loss"]
+    assert [t.name for t in named] == ["loss", "ce_loss", "kl_loss"]
     assert list(named[0].x)[-1] == 1000
     empty = train_charts.loss_chart([])
     assert empty.layout.annotations and not empty.data
     ppl = train_charts.ppl_chart(rows, teacher_ppl=20.0)
     assert list(ppl.data[0].y) == [30.0]
-    assert any("teacher" in (a.text or "") for a in ppl.layout.annotations)
+    assert ppl.data[1].name.startswith("teacher") and list(ppl.data[1].y) == [20.0, 20.0]
 
 
 def test_compare_bars_handles_missing():
     fig = train_charts.compare_bars(["a", "b"], [1.5, None], "t", ".2f")
     assert list(fig.data[0].text) == ["1.50", "n/a"]
+
+
+@pytest.mark.parametrize("targets", [
+    {"ffn": 20}, {"heads": 4, "hidden": 36}, {"layers": 3}, {"hidden": 24, "ffn": 11, "heads": 2, "layers": 2},
+    {"depth_by": "list", "drop_layers": [0, 2]},
+])
+def test_cut_masks_match_make_plan(targets):
+    """The dashboard's fast overlay masks remove exactly what engine.plan.make_plan removes."""
+    import torch
+    from tiny_models import tiny_model
+
+    from dashboard.common import cut_masks
+    from engine.arch import get_adapter
+    from engine.importance import Scores
+    from engine.plan import Targets, make_plan
+
+    spec = get_adapter(tiny_model("llama")).spec()  # 4 layers, 6 query / 2 KV heads, hidden 48, MLP 37
+    g = torch.Generator().manual_seed(0)
+    t = {"heads": torch.rand(4, 6, generator=g), "neurons": torch.rand(4, 37, generator=g).round(decimals=1),
+         "channels": torch.rand(48, generator=g), "channels_per_layer": torch.rand(4, 48, generator=g),
+         "bi": torch.rand(4, generator=g)}
+    meta = {"arch": spec.to_dict()}
+    plan = make_plan(Scores(t, meta), Targets.from_dict(targets))
+    m = cut_masks({k: v.numpy() for k, v in t.items()}, meta, targets)
+    assert [i for i in range(4) if not m["layers"][i]] == plan.kept_layers
+    for j, i in enumerate(plan.kept_layers):
+        assert list(np.flatnonzero(~m["heads"][i])) == plan.heads[j]
+        assert list(np.flatnonzero(~m["neurons"][i])) == plan.neurons[j]  # ties (rounded scores) included
+    assert list(np.flatnonzero(~m["channels"])) == plan.channels

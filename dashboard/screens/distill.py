@@ -13,7 +13,7 @@ from dashboard import runs_io, state, train_charts
 from dashboard.common import user_message
 from dashboard.views import show_fig
 
-STAGE_ICONS = {"done": "✅", "running": "⏳"}
+STAGE_ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activity:"}
 
 st.title("Distill")
 
@@ -67,11 +67,11 @@ def stage_line(status: dict, stages: tuple[str, ...]) -> str:
     parts = []
     for s in stages:
         e = info.get(s) or {}
-        mark = STAGE_ICONS.get(e.get("state"), "·") if e else "·"
+        mark = STAGE_ICONS.get(e.get("state"), ":material/radio_button_unchecked:")
         if e.get("state") == "running":
-            mark = f"⏳ {100 * float(e.get('progress') or 0):.0f}%"
+            mark += f" {100 * float(e.get('progress') or 0):.0f}%"
         parts.append(f"{mark} {s}")
-    return "  →  ".join(parts)
+    return " :material/arrow_right_alt: ".join(parts)
 
 
 def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
@@ -86,6 +86,7 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
     total = int((cfg.get("distill") or {}).get("steps") or 0)
     train = [row for row in rows if not row.get("eval")]
     last = train[-1] if train else {}
+    run_buttons(runs_io.run_dir(run_id), eff)
     c = st.columns(5)
     c[0].metric("State", eff)
     c[1].metric("Stage", status.get("stage") or "–")
@@ -121,7 +122,28 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
     was_active = st.session_state.get("_run_active")
     st.session_state["_run_active"] = eff in ("queued", "running")
     if was_active and eff not in ("queued", "running"):
-        st.rerun()  # stop polling: the page is redrawn without run_every
+        st.rerun(scope="app")  # stop polling: the page is redrawn without run_every
+
+
+def run_buttons(path, eff: str) -> None:
+    """Cancel / Resume, drawn inside the live fragment so they follow the run's state."""
+    if eff in ("queued", "running"):
+        if st.button("Cancel run", key="d_cancel", icon=":material/stop:", type="primary"):
+            from engine.runs import cancel
+
+            cancel(path)
+            st.toast("Cancel requested: the job stops after its current step and keeps a checkpoint.")
+    elif eff in ("cancelled", "failed", "stale"):
+        if st.button("Resume", key="d_resume", icon=":material/replay:", type="primary"):
+            from engine.runs import resume
+
+            try:
+                resume(path)
+            except Exception as e:  # noqa: BLE001
+                st.error(user_message(e))
+            else:
+                time.sleep(0.3)
+                st.rerun(scope="app")
 
 
 def run_view(run_id: str) -> None:
@@ -134,29 +156,13 @@ def run_view(run_id: str) -> None:
             del st.query_params["run"]
             st.rerun()
         return
-    eff = status.get("effective")
-    active = eff in ("queued", "running")
-    top = st.columns([3, 1, 1, 1])
+    active = status.get("effective") in ("queued", "running")
+    top = st.columns([4, 1, 1])
     top[0].markdown(f"Run **{run_id}** · `{path}`")
-    if active and top[1].button("Cancel", key="d_cancel", icon=":material/stop:", type="primary"):
-        from engine.runs import cancel
-
-        cancel(path)
-        st.toast("Cancel requested: the job stops after its current step and keeps a checkpoint.")
-    if eff in ("cancelled", "failed", "stale") and top[1].button("Resume", key="d_resume", icon=":material/replay:"):
-        from engine.runs import resume
-
-        try:
-            resume(path)
-        except Exception as e:  # noqa: BLE001
-            st.error(user_message(e))
-        else:
-            time.sleep(0.3)
-            st.rerun()
-    if top[2].button("New run", key="d_new"):
+    if top[1].button("New run", key="d_new", icon=":material/add:"):
         del st.query_params["run"]
         st.rerun()
-    top[3].page_link("screens/runs.py", label="All runs", icon=":material/folder_open:")
+    top[2].page_link("screens/runs.py", label="All runs", icon=":material/folder_open:")
     c = st.columns([2, 1, 1])
     smoothing = c[0].slider("Smoothing", 0.0, 0.99, 0.6, 0.01, key="d_smooth")
     log_y = c[1].toggle("Log scale", value=False, key="d_log")

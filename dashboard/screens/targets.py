@@ -144,9 +144,9 @@ with right:
     base = estimate(spec, Targets())
     with st.container(border=True, key="readout"):
         c1, c2 = st.columns(2)
-        c1.metric("Parameters", state.human(est.params), f"{(est.fraction_of_source - 1) * 100:+.1f}%",
+        c1.metric("Parameters", f"{est.params:,}", f"{(est.fraction_of_source - 1) * 100:+.2f}%",
                   delta_color="off")
-        c2.metric("Of the original", f"{est.fraction_of_source * 100:.1f}%")
+        c2.metric("Of the original", f"{est.fraction_of_source * 100:.2f}%")
         c3, c4 = st.columns(2)
         c3.metric("FLOPs per token", state.human(est.flops_per_token),
                   f"{(est.flops_per_token / base.flops_per_token - 1) * 100:+.1f}%", delta_color="off",
@@ -169,25 +169,32 @@ cut = current_cut(folder, targets.to_dict())
 render_score_charts(tensors, meta, cut, key="tgt")
 
 st.subheader("Plan")
-if cut.plan is None:
+if cut.error or not cut.any:
     st.caption("Set at least one target to make a plan." if not cut.error else "")
 else:
+    from dashboard.common import make_plan_for
     from engine.plan import dumps
 
-    text = dumps(cut.plan.to_dict()) + "\n"
+    targets_dict = targets.to_dict()
     c1, c2, c3 = st.columns([1, 1, 3])
-    c1.download_button("Download plan.json", text, file_name="plan.json", mime="application/json",
-                       icon=":material/download:", key="plan_download")
+    c1.download_button("Download plan.json", lambda: dumps(make_plan_for(folder, targets_dict).to_dict()) + "\n",
+                       file_name="plan.json",
+                       mime="application/json", icon=":material/download:", key="plan_download")
     if c2.button("Save plan", key="plan_save", icon=":material/save:"):
         path = state.runs_root() / "plans" / f"plan-{time.strftime('%Y%m%d-%H%M%S')}.json"
         try:
-            cut.plan.save(path)
+            make_plan_for(folder, targets_dict).save(path)
         except Exception as e:  # noqa: BLE001
             st.error(f"Could not save the plan: {user_message(e)}")
         else:
             state.put("plan_path", str(path))
     if st.session_state.get("plan_path"):
         c3.success(f"Saved to `{st.session_state['plan_path']}`")
-    with st.expander("plan.json"):
+    kept = [i for i in range(len(cut.layers)) if not cut.layers[i]]
+    st.caption(f"Keeps layers {', '.join(map(str, kept))}; {int((~cut.heads[kept[0]]).sum())} query heads and "
+               f"{int((~cut.neurons[kept[0]]).sum())} neurons per layer; {int((~cut.channels).sum())} embedding "
+               "channels.")
+    if st.toggle("Show plan.json", key="plan_show"):
+        text = dumps(make_plan_for(folder, targets_dict).to_dict())
         st.code(text[:20000] + ("\n…" if len(text) > 20000 else ""), language="json")
 st.page_link("screens/distill.py", label="Next: prune and distill", icon=":material/arrow_forward:")

@@ -27,10 +27,19 @@ def _local(spec: str) -> str:
     return str(p.resolve()) if p.exists() else spec
 
 
-def run(args) -> int:
+def app_script() -> Path:
+    """dashboard/app.py, wherever the package is (an editable install may expose it as a namespace
+    package, whose __file__ is None)."""
     import dashboard
 
-    app = Path(dashboard.__file__).parent / "app.py"
+    for folder in list(dashboard.__path__):
+        if (Path(folder) / "app.py").is_file():
+            return Path(folder) / "app.py"
+    raise FileNotFoundError("the dashboard package has no app.py; reinstall prunescope")
+
+
+def run(args) -> int:
+    app = app_script()
     env = dict(os.environ, PRUNESCOPE_MODEL=_local(args.model))
     if args.data:
         env["PRUNESCOPE_DATA"] = _local(args.data)

@@ -35,8 +35,10 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 def start_app(model: str, runs: Path, env: dict, data: str | None = None) -> tuple[subprocess.Popen, str]:
     """`prunescope app --headless --port P` as a real process; returns (process, base url)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "engine.cli", "app", "--headless", "--port", str(port), "--address", "127.0.0.1",
-           "--model", model, "--runs-dir", str(runs)]
+    exe = Path(sys.executable).parent / "prunescope"  # the installed console script, as a user runs it
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.cli"]
+    cmd += ["app", "--headless", "--port", str(port), "--address", "127.0.0.1", "--model", model,
+            "--runs-dir", str(runs)]
     if data:
         cmd += ["--data", data]
     log = open(runs.parent / f"app-{port}.log", "wb")  # noqa: SIM115 - closed with the process
