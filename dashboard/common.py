@@ -151,7 +151,7 @@ def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict
     from engine.arch.base import ArchSpec
     from engine.importance import Scores
     from engine.plan import PlanError, is_gqa, resolve, validate_targets
-    from engine.plan import _kept_layers as kept_layers_of
+    from engine.plan import kept_layers as kept_layers_of
 
     if "arch" not in meta:
         raise PlanError("the scores have no 'arch' metadata; rescore with this version of prunescope")

@@ -76,8 +76,12 @@ def cli_command(cfg: dict, path: Path) -> str:
         for k in ("hidden", "ffn", "heads", "layers"):
             if t.get(k) is not None:
                 cmd += [f"--{k}", str(t[k])]
-        if t.get("depth_by", "bi") != "bi":
+        if t.get("depth_by") == "list" and t.get("drop_layers") is not None:
+            cmd += ["--drop-layers", ",".join(str(i) for i in t["drop_layers"])]
+        elif t.get("depth_by", "bi") != "bi":
             cmd += ["--depth-by", str(t["depth_by"])]
+        if t.get("merge_heads"):
+            cmd += ["--merge-heads"]
         cmd += ["--calib-samples", str(cfg.get("calib_samples")), "--calib-seq-len", str(cfg.get("calib_seq_len"))]
     else:
         cmd += ["--teacher", cfg.get("model", "default"), "--student", str(cfg.get("student"))]
@@ -97,11 +101,7 @@ def cli_command(cfg: dict, path: Path) -> str:
         if d.get(key) is not None and float(d[key]) != default:
             cmd += [flag, f"{d[key]:g}"]
     cmd += ["--eval-samples", str(cfg.get("eval_samples", 16)), "--run-dir", str(path), "--detach"]
-    text = wrap_command(cmd)
-    t = cfg.get("targets") or {}
-    if t.get("depth_by") == "list" or t.get("merge_heads"):
-        text += "\n# hand-picked layers / head merging are not CLI flags: save the plan and apply it with the engine"
-    return text
+    return wrap_command(cmd)
 
 
 def wrap_command(cmd: list[str], width: int = 88) -> str:

@@ -154,7 +154,7 @@ def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | No
 
     Raises `engine.runs.Cancelled` when stopped (after distillation's final checkpoint)."""
     from engine.data import DataSource
-    from engine.evaluate import evaluate_student, perplexity
+    from engine.evaluate import evaluate_student
     from engine.models import count_parameters, load
 
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # one Run per process: shared status
@@ -233,7 +233,7 @@ def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | No
         cb, t0 = stage("evaluate"), time.time()
         r = evaluate_student(teacher.model, student, eval_blocks, dcfg.eval_batch_size, dcfg.temperature,
                              progress=lambda f, m: cb(0.2 + 0.8 * f, m))
-        summary.update(ppl_teacher=perplexity(teacher.model, eval_blocks, dcfg.eval_batch_size),
+        summary.update(ppl_teacher=r["teacher_ppl"],
                        ppl_one_shot=r["ppl"], kl_one_shot=r["kl"], eval_blocks=list(eval_blocks.shape))
         finish("evaluate", t0)
 

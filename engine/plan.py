@@ -210,7 +210,8 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(_ranked(scores)[:k])
 
 
-def _kept_layers(scores: Scores, spec: ArchSpec, t: Targets, n_keep: int) -> list[int]:
+def kept_layers(scores: Scores, spec: ArchSpec, t: Targets, n_keep: int) -> list[int]:
+    """Source indices of the `n_keep` layers kept under `t.depth_by` (ascending)."""
     L = spec.n_layers
     n_drop = L - n_keep
     if n_drop == 0:
@@ -256,11 +257,11 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
     validate_targets(spec, targets)
     _check_scores(scores, spec)
     s = resolve(spec, targets)
-    kept_layers = _kept_layers(scores, spec, targets, s.layers)
+    layers_kept = kept_layers(scores, spec, targets, s.layers)
     groups = spec.n_kv_heads if is_gqa(spec) else 1
     per, keep_per = spec.n_heads // groups, s.heads // groups
     heads, neurons, merges = [], [], []
-    for layer in kept_layers:
+    for layer in layers_kept:
         hs = scores["heads"][layer]
         kept, pairs = [], []
         for g in range(groups):
@@ -274,12 +275,12 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
         neurons.append(_top(scores["neurons"][layer], s.ffn))
     info = {k: scores.meta[k] for k in ("data", "n_samples", "seq_len", "base_ppl", "aggregation", "model")
             if k in scores.meta}
-    info["dropped_layers"] = [i for i in range(spec.n_layers) if i not in kept_layers]
+    info["dropped_layers"] = [i for i in range(spec.n_layers) if i not in layers_kept]
     for name in ("bi", "ppl_increase", "taylor"):
         if scores.has(name):
             info[name] = [round(float(x), 5) for x in scores[name]]
     return Plan(targets=targets, arch=spec.to_dict(), fingerprint=str(scores.meta.get("fingerprint", "")),
-                kept_layers=kept_layers, heads=heads, neurons=neurons, channels=_top(scores["channels"], s.hidden),
+                kept_layers=layers_kept, heads=heads, neurons=neurons, channels=_top(scores["channels"], s.hidden),
                 head_merge=merges if targets.merge_heads else None, model=str(scores.meta.get("model", "")),
                 info=info)
 

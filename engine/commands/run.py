@@ -14,7 +14,9 @@ def register(sub) -> None:
     t.add_argument("--ffn", type=int, default=None, help="MLP intermediate size")
     t.add_argument("--heads", type=int, default=None, help="query heads")
     t.add_argument("--layers", type=int, default=None, help="layers to keep")
-    t.add_argument("--depth-by", default="bi", help="how layers are chosen: bi, ppl, block, taylor")
+    t.add_argument("--depth-by", default="bi", help="how layers are chosen: bi, ppl, block, taylor, list")
+    t.add_argument("--drop-layers", default=None, help="comma-separated layers to drop (implies --depth-by list)")
+    t.add_argument("--merge-heads", action="store_true", help="merge pruned query heads into kept ones")
     t.add_argument("--calib-samples", type=int, default=32, help="calibration blocks for scoring")
     t.add_argument("--calib-seq-len", type=int, default=256)
     add_training_args(p)
@@ -26,9 +28,16 @@ def run(args) -> int:
     from engine.runs import RunError
 
     targets = {k: getattr(args, k) for k in ("hidden", "ffn", "heads", "layers") if getattr(args, k) is not None}
+    if args.drop_layers:
+        try:
+            drop = sorted({int(x) for x in args.drop_layers.split(",") if x.strip()})
+        except ValueError as e:
+            raise RunError(f"--drop-layers takes comma-separated layer numbers, e.g. 3,4,5; got {args.drop_layers!r}") from e
+        targets.update(drop_layers=drop, depth_by="list")
     if not targets:
-        raise RunError("give at least one target: --hidden, --ffn, --heads or --layers")
-    targets["depth_by"] = args.depth_by
+        raise RunError("give at least one target: --hidden, --ffn, --heads, --layers or --drop-layers")
+    targets.setdefault("depth_by", args.depth_by)
+    targets["merge_heads"] = bool(args.merge_heads)
     cfg = PipelineConfig(model=args.model, data=args.data, text_column=args.text_column,
                          train_range=parse_range(args.train_range), eval_range=parse_range(args.eval_range),
                          calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, targets=targets,
