@@ -7,8 +7,8 @@ Measures, in one process:
 2. depth sweep cost in forward-pass equivalents: (time of compute_scores with depth_ppl - time of the
    default config) / plain forward time, on `--depth-samples` blocks; target (L+1)/2 + 1.
 3. peak memory: on CUDA torch's allocator peak (max_memory_allocated after reset); on CPU the
-   process's peak RSS (VmHWM, reset through /proc/self/clear_refs before each measurement),
-   reported above the RSS with the model loaded.
+   process's peak RSS (VmHWM) above its RSS at the start of the measurement, after gc, malloc_trim
+   and a VmHWM reset through /proc/self/clear_refs (so heap kept by earlier runs does not hide it).
 Warm-up first; timings are medians of `--repeats` interleaved repeats.
 
     .venv/bin/python bench/scoring.py [--samples 32 --seq-len 256 --depth-samples 8 --repeats 3]
@@ -17,7 +17,10 @@ Warm-up first; timings are medians of `--repeats` interleaved repeats.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,8 +56,10 @@ def measure(fn, device: torch.device) -> tuple[float, float | None]:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        gc.collect()
+        try:  # give freed heap back to the OS, then reset VmHWM to the current RSS
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
         start = _rss_kib("VmRSS")
@@ -85,7 +90,18 @@ def base_forward(model, blocks, bs: int) -> None:
         base(input_ids=blocks[i:i + bs].to(dev), use_cache=False)
 
 
+def _fixed_mmap_threshold() -> None:
+    """Re-run this script with glibc's mmap threshold fixed, so freed temporaries go back to the OS
+    and peak RSS measures live memory (glibc's dynamic threshold otherwise keeps ~0.7 GB of freed
+    heap resident after the first big temporary, which hid the real difference)."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _fixed_mmap_threshold()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", default=str(WIKITEXT))
@@ -129,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     td_depth, mem["depth"] = measure(lambda: box.setdefault("s", compute_scores(
         model, dblocks, ScoreConfig(batch_size=bs, depth_ppl=True))), device)
     sweep_eq = (td_depth - td_width) / td_plain
+    # the same cost counted in FLOPs per token: a layer = 2 x its weights + causal attention
+    # (2 T H hd), the lm_head = 2 V D; the sweep runs L(L-1)/2 layers and L + 1 lm_heads (base incl.)
+    layer = 2 * sum(p.numel() for p in get_adapter(model).layers[0].parameters()) \
+        + 2 * args.seq_len * info["query_heads"] * info["head_dim"]
+    head = 2 * info["vocab_size"] * info["hidden_size"]
+    flops_eq = (L * (L - 1) / 2 * layer + (L + 1) * head) / (L * layer + head)
     res = {
         "model": info["name"], "layers": L, "device": str(device), "dtype": info["dtype"],
         "threads": torch.get_num_threads(), "samples": args.samples, "seq_len": args.seq_len,
@@ -137,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_width_vs_plain": med["width"] / med["plain"], "ratio_width_vs_base": med["width"] / med["base"],
         "depth_plain_forward_s": td_plain, "depth_width_s": td_width, "depth_total_s": td_depth,
         "depth_stage_timings": box["s"].meta["timings"], "sweep_forward_equivalents": sweep_eq,
+        "sweep_forward_equivalents_flops": flops_eq,
         "sweep_target": (L + 1) / 2 + 1, "naive_sweep_forward_equivalents": L + 1,
         "peak_mib": mem, "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
-        else "VmHWM - VmRSS at start (reset via /proc/self/clear_refs)",
+        else "VmHWM - VmRSS at start (after gc + malloc_trim, VmHWM reset via /proc/self/clear_refs)",
     }
     rows = [
         ("plain forward (logits)", f"{med['plain']:.2f} s", f"{mem['plain'] or 0:.0f} MiB"),
@@ -155,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio width+BI / plain forward: {res['ratio_width_vs_plain']:.3f} (target <= 1.10); "
           f"/ hook-free base forward: {res['ratio_width_vs_base']:.3f}")
     print(f"depth sweep: {sweep_eq:.2f} forward-pass equivalents (target <= {res['sweep_target']:.1f}, "
-          f"naive {L + 1}); stages {res['depth_stage_timings']}")
+          f"naive {L + 1}); by FLOP count {flops_eq:.2f}; stages {res['depth_stage_timings']}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -33,13 +33,18 @@ def parse_aggregation(name: str) -> tuple[str, str]:
 
 
 def reduce_seq(x: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, T, C) activation in any dtype -> (B, C) fp32, without an fp32 copy for mean / l2."""
-    if how == "mean":  # mean |x| = L1 norm / T, computed in fp32 by the reduction itself
-        return torch.linalg.vector_norm(x, ord=1, dim=1, dtype=torch.float32) / x.shape[1]
+    """(B, T, C) activation in any dtype -> (B, C) fp32.
+
+    Written with plain elementwise ops + reductions: on CPU `linalg.vector_norm(dim=1)` and
+    `torch.var(dim=1)` are 8-30x slower than these for this layout (measured).
+    """
+    if how == "mean":  # |x| is exact in any dtype; the sum accumulates in fp32
+        return x.abs().sum(1, dtype=torch.float32) / x.shape[1]
+    xf = x.float()  # no copy when the model runs in fp32
     if how == "l2":
-        return torch.linalg.vector_norm(x, ord=2, dim=1, dtype=torch.float32)
-    if how == "var":
-        return torch.var(x.float(), dim=1, correction=0)
+        return xf.square().sum(1).sqrt()
+    if how == "var":  # population variance, two-pass
+        return (xf - xf.mean(1, keepdim=True)).square().mean(1)
     raise ScoreError(f"unknown sequence aggregation {how!r}")
 
 

@@ -16,6 +16,9 @@ Tensor names and shapes (L layers, H query heads, F intermediate, D hidden, B = 
 Metadata keys: fingerprint, model, model_type, n_layers, n_heads, n_kv_heads, head_dim,
 hidden_size, intermediate_size, arch (ArchSpec.to_dict()), data (source label), data_source (dict), n_samples, seq_len, seed,
 aggregation, engine_version, timings (seconds per stage), base_ppl, block_size, spearman_bi_ppl.
+Also written: cache_key, algorithm_version, dtype, device, config (ScoreConfig as a dict, the parts
+present). block_bi[b] / block_ppl_increase[b] are for the block of layers b..b+n-1 (n = block_size).
+base_ppl / spearman_bi_ppl are null when no perplexity was computed.
 """
 
 from __future__ import annotations
