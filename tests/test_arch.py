@@ -138,3 +138,29 @@ def test_spec_counts_match_model(model):
     assert s.qk_norm == (model.config.model_type == "qwen3")
     assert s.norm_bias == (model.config.model_type == "gpt2")
     assert count_parameters(model) > 0
+
+
+def test_only_layers_keeps_per_layer_attention_kinds():
+    """Qwen2 picks each layer's mask from config.layer_types by list position: with layer 0 removed,
+    layer 1 must still get its own (sliding-window) mask."""
+    import copy
+
+    from tiny_models import tiny_model
+
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    m = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=types)
+    a = get_adapter(m)
+    ids = random_ids(t=24)
+    ref = copy.deepcopy(m)  # the same model physically without layer 0
+    ref.model.layers = torch.nn.ModuleList([ref.model.layers[1], ref.model.layers[2]])
+    ref.config.layer_types, ref.config.num_hidden_layers = types[1:], 2
+    with torch.no_grad():
+        with a.only_layers([1, 2]):
+            got = m(ids, use_cache=False).logits
+        want = ref(ids, use_cache=False).logits
+        full_mask = copy.deepcopy(ref)
+        full_mask.config.layer_types = ["full_attention", "full_attention"]
+        wrong = full_mask(ids, use_cache=False).logits
+    assert m.config.layer_types == types
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want, wrong)  # the sliding window really matters at this length

@@ -182,12 +182,20 @@ class ArchAdapter:
         Swaps the model's own layer list, so the HF forward (masks, rotary, final norm)
         runs unchanged; use with `use_cache=False`.
         """
+        indices = list(indices)
         original = self.layers
+        # Families with per-layer attention kinds (Qwen2's sliding window) index config.layer_types by
+        # position in the list, so the types must follow the layers.
+        types = getattr(self.config, "layer_types", None)
         setattr(self.base_model, self.layers_attr, nn.ModuleList([original[i] for i in indices]))
+        if isinstance(types, list):
+            self.config.layer_types = [types[i] for i in indices]
         try:
             yield
         finally:
             setattr(self.base_model, self.layers_attr, original)
+            if isinstance(types, list):
+                self.config.layer_types = types
 
 
 def hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
