@@ -1,0 +1,255 @@
+"""The quality benchmark: pruning strategies at ~75% of the built-in model's parameters, one-shot
+and after the same distillation budget, against baselines, plus ablations.
+
+Data: WikiText-2 (`--wikitext`), first 60% of articles for calibration and distillation, last 40%
+held out for perplexity and KL(teacher || student). Strategies (bench/common.py): depth by BI /
+ppl increase / best contiguous block; width MLP / MLP + heads / MLP + heads + channels; depth +
+width. Baselines per shape: random units, weight-magnitude units, and the pruned architecture
+re-initialised (`_init_weights`) and trained on the same tokens with the same loss. Ablations on
+the width strategies: score aggregation, head residual merge, iterative pruning T = 2, 4 (T = 1 is
+the strategy itself), and the distillation loss. Every distillation uses KL + CE (ce_weight 1)
+except the "loss_kl_only" ablation, the same token budget and a fresh temporary run folder.
+
+    .venv/bin/python bench/quality.py --quick          # reduced, ~10 min on a quiet 2-core CPU
+    .venv/bin/python bench/quality.py [--resume]       # full: hours; budget measured (~15 min/run)
+
+Writes docs/quality/quality[_quick].{json,md,html}; rows are saved after every experiment, and
+`--resume` skips the ones already in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from common import (
+    OUT_DIR,
+    WIKITEXT,
+    blocks_from,
+    describe_targets,
+    machine_note,
+    magnitude_scores,
+    prune,
+    random_scores,
+    reinit,
+    scores_for,
+    strategies,
+    train_blocks,
+    unique_by_shape,
+    write_json,
+    write_report,
+)
+
+from engine.arch import get_adapter
+from engine.distill import DistillConfig, distill
+from engine.evaluate import evaluate_student, teacher_logits, token_nll
+from engine.importance import AGGREGATIONS
+from engine.models import count_parameters, load
+from engine.plan import Targets
+from engine.prune import prune_iteratively
+from engine.runs import read_jsonl
+
+QUICK = dict(calib=(8, 128), eval=(8, 256), batch=2, seq_len=128, tokens=2048, lr=5e-4, warmup=2)
+FULL = dict(calib=(32, 256), eval=(32, 256), batch=4, seq_len=256, tokens=None, lr=3e-4, warmup=None)
+QUICK_DISTILLED = {"depth_bi", "width_all", "depth_width", "random_init_width_all", "loss_kl_only"}
+
+
+@dataclass
+class Experiment:
+    """One row: how to build the student, whether to distil it and with which loss."""
+
+    name: str
+    group: str
+    label: str
+    targets: Targets
+    build: Callable[[], torch.nn.Module]
+    distill: bool = True
+    loss: str = "kl+ce"
+
+
+class Bench:
+    """The teacher, data and (lazily computed, cached) scores shared by every experiment."""
+
+    def __init__(self, args: argparse.Namespace, settings: dict):
+        self.args, self.s = args, settings
+        self.loaded = load("default", dtype="fp32")
+        self.teacher = self.loaded.model
+        self.spec = get_adapter(self.teacher).spec()
+        self.strategies = {s.name: s for s in strategies(self.spec)}
+        self.drop = self.spec.n_layers - (self.strategies["depth_bi"].targets.layers or self.spec.n_layers)
+        tok = self.loaded.tokenizer
+        self.eval_blocks = blocks_from(tok, args.wikitext, (0.6, 1.0), *settings["eval"])
+        self.t_logits = teacher_logits(self.teacher, self.eval_blocks)
+        n = self.eval_blocks.shape[0] * (self.eval_blocks.shape[1] - 1)
+        self.teacher_ppl = math.exp(token_nll(self.t_logits, self.eval_blocks).item() / n)
+        self._scores: dict[str, object] = {}
+        self._calib: torch.Tensor | None = None
+        self.tokens = settings["tokens"]
+        self.train = None
+
+    def scores(self, aggregation: str = "l2_mean"):
+        if aggregation not in self._scores:
+            depth = aggregation == "l2_mean"  # the ablations only need the width scores
+            self._scores[aggregation] = scores_for(self.loaded, self.args.wikitext, *self.s["calib"], self.drop,
+                                                   aggregation, depth=depth)
+        return self._scores[aggregation]
+
+    def calib(self) -> torch.Tensor:
+        if self._calib is None:
+            self._calib = blocks_from(self.loaded.tokenizer, self.args.wikitext, (0.0, 0.6), *self.s["calib"])
+        return self._calib
+
+    def config(self, loss: str, tokens: int | None = None, steps: int = 1) -> DistillConfig:
+        tokens = tokens if tokens is not None else self.tokens
+        total = -(-tokens // (self.s["batch"] * self.s["seq_len"])) if tokens else steps
+        warmup = self.s["warmup"] or max(1, total // 20)
+        return DistillConfig(steps=steps, tokens=tokens, batch_size=self.s["batch"], seq_len=self.s["seq_len"],
+                             lr=self.s["lr"], warmup_steps=min(warmup, total), ce_weight=1.0 if loss == "kl+ce" else 0.0,
+                             eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, seed=0)
+
+    def distill(self, student: torch.nn.Module, loss: str) -> dict:
+        with tempfile.TemporaryDirectory(prefix="prunescope-quality-") as run_dir:
+            return distill(self.teacher, student, self.train, None, self.config(loss), run_dir, resume=False)
+
+
+def measure_budget(bench: Bench, minutes: float) -> int:
+    """Tokens that fit `minutes` of distillation: median tokens/s of measured steps (the first, a
+    warm-up, skipped) on the width_all student, times the time, rounded down to whole steps."""
+    student = prune(bench.teacher, bench.scores(), bench.strategies["width_all"].targets)
+    per_step = bench.s["batch"] * bench.s["seq_len"]
+    bench.train = train_blocks(bench.loaded.tokenizer, bench.args.wikitext, 4 * per_step, bench.s["seq_len"])
+    with tempfile.TemporaryDirectory(prefix="prunescope-quality-") as run_dir:
+        distill(bench.teacher, student, bench.train, None, bench.config("kl+ce", tokens=0, steps=3),
+                run_dir, resume=False)
+        rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "tokens_per_s" in r]
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:] or rows)
+    tokens = int(tps * minutes * 60) // per_step * per_step
+    print(f"distillation: {tps:.1f} tokens/s measured ({machine_note()}) -> budget {tokens} tokens "
+          f"({tokens // per_step} steps of {bench.s['batch']} x {bench.s['seq_len']}) for {minutes:g} min", flush=True)
+    return max(per_step, tokens)
+
+
+def experiments(b: Bench, quick: bool) -> list[Experiment]:
+    """Strategies, baselines and ablations (a subset with --quick)."""
+    S, t = b.strategies, b.teacher
+    out = [Experiment(s.name, "strategy", s.label, s.targets,
+                      lambda s=s: prune(t, b.scores(), s.targets), not quick or s.name in QUICK_DISTILLED)
+           for s in S.values()]
+    shapes = [S["width_all"]] if quick else unique_by_shape(S.values())
+    for s in shapes:
+        key = "depth" if s.family == "depth" else s.name
+        out += [
+            Experiment(f"random_{key}", "baseline", f"random units ({s.label} shape)", s.targets,
+                       lambda s=s: prune(t, random_scores(b.scores()), s.targets), not quick),
+            Experiment(f"magnitude_{key}", "baseline", f"weight magnitude ({s.label} shape)", s.targets,
+                       lambda s=s: prune(t, magnitude_scores(t, b.scores()), s.targets), not quick),
+            Experiment(f"random_init_{key}", "baseline", f"random init ({s.label} shape)", s.targets,
+                       lambda s=s: reinit(prune(t, b.scores(), s.targets)), True),
+        ]
+    w, wh = S["width_all"], S["width_mlp_heads"]
+    aggs = ["mean_mean"] if quick else [a for a in AGGREGATIONS if a != "l2_mean"]
+    out += [Experiment(f"agg_{a}", "ablation: aggregation", f"{w.label}, aggregation {a} (ref: width_all, l2_mean)",
+                       w.targets, lambda a=a: prune(t, b.scores(a), w.targets), not quick and a in ("mean_mean", "l2_l2"))
+            for a in aggs]
+    merged = replace(wh.targets, merge_heads=True)
+    out.append(Experiment("merge_on", "ablation: head merge", f"{wh.label}, residual head merge (ref: width_mlp_heads)",
+                          merged, lambda: prune(t, b.scores(), merged), not quick))
+    out += [Experiment(f"iterative_T{n}", "ablation: iterative", f"{w.label}, T = {n} (ref: width_all, T = 1)",
+                       w.targets, lambda n=n: prune_iteratively(t, b.calib(), w.targets, n)[0].float().eval(), not quick)
+            for n in ((2,) if quick else (2, 4))]
+    out.append(Experiment("loss_kl_only", "ablation: loss", f"{w.label}, KL only (ref: width_all, KL + CE)", w.targets,
+                          lambda: prune(t, b.scores(), w.targets), True, loss="kl"))
+    return out
+
+
+def run_one(b: Bench, e: Experiment) -> dict:
+    """Build, evaluate one-shot, distil, evaluate again; wall time of all of it."""
+    t0 = time.perf_counter()
+    student = e.build()
+    t_build = time.perf_counter() - t0
+    params = count_parameters(student)
+    one = evaluate_student(b.t_logits, student, b.eval_blocks)
+    row = {"name": e.name, "group": e.group, "label": e.label, "shape": describe_targets(b.spec, e.targets),
+           "params": params, "fraction": params / count_parameters(b.teacher),
+           "ppl_oneshot": one["ppl"], "kl_oneshot": one["kl"], "ppl_distilled": None, "kl_distilled": None,
+           "loss": e.loss if e.distill else None, "build_s": round(t_build, 1)}
+    if e.distill:
+        r = b.distill(student, e.loss)
+        after = evaluate_student(b.t_logits, student, b.eval_blocks)
+        row.update(ppl_distilled=after["ppl"], kl_distilled=after["kl"], distill_tokens=r["tokens"],
+                   distill_steps=r["steps"], distill_s=round(r["elapsed_s"], 1))
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    row["machine"] = machine_note()
+    del student
+    return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced run (~10 min on a quiet machine)")
+    p.add_argument("--wikitext", type=Path, default=WIKITEXT, help="WikiText-2 raw file")
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--only", default=None, help="comma-separated experiment names to run")
+    p.add_argument("--resume", action="store_true", help="skip experiments already in the output JSON")
+    p.add_argument("--minutes", type=float, default=15.0, help="full mode: distillation minutes per run")
+    p.add_argument("--tokens", type=int, default=None, help="distillation token budget (skips the measurement)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    stem = "quality_quick" if args.quick else "quality"
+    path = args.out / f"{stem}.json"
+    t_start = time.perf_counter()
+    notes = [f"start: {machine_note()}"]
+    print(notes[0], flush=True)
+    b = Bench(args, settings)
+    b.scores()
+    for s in b.strategies.values():
+        print(f"{s.name:>16}: {describe_targets(b.spec, s.targets)}", flush=True)
+    b.tokens = args.tokens or settings["tokens"] or measure_budget(b, args.minutes)
+    b.train = train_blocks(b.loaded.tokenizer, args.wikitext, b.tokens, settings["seq_len"])
+    todo = experiments(b, args.quick)
+    if args.only:
+        names = set(args.only.split(","))
+        unknown = names - {e.name for e in todo}
+        if unknown:
+            sys.exit(f"unknown experiments {sorted(unknown)}; valid: {', '.join(e.name for e in todo)}")
+        todo = [e for e in todo if e.name in names]
+    rows = json.loads(path.read_text())["rows"] if args.resume and path.is_file() else []
+    done = {r["name"] for r in rows}
+    meta = {"command": "bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "settings": settings, "distill_tokens": b.tokens, "teacher_params": count_parameters(b.teacher),
+            "teacher_ppl": b.teacher_ppl, "eval_tokens": int(b.eval_blocks.numel()),
+            "scores_timings": b.scores().meta.get("timings"), "machine": notes}
+    for e in todo:
+        if e.name in done:
+            continue
+        print(f"-- {e.name}: {e.label} [{machine_note()}]", flush=True)
+        rows.append(run_one(b, e))
+        r = rows[-1]
+        print(f"   {r['params'] / 1e6:.2f}M ({100 * r['fraction']:.1f}%), one-shot ppl {r['ppl_oneshot']:.2f} "
+              f"KL {r['kl_oneshot']:.3f}" + (f", distilled ppl {r['ppl_distilled']:.2f} KL {r['kl_distilled']:.3f}"
+                                             if r["ppl_distilled"] is not None else "") + f", {r['wall_s']:.0f}s",
+              flush=True)
+        meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+        write_json(path, {"meta": meta, "rows": rows})
+    notes.append(f"end: {machine_note()}")
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    write_json(path, {"meta": meta, "rows": rows})
+    print(write_report(args.out, stem, meta, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
