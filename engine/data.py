@@ -85,11 +85,14 @@ class DataSource:
 
 
 def split_articles(text: str) -> list[str]:
-    """Split WikiText-style text into articles at ` = Title = ` lines; else blank-line paragraphs
-    are kept together as one document."""
+    """Split WikiText-style text into articles at ` = Title = ` lines; text without such headings
+    is split into paragraphs at blank lines (so a document range still selects something)."""
+    lines = text.splitlines(keepends=True)
+    has_headings = any(_ARTICLE_HEADING.match(line.rstrip("\n")) for line in lines)
     docs: list[list[str]] = []
-    for line in text.splitlines(keepends=True):
-        if _ARTICLE_HEADING.match(line.rstrip("\n")) or not docs:
+    for line in lines:
+        starts = _ARTICLE_HEADING.match(line.rstrip("\n")) if has_headings else not line.strip()
+        if starts or not docs:
             docs.append([])
         docs[-1].append(line)
     return [d for d in ("".join(x).strip() for x in docs) if d]

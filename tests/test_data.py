@@ -24,6 +24,9 @@ def test_split_articles_at_wikitext_headings():
     assert len(docs) == 10
     assert docs[3].startswith("= Article 3 =") and "topic 3" in docs[3]
     assert split_articles("just one paragraph\nand another line\n") == ["just one paragraph\nand another line"]
+    # no headings: blank lines separate documents, so a docs range can split them
+    assert split_articles("first para\nstill first\n\n\nsecond para\n\nthird\n") == [
+        "first para\nstill first", "second para", "third"]
 
 
 def test_blocks_shape_eos_joined_and_deterministic(tmp_path, tok):
