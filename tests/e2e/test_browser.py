@@ -142,6 +142,9 @@ def test_full_flow(page: Page, app_url: str):
     idle(page)
     assert f"run={run_id}" in page.url
     expect(page.get_by_text(f"Run {run_id}")).to_be_visible()
+    deadline = time.time() + 30  # plotly draws after the script run ends
+    while loss_points(page) != STEPS and time.time() < deadline:
+        page.wait_for_timeout(250)
     assert loss_points(page) == STEPS
 
     # Compare: speed and answers come from a background job
