@@ -8,7 +8,6 @@ beside the scores it produces. This module never imports Streamlit: the child pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -16,39 +15,11 @@ import time
 import traceback
 from pathlib import Path
 
+from engine.runs import pid_alive, read_json, write_json  # noqa: F401  (also used by the pages)
+
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
 STALE_S = 30.0  # a running job whose process is gone and whose file is this old has died
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic replace, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited child not yet reaped) is not alive
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def score_command(model: str, data: str, out: Path, samples: int, seq_len: int, data_range: str = "",
