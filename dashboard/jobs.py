@@ -106,11 +106,6 @@ def log_tail(folder: Path, lines: int = 15) -> str:
 # ---------------------------------------------------------------- the child process
 
 
-def _parse_range(text: str) -> tuple[float, float]:
-    lo, _, hi = (text or "0:1").partition(":")
-    return float(lo or 0), float(hi or 1)
-
-
 def _run_score(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,12 +124,12 @@ def _run_score(ns: argparse.Namespace) -> int:
 
     try:
         from engine.cli import user_error_types
-        from engine.data import DataSource
+        from engine.data import DataSource, parse_doc_range
         from engine.importance import ScoreConfig, score
         from engine.models import load
 
         t0 = time.time()
-        source = DataSource.parse(ns.data, column=ns.text_column or None, docs=_parse_range(ns.data_range))
+        source = DataSource.parse(ns.data, column=ns.text_column or None, docs=parse_doc_range(ns.data_range))
         loaded = load(ns.model)
         progress(0.02, f"model loaded in {time.time() - t0:.1f}s; reading {source.label}")
         config = ScoreConfig(depth_ppl=ns.depth_ppl, block_size=ns.blocks or None,

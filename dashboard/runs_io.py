@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from dashboard import state
+from engine.data import parse_doc_range
 
 TERMINAL = ("done", "failed", "cancelled", "stale")
 
@@ -27,11 +28,6 @@ def new_run_id(model: str, targets: dict) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
-def parse_range(text: str) -> tuple[float, float]:
-    lo, _, hi = (text or "0:1").partition(":")
-    return float(lo or 0), float(hi or 1)
-
-
 def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, eval_every: int,
                 eval_samples: int, kl_weight: float = 1.0, ce_weight: float = 0.0, hidden_weight: float = 0.0,
                 temperature: float = 1.0, warmup: int | None = None):
@@ -39,7 +35,7 @@ def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, 
     from engine.distill import DistillConfig
     from engine.pipeline import PipelineConfig
 
-    train = parse_range(state.get("data_range"))
+    train = parse_doc_range(state.get("data_range"))
     if train[1] >= 1.0:
         raise ValueError("the calibration/training share of the documents ends at 100%, leaving nothing held out "
                          "for evaluation; lower it on the Model and data page (e.g. 0-0.6)")

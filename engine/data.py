@@ -81,6 +81,21 @@ class DataSource:
         return asdict(self)
 
 
+def parse_doc_range(text: str | None, what: str = "--data-range") -> tuple[float, float]:
+    """'START:END' fractions of the documents -> (start, end); either side may be left out
+    ('0.6:' = 0.6 to the end, '' = everything). Raises DataError on anything else."""
+    lo, sep, hi = (text or "").partition(":")
+    try:
+        start, end = float(lo or 0.0), float(hi or 1.0)
+    except ValueError:
+        raise DataError(f"{what} takes START:END fractions of the documents, e.g. 0:0.6; got {text!r}") from None
+    if text and not sep:
+        raise DataError(f"{what} takes START:END fractions of the documents, e.g. 0:0.6; got {text!r}")
+    if not 0.0 <= start < end <= 1.0:
+        raise DataError(f"{what} needs 0 <= START < END <= 1, got {text!r}")
+    return start, end
+
+
 # ---------------------------------------------------------------- reading documents
 
 

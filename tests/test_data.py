@@ -106,3 +106,15 @@ def test_generated_source_is_seeded_and_labelled(tok):
     b = load_documents(src, model, tok, seed=5)
     assert a == b and len(a) == 3 and steps[-1] == 1.0
     assert "model-generated" in src.label
+
+
+def test_doc_range_parsing():
+    from engine.data import parse_doc_range
+
+    assert parse_doc_range("0:0.6") == (0.0, 0.6)
+    assert parse_doc_range("0.6:") == (0.6, 1.0)
+    assert parse_doc_range("") == parse_doc_range(None) == (0.0, 1.0)
+    for bad, msg in (("0.6", "START:END"), ("a:b", "START:END"), ("0.7:0.2", "--train-range needs 0 <= START < END <= 1"),
+                     ("0:1.5", "needs 0 <= START")):
+        with pytest.raises(DataError, match=msg):
+            parse_doc_range(bad, "--train-range")

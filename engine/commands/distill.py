@@ -42,18 +42,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--force", action="store_true", help="replace an existing run folder")
 
 
-def parse_range(text: str) -> tuple[float, float]:
-    from engine.runs import RunError
-
-    try:
-        a, b = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise RunError(f"a range is START:END fractions, e.g. 0:0.6; got {text!r}") from None
-    if not 0 <= a < b <= 1:
-        raise RunError(f"range {text!r}: need 0 <= START < END <= 1")
-    return a, b
-
-
 def distill_config(args, layer_map=None):
     from engine.distill import DistillConfig
     from engine.runs import RunError
@@ -107,11 +95,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from engine.data import parse_doc_range
     from engine.pipeline import PipelineConfig
 
     layer_map = tuple(int(x) for x in args.layer_map.split(",")) if args.layer_map else None
     cfg = PipelineConfig(model=args.teacher, student=args.student, data=args.data, text_column=args.text_column,
-                         train_range=parse_range(args.train_range), eval_range=parse_range(args.eval_range),
+                         train_range=parse_doc_range(args.train_range, "--train-range"),
+                         eval_range=parse_doc_range(args.eval_range, "--eval-range"),
                          distill=distill_config(args, layer_map), eval_samples=args.eval_samples,
                          seed=args.seed, dtype=args.dtype, device=args.device)
     return launch(args, cfg)

@@ -9,18 +9,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _data_range(text: str) -> tuple[float, float]:
-    from engine.cli import UserError
-
-    try:
-        lo, hi = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise UserError(f"--data-range must be START:END fractions of the documents, e.g. 0.6:1, got {text!r}") from None
-    if not 0.0 <= lo < hi <= 1.0:
-        raise UserError(f"--data-range needs 0 <= START < END <= 1, got {text!r}")
-    return lo, hi
-
-
 def _batch_sizes(text: str) -> list[int]:
     from engine.cli import UserError
 
@@ -70,11 +58,11 @@ def _folder(loaded) -> Path | None:
 
 def run(args) -> int:
     from engine.cli import UserError
-    from engine.data import DataSource, get_blocks
+    from engine.data import DataSource, get_blocks, parse_doc_range
     from engine.evaluate import evaluate_model, format_table, summary_row
     from engine.models import load
 
-    docs = _data_range(args.data_range)
+    docs = parse_doc_range(args.data_range)
     sizes = _batch_sizes(args.batch_sizes)
     for name in ("samples", "seq_len", "batch_size", "prompt_len", "repeats"):
         if getattr(args, name) < (2 if name == "seq_len" else 1):

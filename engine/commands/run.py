@@ -3,7 +3,8 @@ export) in a run folder, in the foreground or as a detached background job (--de
 
 from __future__ import annotations
 
-from engine.commands.distill import add_training_args, distill_config, launch, parse_range
+from engine.commands.distill import add_training_args, distill_config, launch
+from engine.data import parse_doc_range
 
 
 def register(sub) -> None:
@@ -39,7 +40,8 @@ def run(args) -> int:
     targets.setdefault("depth_by", args.depth_by)
     targets["merge_heads"] = bool(args.merge_heads)
     cfg = PipelineConfig(model=args.model, data=args.data, text_column=args.text_column,
-                         train_range=parse_range(args.train_range), eval_range=parse_range(args.eval_range),
+                         train_range=parse_doc_range(args.train_range, "--train-range"),
+                         eval_range=parse_doc_range(args.eval_range, "--eval-range"),
                          calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, targets=targets,
                          distill=distill_config(args), eval_samples=args.eval_samples, seed=args.seed,
                          dtype=args.dtype, device=args.device)

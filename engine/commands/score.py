@@ -7,16 +7,6 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def _data_range(text: str) -> tuple[float, float]:
-    from engine.importance import ScoreError
-
-    try:
-        lo, hi = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise ScoreError(f"--data-range must be START:END fractions of the documents, e.g. 0:0.6, got {text!r}") from None
-    return lo, hi
-
-
 def register(sub) -> None:
     p = sub.add_parser("score", help="compute importance scores (heads, neurons, channels, layers)",
                        description="Activation-based importance of heads, MLP neurons, embedding channels and "
@@ -84,11 +74,11 @@ def summary(scores, folder, reused: str) -> list[str]:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from engine.data import DataSource
+    from engine.data import DataSource, parse_doc_range
     from engine.importance import ScoreConfig, score
     from engine.models import load
 
-    source = DataSource.parse(args.data, column=args.text_column, docs=_data_range(args.data_range))
+    source = DataSource.parse(args.data, column=args.text_column, docs=parse_doc_range(args.data_range))
     config = ScoreConfig(aggregation=args.aggregation, depth_ppl=args.depth_ppl, block_size=args.blocks,
                          block_ppl=args.block_ppl, taylor=args.taylor, batch_size=args.batch_size)
     loaded = load(args.model, dtype=args.dtype, device=args.device)
