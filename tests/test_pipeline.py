@@ -114,8 +114,8 @@ def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_dirs, cache):
 def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_dirs, cache):
     run_dir = tmp_path / "run"
     r = _cli("run", "--model", str(tiny_dirs[0]), "--data", str(corpus), "--ffn", "24", "--heads", "4",
-             "--calib-samples", "8", "--calib-seq-len", "32", "--steps", "300", "--batch", "2", "--seq-len", "32",
-             "--lr", "3e-3", "--eval-every", "200", "--eval-samples", "4", "--checkpoint-every", "100",
+             "--calib-samples", "8", "--calib-seq-len", "32", "--steps", "1500", "--batch", "2", "--seq-len", "32",
+             "--lr", "3e-3", "--eval-every", "1000", "--eval-samples", "4", "--checkpoint-every", "500",
              "--run-dir", str(run_dir), "--detach")
     assert r.returncode == 0, r.stderr
     assert "started pipeline job" in r.stdout
@@ -130,12 +130,12 @@ def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_dirs, cache)
     st = _status(run_dir)
     assert st["state"] == "cancelled" and st["stages"]["prune"]["state"] == "done"
     stopped_at = _train_steps(run_dir)[-1]
-    assert stopped_at < 300 and checkpoint_files(run_dir / "checkpoints")[-1].name == f"step-{stopped_at:06d}.pt"
+    assert stopped_at < 1500 and checkpoint_files(run_dir / "checkpoints")[-1].name == f"step-{stopped_at:06d}.pt"
 
     r = _cli("resume", str(run_dir), "--detach")
     assert r.returncode == 0, r.stderr
-    _poll(run_dir, lambda st: st.get("state") == "done", timeout=120)
-    assert _train_steps(run_dir) == list(range(1, 301))
+    _poll(run_dir, lambda st: st.get("state") == "done", timeout=240)
+    assert _train_steps(run_dir) == list(range(1, 1501))
     assert "resumed from step-" in (run_dir / "job.log").read_text()
     assert read_json(run_dir / "summary.json")["ppl_distilled"] > 0 and (run_dir / "model" / "config.json").exists()
     r = _cli("resume", str(run_dir))
