@@ -63,14 +63,16 @@ def lock_dir() -> Path:
 # ---------------------------------------------------------------- files
 
 
-def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
-    """Write via a temp file in the same folder + rename: readers see the old or the new file."""
+def atomic_write(path: Path, write: Callable, binary: bool = False, fsync: bool = False,
+                 prefix: str | None = None) -> None:
+    """Call `write(file)` on a temp file in the same folder, then rename it over `path`: readers
+    see the old or the new file, never half of one; a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -79,6 +81,11 @@ def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
+    """Text via `atomic_write`."""
+    atomic_write(path, lambda f: f.write(text), fsync=fsync)
 
 
 def write_json(path: Path, obj: dict, fsync: bool = False) -> None:
@@ -498,17 +505,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, keep: int = 2)
     d = Path(ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:06d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(final, lambda f: torch.save(state, f), binary=True, fsync=True, prefix=".tmp-")
     for old in checkpoint_files(d)[:-max(1, keep)]:
         with contextlib.suppress(OSError):
             old.unlink()

@@ -24,13 +24,11 @@ base_ppl / spearman_bi_ppl are null when no perplexity was computed.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 TENSORS_FILE = "scores.safetensors"
 META_FILE = "scores.json"
@@ -59,13 +57,11 @@ class Scores:
         """Write atomically (temp files + rename) so a reader never sees half a file."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        from engine.runs import atomic_write, atomic_write_text
+
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
-        for name, writer in ((TENSORS_FILE, lambda p: save_file(tensors, str(p))),
-                             (META_FILE, lambda p: Path(p).write_text(json.dumps(self.meta, indent=2, default=str)))):
-            fd, tmp = tempfile.mkstemp(prefix=name + ".", dir=folder)
-            os.close(fd)
-            writer(tmp)
-            os.replace(tmp, folder / name)
+        atomic_write(folder / TENSORS_FILE, lambda f: f.write(save(tensors)), binary=True)
+        atomic_write_text(folder / META_FILE, json.dumps(self.meta, indent=2, default=str))
         return folder
 
     @classmethod
