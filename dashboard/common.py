@@ -75,8 +75,7 @@ def _mtime(path: Path) -> float:
 def _load_scores(folder: str, mtime: float) -> tuple[dict[str, np.ndarray], dict]:
     from engine.importance import Scores
 
-    s = Scores.load(folder)
-    return {k: v.float().numpy() for k, v in s.tensors.items()}, s.meta
+    return Scores.load_numpy(folder)  # torch-free: the Importance page's first run stays fast
 
 
 def load_scores(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -145,9 +144,7 @@ def _top_mask(v: np.ndarray, k: int) -> np.ndarray:
 
 def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict[str, np.ndarray]:
     """What `engine.plan.make_plan` would remove, as masks (True = pruned), in numpy: a slider move
-    must stay far under 300 ms. Same ranking rules as make_plan (tested against it)."""
-    import torch
-
+    must stay far under 300 ms. Same ranking rules as make_plan (tested against it); no torch."""
     from engine.arch.base import ArchSpec
     from engine.importance import Scores
     from engine.plan import PlanError, is_gqa, resolve, validate_targets
@@ -159,7 +156,7 @@ def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict
     t = targets_obj(targets)
     validate_targets(spec, t)
     size = resolve(spec, t)
-    depth = {k: torch.from_numpy(v) for k, v in tensors.items() if k in ("bi", "ppl_increase", "taylor", "block_bi")}
+    depth = {k: v for k, v in tensors.items() if k in ("bi", "ppl_increase", "taylor", "block_bi")}
     kept = kept_layers_of(Scores(depth, meta), spec, t, size.layers)
     L, H = tensors["heads"].shape
     layers = np.ones(L, bool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,10 @@ GPU_DEFAULTS = Defaults(device="cuda", samples=1024, seq_len=2048, depth_ppl=Tru
 
 @lru_cache(maxsize=1)
 def has_cuda() -> bool:
-    """True on a CUDA machine (checked once; torch is already imported by the engine)."""
+    """True on a CUDA machine (checked once). Without an NVIDIA driver on the box the answer is no
+    and torch is not imported: a page that only draws cached scores stays torch-free (fast first run)."""
+    if not (Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        return False
     try:
         import torch
 
@@ -85,7 +89,7 @@ def default_data_spec() -> str:
 
 def scores_root() -> Path:
     """Folder of the dashboard's score files (inside prunescope's cache, so PRUNESCOPE_CACHE moves it)."""
-    from engine.models import cache_dir
+    from engine.paths import cache_dir
 
     return cache_dir() / "dashboard-scores"
 

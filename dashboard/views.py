@@ -12,6 +12,7 @@ from dashboard import charts, jobs, state
 from dashboard.common import Cut, have_scores, load_scores, user_message
 from dashboard.runs_io import wrap_command
 
+TABS = ["Attention heads", "MLP neurons", "Embedding channels", "Layers"]
 PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
 
 
@@ -55,19 +56,25 @@ def render_score_charts(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, ke
                      help="Divide each row by its maximum, so layers with small activations stay readable.")
     sort = c2.toggle("Sort neurons per layer", value=True, key=f"{key}_sort",
                      help="Sort each layer's neurons by importance before binning; off shows the raw order.")
-    tabs = st.tabs(["Attention heads", "MLP neurons", "Embedding channels", "Layers"])
-    with tabs[0]:
-        show_fig(figure("heads_heatmap", tensors["heads"], cut.heads, meta.get("n_kv_heads") or 1, normalise=norm),
-                 f"{key}_heads")
-    with tabs[1]:
-        show_fig(figure("neurons_heatmap", tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
-                 f"{key}_neurons")
-    with tabs[2]:
-        show_fig(figure("channels_heatmap", tensors["channels_per_layer"], cut.channels, cut.layers, normalise=norm),
-                 f"{key}_chan_heat")
-        show_fig(figure("channels_bar", tensors["channels"], cut.channels), f"{key}_chan_bar")
-    with tabs[3]:
-        render_layers(tensors, meta, cut, key)
+    # Lazy tabs: only the open tab's charts are built and sent (a plotly figure costs ~0.1 s to build
+    # and more to draw), so the first page run and every slider move stay fast.
+    heads, neurons, channels, layers = st.tabs(TABS, key=f"{key}_tab", on_change="rerun")
+    if heads.open:
+        with heads:
+            show_fig(figure("heads_heatmap", tensors["heads"], cut.heads, meta.get("n_kv_heads") or 1,
+                            normalise=norm), f"{key}_heads")
+    if neurons.open:
+        with neurons:
+            show_fig(figure("neurons_heatmap", tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
+                     f"{key}_neurons")
+    if channels.open:
+        with channels:
+            show_fig(figure("channels_heatmap", tensors["channels_per_layer"], cut.channels, cut.layers,
+                            normalise=norm), f"{key}_chan_heat")
+            show_fig(figure("channels_bar", tensors["channels"], cut.channels), f"{key}_chan_bar")
+    if layers.open:
+        with layers:
+            render_layers(tensors, meta, cut, key)
 
 
 def render_layers(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, key: str) -> None:

@@ -13,8 +13,10 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where blocks are made: parsing a data spec (the dashboard) needs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +175,11 @@ def read_hf(name: str, config: str | None, split: str, column: str | None) -> li
     return [t for t in ds[col] if isinstance(t, str) and t.strip()]
 
 
-@torch.no_grad()
 def generate_texts(model, tokenizer, n_docs: int, max_new_tokens: int = 256, seed: int = 0,
                    batch_size: int = 16, progress: Progress | None = None) -> list[str]:
     """Text sampled by the model from its BOS token (seeded, batched): data for offline machines."""
+    import torch
+
     device = next(model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
@@ -185,16 +188,17 @@ def generate_texts(model, tokenizer, n_docs: int, max_new_tokens: int = 256, see
     state = torch.random.get_rng_state()
     docs: list[str] = []
     try:
-        for b0 in range(0, n_docs, batch_size):
-            n = min(batch_size, n_docs - b0)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            ids = torch.full((n, 1), start, dtype=torch.long, device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
-                                 temperature=1.0, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            docs += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
-            if progress:
-                progress(min(1.0, (b0 + n) / n_docs), f"generated {b0 + n}/{n_docs} documents")
+        with torch.no_grad():
+            for b0 in range(0, n_docs, batch_size):
+                n = min(batch_size, n_docs - b0)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                ids = torch.full((n, 1), start, dtype=torch.long, device=device)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
+                                     temperature=1.0, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                docs += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+                if progress:
+                    progress(min(1.0, (b0 + n) / n_docs), f"generated {b0 + n}/{n_docs} documents")
     finally:
         torch.random.set_rng_state(state)
     return [d for d in docs if d.strip()]
@@ -226,6 +230,8 @@ def load_documents(source: DataSource, model=None, tokenizer=None, seed: int = 0
 
 def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:
     """One long 1-D stream of token ids: documents joined with EOS."""
+    import torch
+
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to join documents with")
@@ -252,6 +258,8 @@ def make_blocks(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 
             f"{n_samples} x {seq_len} = {n_samples * seq_len} were asked for. Use fewer samples, a "
             "shorter sequence length or more text."
         )
+    import torch
+
     blocks = stream[: available * seq_len].view(available, seq_len)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(available, generator=gen)[:n_samples].sort().values

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from engine.arch.base import ArchSpec
 from engine.estimate import (  # noqa: F401  (re-exported: the plan API)
@@ -200,12 +200,19 @@ def dumps(d: dict) -> str:
 # ---------------------------------------------------------------- deriving a plan from scores
 
 
-def _ranked(scores: torch.Tensor) -> list[int]:
+def _numpy(scores) -> np.ndarray:
+    """A 1-D or 2-D score tensor (torch or numpy) as float64 numpy: the ranking needs no torch."""
+    if hasattr(scores, "detach"):
+        scores = scores.detach().float().cpu().numpy()
+    return np.asarray(scores, dtype=np.float64)
+
+
+def _ranked(scores) -> list[int]:
     """Indices by descending score; ties keep the lower index first."""
-    return torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices.tolist()
+    return np.argsort(-_numpy(scores), kind="stable").tolist()
 
 
-def _top(scores: torch.Tensor, k: int) -> list[int]:
+def _top(scores, k: int) -> list[int]:
     """Indices of the k highest scores (ties -> lower index), sorted ascending."""
     return sorted(_ranked(scores)[:k])
 
@@ -225,7 +232,7 @@ def kept_layers(scores: Scores, spec: ArchSpec, t: Targets, n_keep: int) -> list
             raise PlanError(f"depth_by 'block' drops {n_drop} contiguous layers, so it needs block scores for "
                             f"blocks of {n_drop}; the scores have {have} (score with --blocks {n_drop})")
         bb = scores["block_bi"]
-        start = min(range(bb.numel()), key=lambda i: (float(bb[i]), i))
+        start = min(range(len(bb)), key=lambda i: (float(bb[i]), i))
         return [i for i in range(L) if not start <= i < start + n_drop]
     name = DEPTH_TENSOR[t.depth_by]
     if not scores.has(name):
@@ -241,7 +248,7 @@ def _check_scores(scores: Scores, spec: ArchSpec) -> None:
     for name, shape in shapes.items():
         if not scores.has(name):
             raise PlanError(f"the scores have no {name!r} tensor; rescore the model with `prunescope score`")
-        if not torch.isfinite(scores[name]).all():
+        if not np.isfinite(_numpy(scores[name])).all():
             raise PlanError(f"the {name!r} scores hold NaN or infinite values; rescore the model")
         if tuple(scores[name].shape) != shape:
             raise PlanError(f"scores {name!r} have shape {tuple(scores[name].shape)}, the model needs {shape}; "

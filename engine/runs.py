@@ -55,7 +55,7 @@ def runs_root() -> Path:
 def lock_dir() -> Path:
     if os.environ.get("PRUNESCOPE_LOCKS"):
         return Path(os.environ["PRUNESCOPE_LOCKS"])
-    from engine.models import cache_dir
+    from engine.paths import cache_dir
 
     return cache_dir() / "locks"
 

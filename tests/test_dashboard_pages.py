@@ -16,6 +16,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from tiny_models import _CORPUS, save_tiny
 
+from dashboard.views import TABS
+
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 JOB_TIMEOUT = 150
 
@@ -68,6 +70,23 @@ def charts(at: AppTest) -> dict[str, dict]:
     return out
 
 
+def score_charts(at: AppTest, prefix: str) -> dict[str, dict]:
+    """Charts of every score tab (they are lazy: only the open tab's charts are built), opening each."""
+    out = {}
+    for label in TABS:
+        at.session_state[f"{prefix}_tab"] = label
+        at.run()
+        assert not at.exception, at.exception
+        out.update(charts(at))
+    at.session_state[f"{prefix}_tab"] = TABS[0]
+    return out
+
+
+def open_tab(at: AppTest, prefix: str, label: str) -> AppTest:
+    at.session_state[f"{prefix}_tab"] = label
+    return at.run()
+
+
 def array(v) -> np.ndarray:
     """A plotly array as sent to the browser (typed-array dict or a list)."""
     if isinstance(v, dict) and "bdata" in v:
@@ -97,7 +116,7 @@ def scored(env) -> AppTest:
     at = app("importance")
     assert not at.get("plotly_chart")
     at.button(key="score_start").click().run()
-    return wait(at, lambda a: len(a.get("plotly_chart")) >= 5)
+    return wait(at, lambda a: "heads" in charts(a))
 
 
 # ---------------------------------------------------------------- Model and data
@@ -139,7 +158,7 @@ def test_model_page_generated_data_is_labelled(env):
 
 
 def test_importance_heatmaps(scored):
-    c = charts(scored)
+    c = score_charts(scored, "imp")
     assert {"heads", "neurons", "chan_heat", "chan_bar", "layers"} <= set(c)
     heads = c["heads"]["data"][0]
     assert heads["type"] == "heatmap" and array(heads["z"]).shape == (4, 6)
@@ -150,7 +169,42 @@ def test_importance_heatmaps(scored):
 
 def test_importance_reads_cached_scores_without_a_job(scored, env):
     at = app("importance")
-    assert len(at.get("plotly_chart")) >= 5 and not at.get("progress")
+    assert set(charts(at)) == {"heads"} and not at.get("progress")  # lazy tabs: only the open one is drawn
+    assert {"heads", "neurons", "chan_heat", "chan_bar", "layers"} <= set(score_charts(at, "imp"))
+
+
+TORCH_FREE_PAGE = """
+import sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=60)
+at.session_state["scores_dir"] = sys.argv[2]
+at.session_state["targets"] = {"ffn": 20, "heads": 4}
+at.switch_page(sys.argv[3])  # opened directly, as a browser opening /importance or /targets does
+at.run()
+assert not at.exception, at.exception
+assert len(at.get("plotly_chart")) >= 1, "no heatmap drawn"
+print(sorted(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("page", ["importance", "targets"])
+def test_score_pages_do_not_import_torch(env, tmp_path, page):
+    """A fresh dashboard process draws cached scores (and the cut of targets) without importing torch or
+    transformers: their import is most of a warm start on a CPU box (docs/BENCHMARKS.md)."""
+    import subprocess
+    import sys
+
+    from tiny_models import random_ids, tiny_model
+
+    from engine.importance import ScoreConfig, compute_scores
+
+    model = tiny_model("llama")
+    compute_scores(model, random_ids(4, 16), ScoreConfig(depth_ppl=True)).save(tmp_path / "scores")
+    page_file = str(Path(APP).parent / "screens" / f"{page}.py")
+    out = subprocess.run([sys.executable, "-c", TORCH_FREE_PAGE, APP, str(tmp_path / "scores"), page_file],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 # ---------------------------------------------------------------- Prune targets
@@ -163,12 +217,12 @@ def test_targets_slider_updates_readout_and_overlay(scored, env):
     at.slider(key="t_ffn").set_value(20).run()
     after = metrics(at)
     assert after["Parameters"] != before["Parameters"] and after["Of the original"] != "100.00%"
-    c = charts(at)
+    c = charts(open_tab(at, "tgt", "MLP neurons"))
     overlay = c["neurons"]["data"][1]
     assert overlay["hoverinfo"] == "skip" and array(overlay["z"]).dtype == np.uint8
     assert (array(overlay["z"]) == 255).sum() == 4 * (37 - 20)
     at.select_slider(key="t_heads").set_value(4).run() if at.select_slider else at.slider(key="t_heads").set_value(4).run()
-    heads_overlay = array(charts(at)["heads"]["data"][1]["z"])
+    heads_overlay = array(charts(open_tab(at, "tgt", "Attention heads"))["heads"]["data"][1]["z"])
     assert ((heads_overlay == 255).sum(axis=1) == 2).all()  # 6 -> 4 heads in every layer
     assert at.get("download_button")
     at.button(key="plan_save").click().run()
@@ -181,7 +235,7 @@ def test_targets_presets_and_depth(scored, env):
     at = app("targets")
     at.button(key="preset_depth-75").click().run()
     assert at.session_state["targets"]["layers"] == 3
-    layers = charts(at)["layers"]
+    layers = charts(open_tab(at, "tgt", "Layers"))["layers"]
     assert len(layers["layout"]["shapes"]) == 1  # one dropped layer highlighted
     at.button(key="preset_none").click().run()
     assert metrics(at)["Of the original"] == "100.00%"

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported lazily: the dashboard's plan arithmetic needs no torch
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class ArchAdapter:
         Swaps the model's own layer list, so the HF forward (masks, rotary, final norm)
         runs unchanged; use with `use_cache=False`.
         """
+        from torch import nn
+
         indices = list(indices)
         original = self.layers
         # Families with per-layer attention kinds (Qwen2's sliding window) index config.layer_types by

@@ -5,7 +5,10 @@ Here to keep the abstraction honest: nothing in the engine may assume Llama's la
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from engine.arch.base import ArchAdapter, LayerParts
 from engine.arch.registry import register

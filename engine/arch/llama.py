@@ -6,7 +6,10 @@ each family is its own small class so its flags are explicit and it has its own 
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from engine.arch.base import ArchAdapter, LayerParts
 from engine.arch.registry import register

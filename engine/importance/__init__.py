@@ -1,9 +1,30 @@
-"""Importance scores: width (heads, neurons, channels) and depth (BI, perplexity, Taylor+)."""
+"""Importance scores: width (heads, neurons, channels) and depth (BI, perplexity, Taylor+).
 
-from engine.importance.aggregate import AGGREGATIONS, spearman
-from engine.importance.api import ScoreConfig, compute_scores
-from engine.importance.cache import cache_key, score
-from engine.importance.scores import ScoreError, Scores
+Names are imported on first use (PEP 562), so `from engine.importance import Scores` stays torch-free
+for the dashboard: reading a scores file and drawing it needs no torch.
+"""
 
-__all__ = ["AGGREGATIONS", "ScoreConfig", "ScoreError", "Scores", "cache_key", "compute_scores", "score",
-           "spearman"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "AGGREGATIONS": "aggregate", "spearman": "aggregate",
+    "ScoreConfig": "api", "compute_scores": "api",
+    "cache_key": "cache", "score": "cache",
+    "ScoreError": "scores", "Scores": "scores",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

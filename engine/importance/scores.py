@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading scores as numpy needs no torch
+    import numpy as np
+    import torch
 
 TENSORS_FILE = "scores.safetensors"
 META_FILE = "scores.json"
@@ -57,6 +59,8 @@ class Scores:
         """Write atomically (temp files + rename) so a reader never sees half a file."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save
+
         from engine.runs import atomic_write, atomic_write_text
 
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
@@ -66,16 +70,33 @@ class Scores:
 
     @classmethod
     def load(cls, folder: str | Path) -> Scores:
-        folder = Path(folder)
-        if folder.is_file() and folder.name in (TENSORS_FILE, META_FILE):
-            folder = folder.parent
-        if not (folder / TENSORS_FILE).is_file():
-            raise ScoreError(f"no scores in {folder}: expected {TENSORS_FILE} and {META_FILE} "
-                             "(make them with `prunescope score`)")
-        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+        from safetensors.torch import load_file
+
+        folder, meta = _folder_and_meta(folder)
         return cls(load_file(str(folder / TENSORS_FILE)), meta)
+
+    @staticmethod
+    def load_numpy(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+        """(tensors as float32 numpy arrays, meta) without importing torch (for the dashboard)."""
+        from safetensors.numpy import load_file
+
+        folder, meta = _folder_and_meta(folder)
+        return {k: v.astype("float32", copy=False) for k, v in load_file(str(folder / TENSORS_FILE)).items()}, meta
 
     @staticmethod
     def exists(folder: str | Path) -> bool:
         folder = Path(folder)
         return (folder / TENSORS_FILE).is_file() and (folder / META_FILE).is_file()
+
+
+def _folder_and_meta(folder: str | Path) -> tuple[Path, dict]:
+    """The scores folder (a path to one of its files is accepted) and its metadata; a clear error
+    when there is no scores file."""
+    folder = Path(folder)
+    if folder.is_file() and folder.name in (TENSORS_FILE, META_FILE):
+        folder = folder.parent
+    if not (folder / TENSORS_FILE).is_file():
+        raise ScoreError(f"no scores in {folder}: expected {TENSORS_FILE} and {META_FILE} "
+                         "(make them with `prunescope score`)")
+    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+    return folder, meta

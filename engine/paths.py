@@ -1,0 +1,14 @@
+"""Where prunescope keeps its files (torch-free, so the dashboard can ask without importing torch)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of prunescope's cache: $PRUNESCOPE_CACHE, else $XDG_CACHE_HOME/prunescope, else ~/.cache."""
+    if os.environ.get("PRUNESCOPE_CACHE"):
+        return Path(os.environ["PRUNESCOPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "prunescope"
