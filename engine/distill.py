@@ -16,10 +16,27 @@ channel i -> teacher channel kept[i]), so the loss starts as a comparison on the
 
 Training: AdamW (no decay on 1-D params), linear warmup + cosine decay to min_lr_ratio * lr,
 gradient accumulation, clipping, bf16 autocast where supported with fp32 master weights; the
-teacher runs once per micro-batch without gradients. Under `torchrun`/`accelerate launch` the
-same loop runs with accelerate (DDP, or FSDP from the accelerate config); the single-process
-path uses plain torch (no accelerate wrappers). Under FSDP, checkpoints hold the full student
-weights, schedule and data position but not the (sharded) optimizer moments.
+teacher runs once per micro-batch without gradients.
+
+Several processes (`torchrun` / `accelerate launch`, WORLD_SIZE > 1): each rank takes its slice
+of every micro-batch of the same global batch, and the mean loss terms, grad norm and any rank's
+stop request are all-reduced once per step. Two ways to spread the student:
+  - DDP (default): accelerate's wrapper; every rank holds the whole student and its AdamW state.
+  - FSDP, selected by ACCELERATE_USE_FSDP=true in the environment - what `accelerate launch
+    --use_fsdp` (or an FSDP `accelerate config`) sets; with torchrun set it yourself. The loop
+    shards the student itself with torch FSDP2 (`fully_shard`: one unit per decoder layer, one
+    for the rest incl. the hidden-state projector), full shard, gradients reduce-scattered every
+    micro-batch, on CUDA (NCCL) or CPU (gloo) alike: accelerate only turns FSDP on for GPUs, and
+    its other FSDP_* settings are not used. Weights, gradients and AdamW moments are split across
+    the ranks; the frozen teacher is replicated. A copy of the student is sharded; the caller's
+    `student` waits on the CPU and gets the trained full weights back at the end (on every rank).
+    Evaluation runs on all ranks together (same blocks on each, rank 0 logs).
+The single-process path uses plain torch (no accelerate wrappers).
+
+Checkpoints (written by rank 0) have one format whatever the launch: the full (unsharded) weights
+and AdamW moments, schedule, step, every rank's RNG state. Any run - one process, DDP or FSDP -
+resumes from the newest one (all ranks load the file rank 0 picked: the run folder must be on a
+filesystem they all see) and repeats the uninterrupted run when the global batch is unchanged.
 
 metrics.jsonl rows: training {step, tokens, loss, kl_loss[, ce_loss][, hidden_loss], grad_norm, lr,
 tokens_per_s, elapsed_s}; evaluation {eval: true, step, tokens, ppl, kl, elapsed_s[, teacher_ppl]}
@@ -257,6 +274,89 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+def fsdp_requested() -> bool:
+    """ACCELERATE_USE_FSDP=true: what `accelerate launch --use_fsdp` / an FSDP accelerate config sets."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+
+
+def _fsdp_shard(module: Distillable, device: torch.device, world: int) -> None:
+    """FSDP2 in place over all ranks: one unit per student decoder layer, the root for the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from engine.arch import get_adapter
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in get_adapter(module.student).layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    ps = list(module.parameters())
+    log.info("FSDP2 over %d ranks: this rank holds %d of the %d student values", world,
+             sum(p.to_local().numel() for p in ps), sum(p.numel() for p in ps))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every rank calls it, same order); else t."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _full_model_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """state_dict of an FSDP module with full CPU tensors (collective; {} where not `keep`)."""
+    module.reshard()  # an evaluation forward leaves the root's parameters unsharded
+    out = {}
+    for k, v in module.state_dict().items():
+        v = _full(v).detach()
+        if keep:
+            out[k] = v.cpu()
+    return out
+
+
+def _full_optim_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
+    """optimizer.state_dict() with the FSDP-sharded moments gathered (collective): the same format
+    as a single process's, so checkpoints resume under any launch."""
+    sd = optimizer.state_dict()
+    state = {}
+    for i in sorted(sd["state"]):
+        s = {k: _full(v).detach() if torch.is_tensor(v) else v for k, v in sorted(sd["state"][i].items())}
+        state[i] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+
+def _load_sharded_optim_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a full optimizer state_dict into an optimizer over FSDP (DTensor) parameters: each rank
+    keeps its own shard of every moment (cut locally from the full tensor, no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v
+                    for k, v in s.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+class _ViaRoot(nn.Module):
+    """The student as evaluate_student sees it when sharded: run through the FSDP root module (on
+    every rank together), outside inference mode - FSDP2 cannot reuse buffers made inside it."""
+
+    def __init__(self, module: Distillable):
+        super().__init__()
+        self.module = module
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False):
+        from types import SimpleNamespace
+
+        with torch.inference_mode(False), torch.no_grad():
+            logits, _ = self.module(input_ids.clone())
+        return SimpleNamespace(logits=logits)
+
+
 def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
             eval_blocks: torch.Tensor | None, config: DistillConfig, run_dir: str | Path,
             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
@@ -267,15 +367,18 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
     Appends rows to run_dir/metrics.jsonl, checkpoints atomically into run_dir/checkpoints, resumes
     from the newest checkpoint when `resume`, and stops cleanly (final checkpoint) when
     should_stop() is true or SIGTERM arrives. kept_channels: teacher hidden channels the student
-    kept (width pruning), to initialise the hidden-state projector.
+    kept (width pruning), to initialise the hidden-state projector. Under several processes every
+    rank calls this with the same arguments (see the module docstring for DDP / FSDP).
 
-    Returns {"steps", "total_steps", "stopped", "tokens", "elapsed_s", "first_eval", "last_eval"}."""
+    Returns {"steps", "total_steps", "stopped", "tokens", "elapsed_s", "first_eval", "last_eval",
+    "parallel" ("single", "ddp" or "fsdp")}."""
+    import copy
     import signal
     import threading
     import time
 
     from engine.arch import get_adapter
-    from engine.evaluate import autocast_ctx, evaluate_student, perplexity
+    from engine.evaluate import autocast_ctx, evaluate_student
     from engine.models import resolve_dtype
     from engine.runs import Run, checkpoint_files, latest_checkpoint, save_checkpoint, truncate_metrics
 
@@ -285,6 +388,8 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
     acc = _accelerator()
     world, rank = (acc.num_processes, acc.process_index) if acc else (1, 0)
     main = rank == 0
+    fsdp = acc is not None and fsdp_requested()
+    parallel = "fsdp" if fsdp else "ddp" if acc else "single"
     device = acc.device if acc else next(student.parameters()).device
     amp = resolve_dtype(cfg.dtype, device)
     amp = amp if amp == torch.bfloat16 else torch.float32  # fp16 would need a grad scaler: not used
@@ -296,9 +401,17 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
     total, G, T = cfg.total_steps(world), cfg.global_batch(world), cfg.seq_len
     B, A = cfg.batch_size, cfg.grad_accum
 
+    # -- which checkpoint: rank 0 decides for all -----------------------------------------------
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if acc:
+        pick = [str(ckpt) if ckpt is not None else None]
+        torch.distributed.broadcast_object_list(pick, src=0)
+        ckpt = Path(pick[0]) if pick[0] is not None else None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt is not None else None
+
     # -- models: fp32 master weights for the student, frozen teacher ----------------------------
     teacher.eval().requires_grad_(False)
-    student.float().to(device).train()
+    student.float().train()
     n_s = len(get_adapter(student).layers)
     taps: list[int] = []
     t_tap = None
@@ -308,40 +421,52 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
             raise ValueError(f"layer_map has {len(layer_map)} entries; the student has {n_s} layers")
         taps = list(range(n_s))
         t_tap = LayerTap(teacher, layer_map)
-    module = Distillable(student, taps, int(teacher.config.hidden_size), kept_channels).to(device)
+    if fsdp:  # shard a copy; the caller's student waits on the CPU for the trained weights
+        trainee = copy.deepcopy(student.to("cpu"))
+    else:
+        trainee = student.to(device)
+    module = Distillable(trainee, taps, int(teacher.config.hidden_size), kept_channels)
+    if state is not None:
+        module.load_state_dict(state["model"])
+    if fsdp:
+        _fsdp_shard(module, device, world)  # moves the shards to `device`
+    else:
+        module.to(device)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total, cfg.min_lr_ratio))
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # the sharded ones under FSDP
 
     # -- resume ---------------------------------------------------------------------------------
     start, elapsed, first_eval = 0, 0.0, None
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["model"])
+    if state is not None:
         if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            if fsdp:
+                _load_sharded_optim_state(optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or []
+        _set_rng_state(ranks[rank] if len(ranks) == world else state["rng"])
         start, elapsed, first_eval = state["step"], state["elapsed_s"], state.get("first_eval")
         if state.get("global_batch") != G:
             log.warning("resuming with global batch %d (checkpoint: %s): data order differs",
                         G, state.get("global_batch"))
-        log.info("resumed from %s (step %d/%d)", ckpt.name, start, total)
+        log.info("resumed from %s (step %d/%d, %s)", ckpt.name, start, total, parallel)
         if main:
             truncate_metrics(run_dir / "metrics.jsonl", start)
+        del state
     elif main:  # a fresh start: no rows or checkpoints of an earlier attempt survive
         truncate_metrics(run_dir / "metrics.jsonl", -1)
         for old in checkpoint_files(run_dir / "checkpoints"):
             old.unlink()
     if acc:
-        module, optimizer = acc.prepare(module, optimizer)
-        if acc.distributed_type.value == "FSDP":
-            teacher = acc.prepare_model(teacher)
-        else:
-            teacher.to(device)
-    raw = acc.unwrap_model(module) if acc else module
+        if not fsdp:
+            module, optimizer = acc.prepare(module, optimizer)
+        teacher.to(device)
+        acc.wait_for_everyone()  # rank 0 has cleaned the run folder
+    raw = acc.unwrap_model(module) if acc and not fsdp else module
     run = Run(run_dir)
 
     def log_row(row: dict) -> None:
@@ -352,23 +477,34 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
         nonlocal first_eval
         raw.student.eval()
         row = {"eval": True, "step": step, "tokens": step * G * T}
-        if main:
-            r = evaluate_student(teacher, raw.student, eval_blocks, cfg.eval_batch_size, cfg.temperature)
+        if main or fsdp:  # a sharded student needs every rank
+            r = evaluate_student(teacher, _ViaRoot(module) if fsdp else raw.student, eval_blocks,
+                                 cfg.eval_batch_size, cfg.temperature)
             row.update(ppl=r["ppl"], kl=r["kl"], elapsed_s=round(elapsed, 3))
             if first_eval is None:
-                row["teacher_ppl"] = perplexity(teacher, eval_blocks, cfg.eval_batch_size)
+                row["teacher_ppl"] = r["teacher_ppl"]
                 first_eval = dict(row)
             log_row(row)
+            if fsdp:
+                module.reshard()
         raw.student.train()
         return row
 
     def checkpoint(step: int) -> None:
-        model_state = acc.get_state_dict(module) if acc else raw.state_dict()
+        if fsdp:
+            model_state, optim_state = _full_model_state(module, main), _full_optim_state(optimizer, main)
+        else:
+            model_state = acc.get_state_dict(module) if acc else raw.state_dict()
+            optim_state = optimizer.state_dict() if main else None
+        rng = _rng_state()
+        rng_ranks = None
+        if acc:
+            rng_ranks = [None] * world
+            torch.distributed.all_gather_object(rng_ranks, rng)
         if main:
-            fsdp = acc is not None and acc.distributed_type.value == "FSDP"
             state = {"format": 1, "step": step, "elapsed_s": elapsed, "model": model_state,
-                     "optimizer": None if fsdp else optimizer.state_dict(), "scheduler": sched.state_dict(),
-                     "rng": _rng_state(), "global_batch": G, "world_size": world,
+                     "optimizer": optim_state, "scheduler": sched.state_dict(), "rng": rng,
+                     "rng_ranks": rng_ranks, "global_batch": G, "world_size": world, "parallel": parallel,
                      "config": cfg.to_dict(), "first_eval": first_eval}
             save_checkpoint(run_dir / "checkpoints", step, state, keep=cfg.keep_checkpoints)
         if acc:
@@ -386,7 +522,6 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
     try:
         if eval_blocks is not None and start == 0:
             last_eval = evaluate(0)
-        params = [p for p in module.parameters() if p.requires_grad]
         for step in range(start, total):
             t0 = time.perf_counter()
             idx = order.batch(step)  # (G,) block indices of this optimizer step
@@ -394,7 +529,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
             for a in range(A):
                 rows = idx[a * world * B + rank * B: a * world * B + (rank + 1) * B]
                 ids = train_blocks[rows].to(device, non_blocking=True)  # (B, T)
-                sync = acc.no_sync(module) if acc and a < A - 1 else _null()
+                sync = acc.no_sync(module) if acc and not fsdp and a < A - 1 else _null()
                 with sync:
                     with torch.no_grad(), autocast_ctx(device, amp):
                         t_logits = teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
@@ -404,12 +539,12 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
                     terms = loss_terms(t_logits, s_logits, ids, cfg, t_hidden, s_hidden)
                     del t_logits, s_logits, t_hidden, s_hidden
                     loss = terms["loss"] / A
-                    acc.backward(loss) if acc else loss.backward()
+                    acc.backward(loss) if acc and not fsdp else loss.backward()
                 vec = torch.stack([v.detach() for v in terms.values()]) / A
                 sums = vec if sums is None else sums + vec
             lr = optimizer.param_groups[0]["lr"]
-            gnorm = acc.clip_grad_norm_(params, cfg.clip) if acc else \
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            gnorm = acc.clip_grad_norm_(params, cfg.clip) if acc and not fsdp else \
+                _full(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -439,9 +574,13 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
                 log.info("stopped at step %d/%d (checkpoint kept)", done, total)
                 break
         else:
-            if start >= total and eval_blocks is not None and main:
+            if start >= total and eval_blocks is not None:  # all ranks read the same file
                 prior = [r for r in run.metrics() if r.get("eval")]
                 last_eval = prior[-1] if prior else evaluate(total)
+        if fsdp:  # the trained weights back into the caller's (unsharded) student, on every rank
+            full = _full_model_state(module)
+            student.load_state_dict({k[len("student."):]: v for k, v in full.items() if k.startswith("student.")})
+            student.to(device)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -452,7 +591,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
         student.eval()
     done_steps = min(total, step + 1) if start < total else total
     return {"steps": done_steps, "total_steps": total, "stopped": stopped, "tokens": done_steps * G * T,
-            "elapsed_s": elapsed, "first_eval": first_eval, "last_eval": last_eval}
+            "elapsed_s": elapsed, "first_eval": first_eval, "last_eval": last_eval, "parallel": parallel}
 
 
 class _null:

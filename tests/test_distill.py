@@ -1,4 +1,5 @@
-"""Distillation loop on tiny models: loss, KL at identity, resume, hidden-state loss, schedule, DDP."""
+"""Distillation loop on tiny models: loss, KL at identity, resume, hidden-state loss, schedule,
+and 2 torchrun processes (gloo): DDP, FSDP and resume match one process."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -137,34 +139,141 @@ def test_evaluate_helpers(data):
     assert evaluate_student(None, s, held)["kl"] is None
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import sys, torch
+# ---------------------------------------------------------------- several processes (torchrun, gloo)
+
+WORKER = textwrap.dedent("""
+    import json, logging, sys, torch
     sys.path.insert(0, {tests!r})
     from tiny_models import random_ids, tiny_model
     from engine.distill import DistillConfig, distill
-    batch = int(sys.argv[2])
+    logging.basicConfig(level=logging.INFO)
+    run_dir, batch, stop_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     cfg = DistillConfig(steps=6, batch_size=batch, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=2,
-                        eval_every=100, checkpoint_every=3, ce_weight=0.5, hidden_weight=0.5)
-    distill(tiny_model("llama", 0), tiny_model("llama", 1), random_ids(48, 32, 0), random_ids(4, 32, 1),
-            cfg, sys.argv[1])
+                        eval_every=100, checkpoint_every=3, ce_weight=0.5, hidden_weight=0.5, layer_map=(0, 3))
+    # width- and depth-pruned student: hidden-state projector, tied embeddings, uneven shards
+    student = tiny_model("llama", 1, hidden_size=24, num_hidden_layers=2)
+    calls = iter(range(1, 100))
+    stop = (lambda: next(calls) >= stop_after) if stop_after else None
+    out = distill(tiny_model("llama", 0), student, random_ids(48, 32, 0), random_ids(4, 32, 1), cfg, run_dir,
+                  should_stop=stop, kept_channels=list(range(0, 48, 2)))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save(student.state_dict(), f"{{run_dir}}/student-rank{{rank}}.pt")
+    if rank == 0:
+        json.dump({{k: out[k] for k in ("steps", "stopped", "parallel")}}, open(f"{{run_dir}}/out.json", "w"))
 """)
+TERMS = ("loss", "kl_loss", "ce_loss", "hidden_loss", "grad_norm")
+
+
+def _launch(tmp: Path, run_dir: Path, nproc: int, stop_after: int = 0, fsdp: bool = False) -> str:
+    """The worker in `nproc` processes (batch 4 / nproc each: the same global batch of 8); its log."""
+    script = tmp / "worker.py"
+    if not script.exists():
+        script.write_text(WORKER.format(tests=str(ROOT / "tests")))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_FSDP"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **({"ACCELERATE_USE_FSDP": "true"} if fsdp else {}))
+    args = [str(script), str(run_dir), str(4 // nproc), str(stop_after)]
+    if nproc > 1:  # --standalone: a free port of its own, so parallel test runs do not collide
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    p = subprocess.run([sys.executable, *args], env=env, timeout=240, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return p.stderr
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """Runs of the worker by name, launched on first use and shared by the tests of this module:
+    "one" (1 process, batch 4), "ddp" / "fsdp" (2 gloo processes, batch 2 each), uninterrupted."""
+    tmp = tmp_path_factory.mktemp("multi")
+    runs: dict[str, tuple[Path, str]] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            log = _launch(tmp, tmp / name, 1 if name == "one" else 2, fsdp=name == "fsdp")
+            runs[name] = (tmp / name, log)
+        return runs[name][0]
+
+    get.tmp, get.log = tmp, lambda name: runs[name][1]
+    return get
+
+
+def _assert_same_run(got: Path, ref: Path, rel: float) -> None:
+    """Same rows (steps, tokens, evaluations) and loss terms / evaluations within `rel`."""
+    a, b = read_jsonl(ref / "metrics.jsonl"), read_jsonl(got / "metrics.jsonl")
+    assert [(r["step"], r["tokens"], bool(r.get("eval"))) for r in b] == \
+        [(r["step"], r["tokens"], bool(r.get("eval"))) for r in a]
+    for x, y in zip(a, b, strict=True):
+        for k in ("ppl", "kl", "teacher_ppl") if x.get("eval") else TERMS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-7), (x["step"], k)
+
+
+def _out(run_dir: Path) -> dict:
+    return json.loads((run_dir / "out.json").read_text())
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, batch 2 each) gives the losses of 1 process with batch 4."""
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"], check=True, env=env,
-                   timeout=120, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29533", str(script), str(tmp_path / "two"), "2"],
-                   check=True, env=env, timeout=180, cwd=ROOT)
-    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
-    assert [r["step"] for r in two] == list(range(1, 7))
-    assert two[0]["tokens"] == one[0]["tokens"] == 2 * 4 * 32
-    for a, b in zip(one, two, strict=True):
-        for k in ("loss", "kl_loss", "ce_loss", "hidden_loss", "grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=2e-4, abs=1e-6), (a["step"], k)
-    assert checkpoint_files(tmp_path / "two" / "checkpoints")[-1].name == "step-000006.pt"
+def test_two_gloo_processes_match_one_process(multi):
+    """torchrun --nproc_per_node 2 (gloo, DDP, batch 2 each) gives the losses of 1 process with batch 4."""
+    one, two = multi("one"), multi("ddp")
+    assert _out(two) == {"steps": 6, "stopped": False, "parallel": "ddp"} and _out(one)["parallel"] == "single"
+    assert _train_rows(two)[0]["tokens"] == 2 * 4 * 32
+    _assert_same_run(two, one, rel=2e-4)
+    assert checkpoint_files(two / "checkpoints")[-1].name == "step-000006.pt"
+
+
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_match_one_process(multi):
+    """ACCELERATE_USE_FSDP=true torchrun --nproc_per_node 2: the student really is sharded (each rank
+    holds about half of it), the losses and evaluations are those of 1 process, the checkpoint holds
+    the full student and projector (and full AdamW moments) that load back, and the caller's student
+    gets the trained weights on every rank."""
+    one, fsdp = multi("one"), multi("fsdp")
+    assert _out(fsdp) == {"steps": 6, "stopped": False, "parallel": "fsdp"}
+    held = [tuple(map(int, m)) for m in re.findall(r"FSDP2 over 2 ranks: this rank holds (\d+) of the (\d+)",
+                                                   multi.log("fsdp"))]
+    assert len(held) == 2 and held[0][1] == held[1][1]
+    assert sum(h for h, _ in held) >= held[0][1] and all(h < 0.6 * n for h, n in held)
+    _assert_same_run(fsdp, one, rel=2e-4)
+
+    ref = torch.load(one / "checkpoints" / "step-000006.pt", weights_only=False)
+    got = torch.load(fsdp / "checkpoints" / "step-000006.pt", weights_only=False)
+    assert got["parallel"] == "fsdp" and got["world_size"] == 2 and got["global_batch"] == ref["global_batch"]
+    assert got["model"].keys() == ref["model"].keys() and got["model"]["proj.weight"].shape == (48, 24)
+    for k, v in ref["model"].items():
+        assert not hasattr(got["model"][k], "placements")  # plain tensors, not DTensor shards
+        torch.testing.assert_close(got["model"][k], v, rtol=1e-3, atol=1e-5, msg=k)
+    assert got["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]
+    for i, st in ref["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["optimizer"]["state"][i][k], st[k], rtol=1e-3, atol=1e-7)
+
+    weights = {k[len("student."):]: v for k, v in got["model"].items() if k.startswith("student.")}
+    fresh = tiny_model("llama", 7, hidden_size=24, num_hidden_layers=2)
+    fresh.load_state_dict(weights)  # strict: every weight, full shapes
+    trained = tiny_model("llama", 7, hidden_size=24, num_hidden_layers=2)
+    trained.load_state_dict(torch.load(one / "student-rank0.pt"))
+    ids = random_ids(2, 32, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-3, atol=1e-4)
+    for r in (0, 1):  # distill() gave the trained weights back to the caller's student
+        sd = torch.load(fsdp / f"student-rank{r}.pt")
+        assert sd.keys() == weights.keys()
+        for k, v in weights.items():
+            torch.testing.assert_close(sd[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_under_torchrun_matches_uninterrupted_run(multi, mode):
+    """2 gloo processes cancelled after step 4 (checkpoints at 3 and 4), then a second torchrun
+    resumes from step 4: the rows equal those of the uninterrupted 2-process run."""
+    run_dir = multi.tmp / f"{mode}-resumed"
+    _launch(multi.tmp, run_dir, 2, stop_after=4, fsdp=mode == "fsdp")
+    assert _out(run_dir) == {"steps": 4, "stopped": True, "parallel": mode}
+    assert [f.name for f in checkpoint_files(run_dir / "checkpoints")] == ["step-000003.pt", "step-000004.pt"]
+    assert [r["step"] for r in _train_rows(run_dir)] == [1, 2, 3, 4]
+    log = _launch(multi.tmp, run_dir, 2, fsdp=mode == "fsdp")
+    assert "resumed from step-000004.pt (step 4/6" in log
+    assert _out(run_dir) == {"steps": 6, "stopped": False, "parallel": mode}
+    _assert_same_run(run_dir, multi(mode), rel=1e-6)  # (and that one matches 1 process: tests above)
+    assert checkpoint_files(run_dir / "checkpoints")[-1].name == "step-000006.pt"
