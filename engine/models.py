@@ -201,29 +201,49 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     trust_remote_code: bool = False,
+    stream: bool | str = False,
+    offload_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     spec: "default" (built-in SmolLM2-135M-Instruct), a hub id, a local HF folder or a .gguf path.
+    stream: keep the weights off `device` and copy each module's there only while it runs (for models
+    larger than the device; see engine.importance.stream): True / "cpu" keeps them in RAM, "disk"
+    reads them from the checkpoint at each forward (larger than RAM too; weights transformers must
+    convert are re-saved in `offload_dir`, a temporary folder by default).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    stream = "cpu" if stream is True else (stream or False)
+    if stream not in (False, "cpu", "disk"):
+        raise ModelLoadError(f"unknown stream mode {stream!r}; valid: cpu (weights in RAM), disk")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path, kw = resolve_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dt, trust_remote_code=trust_remote_code, **kw
-        )
+        if stream == "disk":
+            from engine.importance.stream import load_disk_streamed
+
+            model = load_disk_streamed(path, dt, dev, offload_dir, trust_remote_code=trust_remote_code, **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dt, trust_remote_code=trust_remote_code, **kw
+            )
     except OSError as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}") from e
-    model.to(dev).eval()
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
     from engine.arch import get_adapter  # validates the family early, with a clear message
 
     get_adapter(model)
+    if stream == "cpu":
+        from engine.importance.stream import stream_model
+
+        stream_model(model, dev)  # weights stay in RAM where from_pretrained put them
+    elif not stream:
+        model.to(dev)
+    model.eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, spec=spec, source=path)
 
 
@@ -243,8 +263,13 @@ def fingerprint(model: torch.nn.Module) -> str:
     cfg = {k: v for k, v in model.config.to_diff_dict().items()
            if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    from engine.importance.stream import offloaded_weights  # a streamed model's weights sit on `meta`
+
+    offloaded = offloaded_weights(model)
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
+            if p.device.type == "meta" and offloaded is not None:
+                p = offloaded[name]  # the real value (read from disk one tensor at a time for "disk")
             flat = p.detach().reshape(-1)
             k = min(64, flat.numel())  # evenly spaced samples, in integer arithmetic (exact for any size)
             idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)

@@ -320,3 +320,79 @@ def test_builtin_model_on_wikitext(builtin, wikitext):
         top = s[name].argsort(descending=True)[:5].tolist()
         assert 0 in top and L - 1 in top, (name, top)
     assert s.meta["spearman_bi_ppl"] is not None and s.meta["spearman_bi_ppl"] > 0
+
+
+# ---------------------------------------------------------------- streaming (weights off the device)
+
+
+class _ResidentWeights(torch.overrides.TorchFunctionMode):
+    """Records, at every torch call made while it is active, which modules have real (non-meta) weights."""
+
+    def __init__(self, model):
+        super().__init__()
+        # the modules, not their parameters: the offload hooks swap in new Parameter objects
+        self.owners = [(name, m) for name, m in model.named_modules() if m._parameters]
+        self.calls, self.most, self.seen = 0, 0, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        resident = [name for name, m in self.owners
+                    if any(p is not None and p.device.type != "meta" for p in m._parameters.values())]
+        self.calls += 1
+        self.most = max(self.most, len(resident))
+        self.seen.update(resident)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen3", "gpt2"])
+def test_streamed_scores_equal_unstreamed_with_one_module_resident_at_a_time(fam):
+    from engine.importance.stream import stream_info, stream_model
+    from engine.models import fingerprint
+
+    ref_model = tiny_model(fam)
+    model = stream_model(tiny_model(fam), "cpu")
+    info = stream_info(model)
+    assert info.offload == "cpu" and info.execution_device == torch.device("cpu")
+    assert info.tied == get_adapter(ref_model).tied  # read before offloading (qwen3 is untied)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert hasattr(get_adapter(model).layer(0).down, "_hf_hook")
+    assert fingerprint(model) == fingerprint(ref_model)  # read from the offloaded weights: same cache key
+    ids = random_ids(N, T)
+    cfg = ScoreConfig(depth_ppl=True, block_size=2, block_ppl=True, batch_size=2)
+    ref = compute_scores(ref_model, ids, cfg)
+    with _ResidentWeights(model) as watch:
+        s = compute_scores(model, ids, cfg)
+    assert set(s.tensors) == set(ref.tensors)
+    for k in ref.tensors:
+        close(s[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert s.meta["base_ppl"] == pytest.approx(ref.meta["base_ppl"], rel=1e-6)
+    assert s.meta["stream"] == "cpu" and ref.meta["stream"] == "off" and s.meta["device"] == "cpu"
+    assert s.meta["arch"] == ref.meta["arch"]
+    # every weight-owning module was loaded at some point, never two at once, and all are offloaded again
+    assert watch.calls > 0 and watch.most == 1 and len(watch.seen) == len(watch.owners)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(ScoreError, match="Taylor"):
+        compute_scores(model, ids, ScoreConfig(taylor=True))
+
+
+def test_cli_stream_from_ram_and_disk_matches_and_shares_the_cache(tiny_setup, tmp_path, capsys):
+    from engine.cli import main
+
+    _, _, model_dir, text = tiny_setup
+    base = ["score", "--model", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
+            "--depth-ppl", "--blocks", "2", "--block-ppl", "--batch-size", "3", "--device", "cpu"]
+    disk, plain = tmp_path / "disk", tmp_path / "plain"
+    assert main(base + ["--stream", "disk", "--out", str(disk)]) == 0
+    printed = capsys.readouterr().out
+    assert "cache: computed" in printed and "computed streamed: weights kept on disk, layers run on cpu" in printed
+    assert main(base + ["--out", str(plain)]) == 0
+    assert "streamed" not in capsys.readouterr().out
+    s_disk, s_plain = Scores.load(disk), Scores.load(plain)
+    assert s_disk.meta["stream"] == "disk" and s_plain.meta["stream"] == "off"
+    assert s_disk.meta["cache_key"] == s_plain.meta["cache_key"] and s_disk.meta["arch"] == s_plain.meta["arch"]
+    assert set(s_disk.tensors) == set(s_plain.tensors)
+    for k in s_plain.tensors:
+        close(s_disk[k], s_plain[k], rtol=1e-6, atol=1e-7)
+    assert main(base + ["--stream", "--out", str(plain)]) == 0  # RAM streaming: same key, reused
+    assert "cache: reused" in capsys.readouterr().out
+    assert main(base + ["--stream", "--taylor", "--out", str(tmp_path / "t")]) == 2
+    assert "--taylor" in capsys.readouterr().err

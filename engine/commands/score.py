@@ -31,6 +31,14 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--stream", nargs="?", const="cpu", default=None, choices=["cpu", "disk"],
+                   help="for models larger than the device: keep the weights off it and copy each module's "
+                        "weights there only while it runs; cpu (the default) keeps them in RAM, disk reads them from "
+                        "the checkpoint at each forward (larger than RAM too). Same scores, slower; not with "
+                        "--taylor")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="with --stream disk: where weights that must be converted on load are re-saved "
+                        "(default: a temporary folder)")
     p.add_argument("--out", default=None, metavar="DIR", help="scores folder (default: in the prunescope cache)")
     p.add_argument("--force", action="store_true", help="recompute and overwrite scores already in --out")
     p.set_defaults(func=run)
@@ -50,6 +58,8 @@ def summary(scores, folder, reused: str) -> list[str]:
         f"model: {m.get('model')} ({m.get('model_type')}, {m.get('n_layers')} layers); data: {m.get('data')}; "
         f"{m.get('n_samples')} x {m.get('seq_len')} tokens; aggregation {m.get('aggregation')}",
     ]
+    if m.get("stream", "off") != "off":
+        lines.append(f"computed streamed: weights kept on {m['stream']}, layers run on {m.get('device')}")
     bi = scores["bi"].tolist()
     lines.append(f"BI most important layers: {_layers(bi)}; least: {_layers(bi, largest=False)}")
     if scores.has("ppl_increase"):
@@ -75,13 +85,19 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from engine.data import DataSource, parse_doc_range
-    from engine.importance import ScoreConfig, score
+    from engine.importance import ScoreConfig, ScoreError, score
     from engine.models import load
 
     source = DataSource.parse(args.data, column=args.text_column, docs=parse_doc_range(args.data_range))
     config = ScoreConfig(aggregation=args.aggregation, depth_ppl=args.depth_ppl, block_size=args.blocks,
                          block_ppl=args.block_ppl, taylor=args.taylor, batch_size=args.batch_size)
-    loaded = load(args.model, dtype=args.dtype, device=args.device)
+    if args.stream and args.taylor:  # refused before loading (score() would refuse it too)
+        raise ScoreError("--taylor needs every layer's gradients at once, which --stream cannot keep on the "
+                         "device; drop one of them")
+    if args.offload_dir and args.stream != "disk":
+        raise ScoreError("--offload-dir is for --stream disk")
+    loaded = load(args.model, dtype=args.dtype, device=args.device, stream=args.stream or False,
+                  offload_dir=args.offload_dir)
     bar = tqdm(total=1000, desc="scoring", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     def progress(frac: float, message: str) -> None:

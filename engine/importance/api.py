@@ -5,6 +5,10 @@ perplexity is asked for) with hooks; when perplexities are asked for, the same p
 input of every layer *for this batch only* (memory L x batch x T x D in the model dtype), the base
 NLL is taken from its output, and the layer / block removal sweep restarts from those inputs.
 Taylor+ is a separate pass with gradients.
+
+A streamed model (`engine.importance.stream`, `load(..., stream=...)`) runs on its execution device
+with each module's weights copied there only while it runs; the scores are the same, Taylor+ is
+refused (it needs every layer's gradients at once), and meta["stream"] says how the weights rested.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -22,6 +26,7 @@ from engine.arch import get_adapter
 from engine.importance.aggregate import DEFAULT_AGGREGATION, parse_aggregation, spearman
 from engine.importance.depth import lm_nll, removal_nll
 from engine.importance.scores import ScoreError, Scores
+from engine.importance.stream import execution_device, stream_info
 from engine.importance.taylor import taylor_scores
 from engine.importance.width import WidthCollector
 
@@ -65,6 +70,16 @@ class _Meter:
             self.progress(min(1.0, self.done / self.total), message)
 
 
+def check_streaming(model: torch.nn.Module, config: ScoreConfig) -> None:
+    """ScoreError for what a streamed model cannot score (Taylor+)."""
+    info = stream_info(model)
+    if info is not None and config.taylor:
+        raise ScoreError(
+            f"Taylor+ cannot be scored on a streamed model (weights kept on {info.offload}): it needs the "
+            "gradients of every layer's weights at once, while streaming keeps only the running module's "
+            "weights on the device; score Taylor+ without --stream / stream=, or drop --taylor")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,12 +95,13 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     adapter = get_adapter(model)
     L = adapter.n_layers
     config.validate(L)
+    check_streaming(model, config)
     if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] < 1:
         raise ScoreError(f"calibration blocks must be (n_samples, seq_len >= 2), got {tuple(blocks.shape)}")
     blocks = blocks.long()
     N, T = blocks.shape
     n = config.block_size
-    device = next(model.parameters()).device
+    device = execution_device(model)  # not `meta`, where a streamed model's weights rest between forwards
     bs = config.batch_size
     n_batches = math.ceil(N / bs)
     need_ppl = config.depth_ppl or config.block_ppl
@@ -154,12 +170,16 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     timings["total"] = time.perf_counter() - t_start
     p = next(model.parameters())
     spec = adapter.spec()
+    stream = stream_info(model)
+    if stream is not None:  # `meta` placeholders all share data_ptr 0: tiedness was read before offloading
+        spec = replace(spec, tied=stream.tied)
     meta.update({
         "model_type": spec.model_type, "n_layers": L, "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads,
         "head_dim": spec.head_dim, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "arch": spec.to_dict(), "n_samples": N, "seq_len": T, "aggregation": config.aggregation,
         "block_size": n, "engine_version": engine.__version__, "algorithm_version": ALGORITHM_VERSION,
-        "config": asdict(config), "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device),
+        "config": asdict(config), "dtype": str(p.dtype).replace("torch.", ""), "device": str(device),
+        "stream": stream.offload if stream is not None else "off",
         "timings": {k: round(v, 4) for k, v in timings.items()},
     })
     meta.setdefault("spearman_bi_ppl", None)

@@ -12,6 +12,11 @@ Cache policy
 - A folder holding scores with a different key, or block scores of another block size, raises
   ScoreError naming the differences, unless `force=True`, which recomputes and overwrites.
 - batch_size is not part of the key: it changes only float rounding.
+- Streaming (`load(..., stream=...)`) is not part of the key either: it changes where the weights
+  rest between forwards, not the arithmetic (same kernels, same weights, same device), so streamed
+  and unstreamed scores are equal and share a folder; meta["stream"] records how the last
+  computation ran ("off" | "cpu" | "disk"), and a streamed model's fingerprint is read from its
+  offloaded weights, so it matches the unstreamed model's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import engine
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
-from engine.importance.api import ALGORITHM_VERSION, Progress, ScoreConfig, compute_scores
+from engine.importance.api import ALGORITHM_VERSION, Progress, ScoreConfig, check_streaming, compute_scores
 from engine.importance.scores import ScoreError, Scores
 from engine.models import LoadedModel, cache_dir, fingerprint
 
@@ -102,6 +107,7 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
     "partial" (missing parts computed and merged) or "none". See the module docstring for the policy.
     """
     config.validate(get_adapter(loaded.model).n_layers)
+    check_streaming(loaded.model, config)
     inputs = key_inputs(loaded, source, n_samples, seq_len, seed, config)
     key = cache_key(inputs)
     suffix = f"-blocks{config.block_size}" if config.block_size else ""
