@@ -116,11 +116,42 @@ def slider_moves(browser, url: str, n: int) -> list[float]:
     return times[1:]
 
 
+def screenshots(browser, url: str, out: Path) -> list[Path]:
+    """The score pages on this model, for the README: each Importance tab, and Prune targets with the
+    "Width 75%" preset applied (red = what it would cut)."""
+    out.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    saved = []
+
+    def shot(name: str) -> None:
+        idle(page)
+        page.wait_for_timeout(1500)  # plotly draws after the script run ends
+        saved.append(out / f"{name}.png")
+        page.screenshot(path=str(saved[-1]), full_page=True)
+
+    page.goto(url + "/importance")
+    idle(page)
+    for tab, name in (("Attention heads", "importance-heads"), ("MLP neurons", "importance-neurons"),
+                      ("Embedding channels", "importance-channels"), ("Layers", "importance-layers")):
+        page.get_by_role("tab", name=tab).click()
+        shot(name)
+    page.goto(url + "/targets")
+    idle(page)
+    page.get_by_role("button", name="Width 75%").click()
+    shot("targets-width75")
+    page.get_by_role("tab", name="MLP neurons").click()
+    shot("targets-width75-neurons")
+    page.close()
+    return saved
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--slider-moves", type=int, default=10)
     p.add_argument("--json", default=None)
+    p.add_argument("--screenshots", type=Path, default=None,
+                   help="after the timings, save screenshots of the score pages into this folder")
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -155,6 +186,9 @@ def main() -> int:
                         ms = slider_moves(browser, url, args.slider_moves)
                         result["slider_ms"] = {"median": round(statistics.median(ms), 1), "max": round(max(ms), 1),
                                                "all": [round(x, 1) for x in ms]}
+                        if args.screenshots:
+                            for f in screenshots(browser, url, args.screenshots):
+                                print("saved", f, flush=True)
                 finally:
                     stop_app(proc)
             browser.close()

@@ -180,7 +180,9 @@ def generate_texts(model, tokenizer, n_docs: int, max_new_tokens: int = 256, see
     """Text sampled by the model from its BOS token (seeded, batched): data for offline machines."""
     import torch
 
-    device = next(model.parameters()).device
+    from engine.importance.stream import execution_device
+
+    device = execution_device(model)  # not `meta` for a streamed model
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token to start generation from")

@@ -9,13 +9,14 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.paths import cache_dir  # noqa: F401  (re-exported: engine.models.cache_dir)
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return BUILTIN_NAME if self.spec == "default" else self.spec
-
-
-def cache_dir() -> Path:
-    """Root of prunescope's cache: $PRUNESCOPE_CACHE, else $XDG_CACHE_HOME/prunescope, else ~/.cache."""
-    if os.environ.get("PRUNESCOPE_CACHE"):
-        return Path(os.environ["PRUNESCOPE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "prunescope"
 
 
 # ---------------------------------------------------------------- device and dtype
@@ -255,6 +248,15 @@ def count_parameters(model: torch.nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    from engine.importance.stream import stream_info
+
+    info = stream_info(model)
+    if info is not None and info.tied:  # streaming gives the tied pair two `meta` placeholders
+        from engine.arch import get_adapter
+
+        a = get_adapter(model)
+        if a.lm_head.weight is not a.embed_tokens.weight:
+            total -= a.lm_head.weight.numel()
     return total
 
 
@@ -283,13 +285,16 @@ def fingerprint(model: torch.nn.Module) -> str:
 def describe(loaded: LoadedModel) -> dict:
     """Architecture summary shown by the CLI and the dashboard."""
     from engine.arch import get_adapter
+    from engine.importance.stream import execution_device, stream_info
 
     a = get_adapter(loaded.model)
     p = next(loaded.model.parameters())
+    info = stream_info(loaded.model)
     return {
         "name": loaded.name, "model_type": a.model_type, "layers": a.n_layers, "query_heads": a.n_heads,
         "kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "hidden_size": a.hidden_size,
         "intermediate_size": a.intermediate_size, "vocab_size": a.embed_tokens.weight.shape[0],
-        "tied_embeddings": a.tied, "parameters": count_parameters(loaded.model),
-        "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device), "source": loaded.source,
+        "tied_embeddings": info.tied if info is not None else a.tied, "parameters": count_parameters(loaded.model),
+        "dtype": str(p.dtype).replace("torch.", ""), "device": str(execution_device(loaded.model)),
+        "source": loaded.source, **({"streamed": info.offload} if info is not None else {}),
     }

@@ -374,6 +374,24 @@ def test_streamed_scores_equal_unstreamed_with_one_module_resident_at_a_time(fam
         compute_scores(model, ids, ScoreConfig(taylor=True))
 
 
+def test_streamed_model_describes_counts_and_generates_like_the_original():
+    """The rest of the engine sees a streamed model as the model it is: parameters (tied pair once),
+    the execution device (not `meta`), and generated calibration text."""
+    from tiny_models import tiny_tokenizer
+
+    from engine.data import generate_texts
+    from engine.importance.stream import stream_model
+    from engine.models import LoadedModel, count_parameters, describe
+
+    ref = tiny_model("llama").eval()
+    model = stream_model(tiny_model("llama").eval(), "cpu")
+    tok = tiny_tokenizer()
+    d, r = describe(LoadedModel(model, tok, "x", "x")), describe(LoadedModel(ref, tok, "x", "x"))
+    assert d.pop("streamed") == "cpu" and d == r
+    assert count_parameters(model) == count_parameters(ref)
+    assert generate_texts(model, tok, 2, 6, seed=3) == generate_texts(ref, tok, 2, 6, seed=3)
+
+
 def test_cli_stream_from_ram_and_disk_matches_and_shares_the_cache(tiny_setup, tmp_path, capsys):
     from engine.cli import main
 
