@@ -144,8 +144,9 @@ with right:
     base = estimate(spec, Targets())
     with st.container(border=True, key="readout"):
         c1, c2 = st.columns(2)
-        c1.metric("Parameters", f"{est.params:,}", f"{(est.fraction_of_source - 1) * 100:+.2f}%",
-                  delta_color="off")
+        c1.metric("Parameters", f"{est.params / 1e6:.2f} M" if est.params >= 1e6 else f"{est.params:,}",
+                  f"{(est.fraction_of_source - 1) * 100:+.2f}%", delta_color="off",
+                  help=f"{est.params:,} parameters (source: {base.params:,})")
         c2.metric("Of the original", f"{est.fraction_of_source * 100:.2f}%")
         c3, c4 = st.columns(2)
         c3.metric("FLOPs per token", state.human(est.flops_per_token),
