@@ -9,6 +9,9 @@ Measures, in one process:
 3. peak memory: on CUDA torch's allocator peak (max_memory_allocated after reset); on CPU the
    process's peak RSS (VmHWM) above its RSS at the start of the measurement, after gc, malloc_trim
    and a VmHWM reset through /proc/self/clear_refs (so heap kept by earlier runs does not hide it).
+4. with `--stream`: the width+BI pass on a streamed copy of the model (weights kept in RAM on `meta`
+   placeholders, each module copied to the execution device only while it runs; engine.importance.stream)
+   / the same pass unstreamed, interleaved with the other runs.
 Warm-up first; timings are medians of `--repeats` interleaved repeats.
 
     .venv/bin/python bench/scoring.py [--samples 32 --seq-len 256 --depth-samples 8 --repeats 3]
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--stream", action="store_true", help="also time the width+BI pass with streamed layers")
     args = ap.parse_args(argv)
 
     loaded = load(args.model, dtype=args.dtype, device=args.device)
@@ -128,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         "base": lambda b: base_forward(model, b, bs),
         "width": lambda b: compute_scores(model, b, width),
     }
+    if args.stream:
+        import copy
+
+        from engine.importance.stream import stream_model
+
+        streamed = stream_model(copy.deepcopy(model), device)
+        runs["stream"] = lambda b: compute_scores(streamed, b, width)
     for fn in runs.values():  # warm-up
         fn(blocks[:bs])
     t: dict[str, list[float]] = {k: [] for k in runs}
@@ -151,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         + 2 * args.seq_len * info["query_heads"] * info["head_dim"]
     head = 2 * info["vocab_size"] * info["hidden_size"]
     flops_eq = (L * (L - 1) / 2 * layer + (L + 1) * head) / (L * layer + head)
+    fwd = L * layer + head
+    layers_eq, heads_eq = L * (L - 1) / 2 * layer / fwd, (L + 1) * head / fwd  # the two parts of flops_eq
+    head_share = head / fwd
     res = {
         "model": info["name"], "layers": L, "device": str(device), "dtype": info["dtype"],
         "threads": torch.get_num_threads(), "samples": args.samples, "seq_len": args.seq_len,
@@ -159,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_width_vs_plain": med["width"] / med["plain"], "ratio_width_vs_base": med["width"] / med["base"],
         "depth_plain_forward_s": td_plain, "depth_width_s": td_width, "depth_total_s": td_depth,
         "depth_stage_timings": box["s"].meta["timings"], "sweep_forward_equivalents": sweep_eq,
-        "sweep_forward_equivalents_flops": flops_eq,
+        "sweep_forward_equivalents_flops": flops_eq, "sweep_flops_layer_part": layers_eq,
+        "sweep_flops_lm_head_part": heads_eq,
+        "lm_head_flop_share": head_share,
+        "ratio_stream_vs_width": med["stream"] / med["width"] if args.stream else None,
         "sweep_target": (L + 1) / 2 + 1, "naive_sweep_forward_equivalents": L + 1,
         "peak_mib": mem, "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
         else "VmHWM - VmRSS at start (after gc + malloc_trim, VmHWM reset via /proc/self/clear_refs)",
@@ -170,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         ("width + BI scoring", f"{med['width']:.2f} s", f"{mem['width'] or 0:.0f} MiB"),
         (f"depth ppl scoring ({args.depth_samples} blocks)", f"{td_depth:.2f} s", f"{mem['depth'] or 0:.0f} MiB"),
     ]
+    if args.stream:
+        rows.insert(3, ("width + BI scoring, streamed layers", f"{med['stream']:.2f} s", "-"))
     print(f"{info['name']} ({L} layers) on {device} ({info['dtype']}, {res['threads']} threads); "
           f"{args.samples} x {args.seq_len} tokens, batch {bs}, median of {args.repeats}")
     print(f"{'':40} {'time':>10} {'peak above model':>18}")
@@ -177,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:40} {a:>10} {b:>18}")
     print(f"ratio width+BI / plain forward: {res['ratio_width_vs_plain']:.3f} (target <= 1.10); "
           f"/ hook-free base forward: {res['ratio_width_vs_base']:.3f}")
+    if args.stream:
+        print(f"streamed / unstreamed width+BI pass: {res['ratio_stream_vs_width']:.3f}")
     print(f"depth sweep: {sweep_eq:.2f} forward-pass equivalents (target <= {res['sweep_target']:.1f}, "
-          f"naive {L + 1}); by FLOP count {flops_eq:.2f}; stages {res['depth_stage_timings']}")
+          f"naive {L + 1}); by FLOP count {flops_eq:.2f} = {layers_eq:.2f} for the L(L-1)/2 layer passes + "
+          f"{heads_eq:.2f} for the L+1 lm_head + CE passes (the lm_head is {100 * head_share:.0f}% of a forward); "
+          f"stages {res['depth_stage_timings']}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
