@@ -23,7 +23,8 @@ STALE_S = 30.0  # a running job whose process is gone and whose file is this old
 
 
 def score_command(model: str, data: str, out: Path, samples: int, seq_len: int, data_range: str = "",
-                  depth_ppl: bool = False, block_size: int | None = None, column: str = "") -> list[str]:
+                  depth_ppl: bool = False, block_size: int | None = None, column: str = "",
+                  stream: str = "") -> list[str]:
     """The `prunescope score` command line equivalent to a dashboard scoring job (shown to users)."""
     cmd = ["prunescope", "score", "--model", model, "--data", data]
     if data_range and data_range != "0:1":
@@ -35,12 +36,16 @@ def score_command(model: str, data: str, out: Path, samples: int, seq_len: int, 
         cmd.append("--depth-ppl")
     if block_size:
         cmd += ["--blocks", str(block_size)]
+    if stream:
+        cmd += ["--stream", stream]
     return cmd + ["--out", str(out)]
 
 
 def start_score_job(out: Path, model: str, data: str, samples: int, seq_len: int, data_range: str = "",
-                    depth_ppl: bool = False, block_size: int | None = None, column: str = "") -> Path:
-    """Start a detached scoring process writing into `out`; returns `out` at once."""
+                    depth_ppl: bool = False, block_size: int | None = None, column: str = "",
+                    stream: str = "") -> Path:
+    """Start a detached scoring process writing into `out`; returns `out` at once. `stream` ("", "cpu" or
+    "disk") keeps the weights off the device and copies each layer in while it runs (engine.importance.stream)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "dashboard.jobs", "score", "--out", str(out), "--model", model, "--data", data,
@@ -51,9 +56,12 @@ def start_score_job(out: Path, model: str, data: str, samples: int, seq_len: int
         args += ["--blocks", str(block_size)]
     if column:
         args += ["--text-column", column]
+    if stream:
+        args += ["--stream", stream]
     write_json(out / JOB_FILE, {"state": "queued", "progress": 0.0, "message": "starting", "pid": None,
                                 "started": time.time(), "command": score_command(
-                                    model, data, out, samples, seq_len, data_range, depth_ppl, block_size, column)})
+                                    model, data, out, samples, seq_len, data_range, depth_ppl, block_size, column,
+                                    stream)})
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -130,7 +138,7 @@ def _run_score(ns: argparse.Namespace) -> int:
 
         t0 = time.time()
         source = DataSource.parse(ns.data, column=ns.text_column or None, docs=parse_doc_range(ns.data_range))
-        loaded = load(ns.model)
+        loaded = load(ns.model, stream=ns.stream or False)
         progress(0.02, f"model loaded in {time.time() - t0:.1f}s; reading {source.label}")
         config = ScoreConfig(depth_ppl=ns.depth_ppl, block_size=ns.blocks or None,
                              block_ppl=bool(ns.blocks and ns.depth_ppl))
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--depth-ppl", action="store_true")
     s.add_argument("--blocks", type=int, default=0)
+    s.add_argument("--stream", default="", choices=["", "cpu", "disk"])
     c = sub.add_parser("compare")
     c.add_argument("--out", required=True)
     c.add_argument("--teacher", required=True)

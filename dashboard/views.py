@@ -97,10 +97,14 @@ def render_layers(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, key: str
 # ---------------------------------------------------------------- scoring job
 
 
-def start_scoring(folder: Path, depth_ppl: bool, block_size: int) -> None:
+STREAM_OPTIONS = {"": "Off: the whole model on the device", "cpu": "Weights in RAM, one layer at a time on the device",
+                  "disk": "Weights read from disk, one layer at a time (models larger than RAM)"}
+
+
+def start_scoring(folder: Path, depth_ppl: bool, block_size: int, stream: str = "") -> None:
     jobs.start_score_job(folder, state.get("model"), state.get("data"), int(state.get("samples")),
                          int(state.get("seq_len")), state.get("data_range"), depth_ppl, block_size or None,
-                         state.get("text_column"))
+                         state.get("text_column"), stream)
 
 
 def score_panel(folder: Path, have: bool) -> None:
@@ -116,14 +120,18 @@ def score_panel(folder: Path, have: bool) -> None:
                                f"width pass. {'Off by default on a CPU.' if d.device == 'cpu' else ''}")
         blocks = c2.number_input("Contiguous blocks of n layers (0 = off)", min_value=0, max_value=16,
                                  value=int(state.get("block_size") or 0), key="score_blocks")
+        stream = st.selectbox("Stream layers (for a model larger than the device)", list(STREAM_OPTIONS),
+                              format_func=STREAM_OPTIONS.get, key="score_stream",
+                              help="Keeps the weights off the GPU and copies each layer in only while it runs: "
+                                   "peak device memory about one layer. Same scores; Taylor+ is not available.")
         cmd = jobs.score_command(state.get("model"), state.get("data"), folder, int(state.get("samples")),
                                  int(state.get("seq_len")), state.get("data_range"), ppl, blocks or None,
-                                 state.get("text_column"))
+                                 state.get("text_column"), stream)
         if st.button(label, type="primary", key="score_start", icon=":material/play_arrow:"):
             state.put("depth_ppl", ppl)
             state.put("block_size", int(blocks))
             try:
-                start_scoring(folder, ppl, int(blocks))
+                start_scoring(folder, ppl, int(blocks), stream)
             except Exception as e:  # noqa: BLE001
                 st.error(f"Could not start scoring: {user_message(e)}")
             else:

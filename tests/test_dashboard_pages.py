@@ -173,6 +173,18 @@ def test_importance_reads_cached_scores_without_a_job(scored, env):
     assert {"heads", "neurons", "chan_heat", "chan_bar", "layers"} <= set(score_charts(at, "imp"))
 
 
+def test_importance_streamed_scoring_job(env):
+    """'Stream layers' runs the scoring job with the weights offloaded; the page shows the same command."""
+    at = app("importance", samples=6)  # another calibration size: its own scores folder
+    at.selectbox(key="score_stream").set_value("cpu").run()
+    assert any("--stream cpu" in c.value for c in at.code)
+    at.button(key="score_start").click().run()
+    wait(at, lambda a: "heads" in charts(a))
+    metas = [json.loads(f.read_text()) for f in (env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")]
+    streamed = [m for m in metas if m["n_samples"] == 6]
+    assert len(streamed) == 1 and streamed[0]["stream"] == "cpu" and streamed[0]["device"] == "cpu"
+
+
 TORCH_FREE_PAGE = """
 import sys
 from streamlit.testing.v1 import AppTest
