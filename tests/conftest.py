@@ -31,6 +31,16 @@ def builtin():
     return load("default")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama teacher and a differently seeded student of the same shape, saved as HF folders
+    with a tokenizer (read-only: tests that write copy them first)."""
+    from tiny_models import save_tiny
+
+    base = tmp_path_factory.mktemp("models")
+    return save_tiny("llama", base / "teacher"), save_tiny("llama", base / "student", seed=1)
+
+
 @pytest.fixture(autouse=True)
 def cpu_threads(request):
     """Tiny models run on one thread (thread sync costs more than it saves on 2 cores, ~5x here);

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_models import random_ids, save_tiny, tiny_model
+from tiny_models import random_ids, tiny_model
 
 from engine.cli import main
 from engine.evaluate import (
@@ -35,12 +35,6 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("\n".join(arts))
     return path
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("models")
-    return save_tiny("llama", base / "teacher"), save_tiny("llama", base / "student", seed=1)
 
 
 def test_evaluate_model_reports_quality_size_and_speed(tmp_path):
@@ -90,8 +84,8 @@ def test_format_table():
                    "decode_b16": 1.0}
 
 
-def test_cli_eval_prints_a_table_and_writes_json(dirs, corpus, tmp_path, capsys):
-    teacher, student = dirs
+def test_cli_eval_prints_a_table_and_writes_json(tiny_llama_pair, corpus, tmp_path, capsys):
+    teacher, student = tiny_llama_pair
     out = tmp_path / "res" / "eval.json"
     assert main(["eval", str(student), "--teacher", str(teacher), "--data", str(corpus), "--samples", "3",
                  "--seq-len", "16", "--batch-sizes", "1,2", "--prompt-len", "8", "--new-tokens", "2",
@@ -116,8 +110,8 @@ def test_cli_eval_prints_a_table_and_writes_json(dirs, corpus, tmp_path, capsys)
     (["--samples", "0"], "--samples must be at least 1"),
     (["--samples", "500"], "enough for"),
 ])
-def test_cli_eval_bad_input_is_one_clear_line(dirs, corpus, capsys, args, message):
-    _, student = dirs
+def test_cli_eval_bad_input_is_one_clear_line(tiny_llama_pair, corpus, capsys, args, message):
+    _, student = tiny_llama_pair
     assert main(["eval", str(student), "--data", str(corpus), "--seq-len", "16", "--batch-sizes", "none",
                  *args]) == 2
     err = capsys.readouterr().err
@@ -125,8 +119,8 @@ def test_cli_eval_bad_input_is_one_clear_line(dirs, corpus, capsys, args, messag
     assert err.strip().splitlines()[-1].startswith("prunescope eval: error:")
 
 
-def test_cli_eval_rejects_a_teacher_with_another_vocabulary(dirs, corpus, tmp_path, capsys):
-    _, student = dirs
+def test_cli_eval_rejects_a_teacher_with_another_vocabulary(tiny_llama_pair, corpus, tmp_path, capsys):
+    _, student = tiny_llama_pair
     other = tmp_path / "other"
     tiny_model("llama", 0, vocab_size=320).save_pretrained(other)
     for f in student.glob("*token*"):

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny
 
 from engine.distill import DistillConfig
 from engine.pipeline import STAGES, PipelineConfig, create_run, execute
@@ -51,12 +50,6 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("models")
-    return save_tiny("llama", base / "teacher"), save_tiny("llama", base / "student", seed=1)
-
-
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -84,8 +77,8 @@ def _train_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in Run(run_dir).metrics() if not r.get("eval")]
 
 
-def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_dirs, cache):
-    cfg = PipelineConfig(model=str(tiny_dirs[0]), data=str(corpus), calib_samples=8, calib_seq_len=32,
+def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_llama_pair, cache):
+    cfg = PipelineConfig(model=str(tiny_llama_pair[0]), data=str(corpus), calib_samples=8, calib_seq_len=32,
                          targets={"ffn": 24, "heads": 4, "layers": 3}, eval_samples=4,
                          distill=DistillConfig(steps=20, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2,
                                                eval_every=10, checkpoint_every=10, hidden_weight=0.5))
@@ -111,9 +104,9 @@ def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_dirs, cache):
 
 
 @pytest.mark.slow
-def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_dirs, cache):
+def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_llama_pair, cache):
     run_dir = tmp_path / "run"
-    r = _cli("run", "--model", str(tiny_dirs[0]), "--data", str(corpus), "--ffn", "24", "--heads", "4",
+    r = _cli("run", "--model", str(tiny_llama_pair[0]), "--data", str(corpus), "--ffn", "24", "--heads", "4",
              "--calib-samples", "8", "--calib-seq-len", "32", "--steps", "1500", "--batch", "2", "--seq-len", "32",
              "--lr", "3e-3", "--eval-every", "1000", "--eval-samples", "4", "--checkpoint-every", "500",
              "--run-dir", str(run_dir), "--detach")
@@ -142,9 +135,10 @@ def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_dirs, cache)
     assert r.returncode == 2 and "already done" in r.stderr
 
 
-def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, corpus, tiny_dirs, cache, caplog):
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, corpus, tiny_llama_pair, cache, caplog):
     run_dir = tmp_path / "run"
-    cfg = PipelineConfig(model=str(tiny_dirs[0]), student=str(tiny_dirs[1]), data=str(corpus), eval_samples=4,
+    teacher, student = tiny_llama_pair
+    cfg = PipelineConfig(model=str(teacher), student=str(student), data=str(corpus), eval_samples=4,
                          distill=DistillConfig(steps=200, batch_size=2, seq_len=32, lr=3e-3, eval_every=1000,
                                                checkpoint_every=20))
     start_job(create_run(run_dir, cfg).path)  # what `prunescope distill ... --detach` does
@@ -183,11 +177,11 @@ def test_builtin_model_pruned_to_75_percent_distills(tmp_path, wikitext, builtin
     assert s["kl_distilled"] < s["kl_one_shot"]
 
 
-def test_cli_distill_and_status_in_process(tmp_path, corpus, tiny_dirs, cache, capsys):
+def test_cli_distill_and_status_in_process(tmp_path, corpus, tiny_llama_pair, cache, capsys):
     from engine.cli import main
 
-    d = str(tmp_path / "run")
-    assert main(["distill", "--teacher", str(tiny_dirs[0]), "--student", str(tiny_dirs[1]), "--data", str(corpus),
+    d, (teacher, student) = str(tmp_path / "run"), tiny_llama_pair
+    assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus),
                  "--steps", "6", "--batch", "2", "--seq-len", "32", "--eval-every", "3", "--eval-samples", "2",
                  "--hidden-weight", "0.5", "--layer-map", "0,1,2,3", "--run-dir", d]) == 0
     assert Run(d).status()["state"] == "done" and _train_steps(Path(d)) == list(range(1, 7))
@@ -195,6 +189,6 @@ def test_cli_distill_and_status_in_process(tmp_path, corpus, tiny_dirs, cache, c
     assert main(["status", d]) == 0
     out = capsys.readouterr().out
     assert "state:    done" in out and "hidden_loss=" in out and "ppl=" in out
-    assert main(["run", "--model", str(tiny_dirs[0]), "--run-dir", str(tmp_path / "x")]) == 2
+    assert main(["run", "--model", str(tiny_llama_pair[0]), "--run-dir", str(tmp_path / "x")]) == 2
     assert "give at least one target" in capsys.readouterr().err
     assert main(["cancel", d]) == 0 and "done" in capsys.readouterr().out
