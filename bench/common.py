@@ -15,6 +15,7 @@ Baseline importance (same shapes, other unit choices):
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -215,15 +216,68 @@ def write_report(out: Path, stem: str, meta: dict, rows: list[dict]) -> str:
             f"{meta['distill_tokens']} tokens per run; command `{meta['command']}`; wall {meta.get('wall_s', 0):.0f}s.\n"
             + "".join(f"\n- {n}" for n in meta.get("machine", [])) + "\n\n")
     (out / f"{stem}.md").write_text(head + table + "\n")
-    try:
-        import plotly.graph_objects as go
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("plotly") is None:
         return table
-    names = [r["name"] for r in rows]
-    fig = go.Figure([go.Bar(name="one-shot", x=names, y=[r["ppl_oneshot"] for r in rows]),
-                     go.Bar(name="distilled", x=names, y=[r["ppl_distilled"] for r in rows])])
-    fig.add_hline(y=meta["teacher_ppl"], line_dash="dot", annotation_text="teacher")
-    fig.update_layout(barmode="group", yaxis_type="log", yaxis_title="held-out perplexity",
-                      title=f"Pruning to ~75% of the parameters ({stem})")
+    fig = quality_figure(meta, rows, stem)
     fig.write_html(out / f"{stem}.html", include_plotlyjs="cdn")
+    try:
+        write_png(fig, out / f"{stem}.png")
+    except Exception as e:  # the PNG is a convenience; the JSON, table and HTML are the results
+        print(f"warning: no {stem}.png ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     return table
+
+
+def quality_figure(meta: dict, rows: list[dict], stem: str):
+    """Horizontal grouped bars, one row per experiment (top to bottom in run order): held-out
+    perplexity one-shot and after distillation, log scale, the teacher as a dotted line."""
+    import plotly.graph_objects as go
+
+    names = [f"{r['name']} ({r['params'] / 1e6:.1f}M)" for r in rows][::-1]
+    bars = [go.Bar(name=label, y=names, x=[r[key] for r in rows][::-1], orientation="h", marker_color=color,
+                   text=[_short(r[key]) for r in rows][::-1], textposition="outside", cliponaxis=False)
+            for label, key, color in (("distilled", "ppl_distilled", "#1f77b4"),
+                                      ("one-shot", "ppl_oneshot", "#ff7f0e"))]
+    fig = go.Figure(bars)
+    values = [r[k] for r in rows for k in ("ppl_oneshot", "ppl_distilled") if r[k]] + [meta["teacher_ppl"]]
+    x_range = [math.log10(min(values) * 0.8), math.log10(max(values)) + 0.5]  # room for the labels
+    fig.add_vline(x=meta["teacher_ppl"], line_dash="dot", line_color="#444")
+    # annotations on a log axis take log10 coordinates (add_vline's own annotation would not)
+    fig.add_annotation(x=math.log10(meta["teacher_ppl"]), y=1, yref="paper", yanchor="bottom", xanchor="left",
+                       text=f"teacher {meta['teacher_ppl']:.1f}", showarrow=False)
+    fig.update_layout(barmode="group", template="none", paper_bgcolor="white", plot_bgcolor="white",
+                      xaxis=dict(type="log", range=x_range, dtick=1, gridcolor="#e5e5e5",
+                                 title="held-out perplexity (log scale; lower is better)"),
+                      yaxis=dict(automargin=True), legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right", traceorder="reversed"),
+                      title=f"Pruned to ~75% of {meta['teacher_params'] / 1e6:.1f}M parameters: "
+                            f"one-shot and after {meta['distill_tokens']:,} distillation tokens ({stem})",
+                      width=1000, height=160 + 34 * len(rows), margin=dict(l=10, r=60, t=80, b=60),
+                      font=dict(size=13))
+    return fig
+
+
+def _short(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:.1f}" if x < 1000 else f"{x:,.0f}" if x < 1e6 else f"{x:.1e}"
+
+
+def write_png(fig, path: Path) -> None:
+    """Render a plotly figure to PNG with Debian's Chromium through Playwright (no kaleido, no
+    network: plotly.js is inlined)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True})
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                     args=["--no-sandbox", "--headless", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": fig.layout.width, "height": fig.layout.height})
+            page.set_content(html)
+            page.wait_for_selector(".main-svg", timeout=30_000)
+            page.locator(".plotly-graph-div").first.screenshot(path=str(path))
+        finally:
+            browser.close()
