@@ -1,0 +1,50 @@
+"""The quality benchmark's report writer: table, HTML and the Chromium-rendered PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import sys
+
+import pytest
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+bench_common = sys.modules["bench_common"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_common)
+
+META = {"teacher_params": 134_515_008, "teacher_ppl": 39.8, "eval_tokens": 8192, "distill_tokens": 98304,
+        "command": "bench/quality.py --tokens 98304", "wall_s": 10.0, "machine": ["start: quiet"]}
+
+
+def _row(name: str, one: float, after: float | None) -> dict:
+    return {"name": name, "group": "strategy", "label": name, "shape": "L 21, D 576 -> 102.65M (76.3%)",
+            "params": 102_654_144, "fraction": 0.763, "ppl_oneshot": one, "kl_oneshot": 1.6,
+            "ppl_distilled": after, "kl_distilled": None if after is None else 0.8, "loss": "kl+ce", "wall_s": 815.5}
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.browser
+def test_report_writes_table_html_and_png(tmp_path):
+    rows = [_row("depth_bi", 193.7, 51.07), _row("merge_on", 1.8e7, None), _row("width_mlp", 133.2, 51.78)]
+    table = bench_common.write_report(tmp_path, "quality", META, rows)
+    md = (tmp_path / "quality.md").read_text()
+    assert table in md and "| depth_bi" in table and "102.7" in table and "39.800" in md
+    assert "plotly" in (tmp_path / "quality.html").read_text()
+    width, height = _png_size(tmp_path / "quality.png")
+    assert width == 1000 and height == 160 + 34 * len(rows)
+
+
+def test_figure_has_both_bars_a_log_axis_and_the_teacher(tmp_path):
+    rows = [_row("a", 200.0, 50.0), _row("b", 3000.0, None)]
+    fig = bench_common.quality_figure(META, rows, "quality")
+    one, after = (next(d for d in fig.data if d.name == n) for n in ("one-shot", "distilled"))
+    assert list(one.x) == [3000.0, 200.0] and list(after.x) == [None, 50.0]  # top-to-bottom in run order
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.range[0] < 1.6 < 3.48 < fig.layout.xaxis.range[1]
+    assert any("teacher 39.8" in a.text for a in fig.layout.annotations)
+    assert bench_common._short(1.8e7) == "1.8e+07" and bench_common._short(3299.16) == "3,299"
