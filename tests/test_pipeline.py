@@ -192,3 +192,51 @@ def test_cli_distill_and_status_in_process(tmp_path, corpus, tiny_llama_pair, ca
     assert main(["run", "--model", str(tiny_llama_pair[0]), "--run-dir", str(tmp_path / "x")]) == 2
     assert "give at least one target" in capsys.readouterr().err
     assert main(["cancel", d]) == 0 and "done" in capsys.readouterr().out
+
+
+def _torchrun_cli(*args: str, nproc: int = 2) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node N -m engine.cli ARGS` (gloo on CPU, one thread each)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_FSDP", None)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(nproc), "-m", "engine.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_cli_cancel_then_resume_under_torchrun(tmp_path, corpus, tiny_llama_pair, cache):
+    """`torchrun -m engine.cli distill`, `prunescope cancel` from another shell, then
+    `torchrun -m engine.cli resume`: both ranks reload the last checkpoint and the run ends with
+    every step exactly once; a detached resume under torchrun is refused with a clear error."""
+    run_dir, (teacher, student) = tmp_path / "run", tiny_llama_pair
+    p = _torchrun_cli("distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus),
+                      "--steps", "1000", "--batch", "2", "--seq-len", "32", "--eval-every", "10000",
+                      "--eval-samples", "2", "--checkpoint-every", "40", "--run-dir", str(run_dir))
+    try:
+        _poll(run_dir, lambda st: len(checkpoint_files(run_dir / "checkpoints")) > 0
+              and len(_train_steps(run_dir)) % 40 > 5, timeout=180)
+        assert _status(run_dir)["effective"] == "running"
+        r = _cli("cancel", str(run_dir))
+        assert r.returncode == 0 and "cancelled" in r.stdout, (r.stdout, r.stderr)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    stopped = _train_steps(run_dir)
+    last_ckpt = checkpoint_files(run_dir / "checkpoints")[-1]
+    assert Run(run_dir).status()["state"] == "cancelled" and 40 <= stopped[-1] < 1000
+    assert last_ckpt.name == f"step-{stopped[-1]:06d}.pt"  # a cancel writes a checkpoint of its own
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", RANK="0")
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "resume", str(run_dir), "--detach"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--detach cannot be combined with torchrun" in r.stderr
+    assert "Traceback" not in r.stderr and Run(run_dir).status()["state"] == "cancelled"
+
+    p = _torchrun_cli("resume", str(run_dir))
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    assert f"resumed from {last_ckpt.name} (step {stopped[-1]}/1000" in err
+    assert f"{run_dir}: done" in out
+    assert Run(run_dir).status()["state"] == "done" and _train_steps(run_dir) == list(range(1, 1001))

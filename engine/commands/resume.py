@@ -12,9 +12,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from engine.pipeline import execute
-    from engine.runs import prepare_resume, resume
+    from engine.pipeline import execute, world
+    from engine.runs import RunError, prepare_resume, resume
 
+    if args.detach and world()[1] > 1:
+        raise RunError("--detach cannot be combined with torchrun / accelerate launch: resume in the "
+                       "foreground under the same launcher (every rank loads the last checkpoint)")
     if args.detach:
         pid = resume(args.run_dir, if_busy=args.if_busy)
         print(f"resumed {args.run_dir} in the background (pid {pid})")
