@@ -213,8 +213,8 @@ def write_report(out: Path, stem: str, meta: dict, rows: list[dict]) -> str:
     table = format_table(flat, REPORT_COLUMNS)
     head = (f"# Quality ({stem})\n\nTeacher: {meta['teacher_params'] / 1e6:.2f}M parameters, held-out ppl "
             f"{meta['teacher_ppl']:.3f} on {meta['eval_tokens']} tokens; distillation budget "
-            f"{meta['distill_tokens']} tokens per run; command `{meta['command']}`; wall {meta.get('wall_s', 0):.0f}s.\n"
-            + "".join(f"\n- {n}" for n in meta.get("machine", [])) + "\n\n")
+            f"{meta['distill_tokens']} tokens per run; command `{meta['command']}`.\n\n"
+            + "".join(f"- {line}\n" for line in _run_lines(meta)) + "\n")
     (out / f"{stem}.md").write_text(head + table + "\n")
     import importlib.util
 
@@ -227,6 +227,17 @@ def write_report(out: Path, stem: str, meta: dict, rows: list[dict]) -> str:
     except Exception as e:  # the PNG is a convenience; the JSON, table and HTML are the results
         print(f"warning: no {stem}.png ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     return table
+
+
+def _run_lines(meta: dict) -> list[str]:
+    """One line per invocation that wrote rows: command, wall time, rows added, load notes."""
+    runs = meta.get("runs") or [{"command": meta["command"], "wall_s": meta.get("wall_s"),
+                                 "machine": meta.get("machine", []), "rows": None}]
+    lines = []
+    for r in runs:
+        added = "earlier rows" if r.get("rows") is None else f"{len(r['rows'])} rows"
+        lines.append(f"`{r['command']}`: {r.get('wall_s') or 0:.0f} s, {added}; " + "; ".join(r.get("machine", [])))
+    return lines
 
 
 def quality_figure(meta: dict, rows: list[dict], stem: str):

@@ -13,8 +13,10 @@ except the "loss_kl_only" ablation, the same token budget and a fresh temporary 
     .venv/bin/python bench/quality.py --quick          # reduced, ~10 min on a quiet 2-core CPU
     .venv/bin/python bench/quality.py [--resume]       # full: hours; budget measured (~15 min/run)
 
-Writes docs/quality/quality[_quick].{json,md,html}; rows are saved after every experiment, and
-`--resume` skips the ones already in the JSON.
+Writes docs/quality/quality[_quick].{json,md,html,png}; rows are saved after every experiment,
+`--resume` skips the ones already in the JSON and keeps its token budget (another --tokens is
+refused), and
+`meta.runs` keeps every invocation (command, load notes, wall time, rows it added).
 """
 
 from __future__ import annotations
@@ -193,6 +195,15 @@ def run_one(b: Bench, e: Experiment) -> dict:
     return row
 
 
+def _runs(meta: dict) -> list[dict]:
+    """The invocations recorded in an earlier JSON (one entry made up from its meta if it predates
+    the `runs` list)."""
+    if not meta:
+        return []
+    return meta.get("runs") or [{"command": meta.get("command"), "machine": meta.get("machine", []),
+                                 "wall_s": meta.get("wall_s"), "rows": None}]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced run (~10 min on a quiet machine)")
@@ -210,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(QUICK if args.quick else FULL)
     stem = "quality_quick" if args.quick else "quality"
     path = args.out / f"{stem}.json"
+    old = json.loads(path.read_text()) if args.resume and path.is_file() else {"meta": {}, "rows": []}
+    pinned = old["meta"].get("distill_tokens") if old["rows"] else None
+    if pinned and args.tokens not in (None, pinned):
+        sys.exit(f"{path} holds rows distilled on {pinned} tokens each, not --tokens {args.tokens}: resume "
+                 f"without --tokens (or with --tokens {pinned}), or start over without --resume")
     t_start = time.perf_counter()
     notes = [f"start: {machine_note()}"]
     print(notes[0], flush=True)
@@ -217,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     b.scores()
     for s in b.strategies.values():
         print(f"{s.name:>16}: {describe_targets(b.spec, s.targets)}", flush=True)
-    b.tokens = args.tokens or settings["tokens"] or measure_budget(b, args.minutes)
+    b.tokens = args.tokens or pinned or settings["tokens"] or measure_budget(b, args.minutes)
     b.train = train_blocks(b.loaded.tokenizer, args.wikitext, b.tokens, settings["seq_len"])
     todo = experiments(b, args.quick)
     if args.only:
@@ -226,26 +242,29 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             sys.exit(f"unknown experiments {sorted(unknown)}; valid: {', '.join(e.name for e in todo)}")
         todo = [e for e in todo if e.name in names]
-    rows = json.loads(path.read_text())["rows"] if args.resume and path.is_file() else []
-    done = {r["name"] for r in rows}
-    meta = {"command": "bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    rows, done = old["rows"], {r["name"] for r in old["rows"]}
+    command = "bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    this = {"command": command, "machine": notes, "wall_s": 0.0, "rows": []}
+    meta = {"command": old["meta"].get("command", command) if rows else command,
             "settings": settings, "distill_tokens": b.tokens, "teacher_params": count_parameters(b.teacher),
             "teacher_ppl": b.teacher_ppl, "eval_tokens": int(b.eval_blocks.numel()),
-            "scores_timings": b.scores().meta.get("timings"), "machine": notes}
+            "scores_timings": b.scores().meta.get("timings"), "machine": notes,
+            "runs": [*_runs(old["meta"]), this]}
     for e in todo:
         if e.name in done:
             continue
         print(f"-- {e.name}: {e.label} [{machine_note()}]", flush=True)
         rows.append(run_one(b, e))
+        this["rows"].append(e.name)
         r = rows[-1]
         print(f"   {r['params'] / 1e6:.2f}M ({100 * r['fraction']:.1f}%), one-shot ppl {r['ppl_oneshot']:.2f} "
               f"KL {r['kl_oneshot']:.3f}" + (f", distilled ppl {r['ppl_distilled']:.2f} KL {r['kl_distilled']:.3f}"
                                              if r["ppl_distilled"] is not None else "") + f", {r['wall_s']:.0f}s",
               flush=True)
-        meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+        meta["wall_s"] = this["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_json(path, {"meta": meta, "rows": rows})
     notes.append(f"end: {machine_note()}")
-    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    meta["wall_s"] = this["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(path, {"meta": meta, "rows": rows})
     print(write_report(args.out, stem, meta, rows))
     return 0

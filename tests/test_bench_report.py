@@ -48,3 +48,14 @@ def test_figure_has_both_bars_a_log_axis_and_the_teacher(tmp_path):
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.range[0] < 1.6 < 3.48 < fig.layout.xaxis.range[1]
     assert any("teacher 39.8" in a.text for a in fig.layout.annotations)
     assert bench_common._short(1.8e7) == "1.8e+07" and bench_common._short(3299.16) == "3,299"
+
+
+def test_run_lines_keep_every_invocation_of_a_resumed_run():
+    runs = [{"command": "bench/quality.py --tokens 98304", "wall_s": 8543.1, "machine": ["start: busy"],
+             "rows": None},
+            {"command": "bench/quality.py --resume --tokens 98304", "wall_s": 600.0,
+             "machine": ["start: quiet", "end: quiet"], "rows": ["a", "b"]}]
+    lines = bench_common._run_lines({**META, "runs": runs})
+    assert lines == ["`bench/quality.py --tokens 98304`: 8543 s, earlier rows; start: busy",
+                     "`bench/quality.py --resume --tokens 98304`: 600 s, 2 rows; start: quiet; end: quiet"]
+    assert bench_common._run_lines(META) == ["`bench/quality.py --tokens 98304`: 10 s, earlier rows; start: quiet"]
