@@ -120,7 +120,9 @@ with left:
     if depth_by == "list":
         drop = st.multiselect("Layers to drop", list(range(spec.n_layers)), key="t_drop")
     merge = st.toggle("Merge pruned query heads into kept ones (Minitron residual merge)", key="t_merge",
-                      value=False)
+                      value=False, help="Kept head i becomes head_i + (head_i - head_2K-i+1) in its query rows "
+                      "and o_proj columns. Off by default: on SmolLM2-135M it made the pruned model far worse, "
+                      "one-shot and after distillation (docs/BENCHMARKS.md, Quality).")
 
 targets = Targets(
     hidden=picked["hidden"] if picked["hidden"] != source["hidden"] else None,

@@ -36,7 +36,7 @@ def register(sub) -> None:
                         "lowest Taylor+, or --drop-layers")
     p.add_argument("--drop-layers", default=None, metavar="I,J,...",
                    help="source layer indices to drop (implies --depth-by list)")
-    p.add_argument("--merge-heads", action="store_true", help="residual merge of pruned query heads (Minitron)")
+    p.add_argument("--merge-heads", action="store_true", help="residual merge of pruned query heads (Minitron); hurt SmolLM2-135M, see docs/BENCHMARKS.md")
     p.add_argument("--iterations", type=int, default=1, help="prune in T steps, rescoring between steps")
     p.add_argument("--data", default=None, help="calibration data for rescoring (default: the scores' data)")
     p.add_argument("--samples", type=int, default=None, help="calibration blocks for rescoring")

@@ -17,7 +17,7 @@ def register(sub) -> None:
     t.add_argument("--layers", type=int, default=None, help="layers to keep")
     t.add_argument("--depth-by", default="bi", help="how layers are chosen: bi, ppl, block, taylor, list")
     t.add_argument("--drop-layers", default=None, help="comma-separated layers to drop (implies --depth-by list)")
-    t.add_argument("--merge-heads", action="store_true", help="merge pruned query heads into kept ones")
+    t.add_argument("--merge-heads", action="store_true", help="merge pruned query heads into kept ones (Minitron); hurt SmolLM2-135M, see docs/BENCHMARKS.md")
     t.add_argument("--calib-samples", type=int, default=32, help="calibration blocks for scoring")
     t.add_argument("--calib-seq-len", type=int, default=256)
     add_training_args(p)
