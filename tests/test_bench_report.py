@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import struct
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
 bench_common = sys.modules["bench_common"] = importlib.util.module_from_spec(spec)
