@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,8 +35,17 @@ def _png_size(path) -> tuple[int, int]:
 
 @pytest.mark.browser
 def test_report_writes_table_html_and_png(tmp_path):
+    """In a process of its own, as the bench runs it (pytest-playwright's session browser keeps an
+    event loop in this one, where Playwright's sync API refuses to start)."""
     rows = [_row("depth_bi", 193.7, 51.07), _row("merge_on", 1.8e7, None), _row("width_mlp", 133.2, 51.78)]
-    table = bench_common.write_report(tmp_path, "quality", META, rows)
+    (tmp_path / "in.json").write_text(json.dumps({"meta": META, "rows": rows}))
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from common import write_report; d = json.loads(Path(sys.argv[2], 'in.json').read_text()); "
+            "print(write_report(Path(sys.argv[2]), 'quality', d['meta'], d['rows']))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-2000:]
+    table = r.stdout.strip()
     md = (tmp_path / "quality.md").read_text()
     assert table in md and "| depth_bi" in table and "102.7" in table and "39.800" in md
     assert "plotly" in (tmp_path / "quality.html").read_text()
