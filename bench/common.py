@@ -14,6 +14,7 @@ Baseline importance (same shapes, other unit choices):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -216,8 +217,6 @@ def write_report(out: Path, stem: str, meta: dict, rows: list[dict]) -> str:
             f"{meta['distill_tokens']} tokens per run; command `{meta['command']}`.\n\n"
             + "".join(f"- {line}\n" for line in _run_lines(meta)) + "\n")
     (out / f"{stem}.md").write_text(head + table + "\n")
-    import importlib.util
-
     if importlib.util.find_spec("plotly") is None:
         return table
     fig = quality_figure(meta, rows, stem)
@@ -260,7 +259,9 @@ def quality_figure(meta: dict, rows: list[dict], stem: str):
     fig.update_layout(barmode="group", template="none", paper_bgcolor="white", plot_bgcolor="white",
                       xaxis=dict(type="log", range=x_range, dtick=1, gridcolor="#e5e5e5",
                                  title="held-out perplexity (log scale; lower is better)"),
-                      yaxis=dict(automargin=True), legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right", traceorder="reversed"),
+                      yaxis=dict(automargin=True),
+                      legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right",
+                                  traceorder="reversed"),
                       title=f"Pruned to ~75% of {meta['teacher_params'] / 1e6:.1f}M parameters: "
                             f"one-shot and after {meta['distill_tokens']:,} distillation tokens ({stem})",
                       width=1000, height=160 + 34 * len(rows), margin=dict(l=10, r=60, t=80, b=60),
