@@ -460,25 +460,25 @@ def cancel(run_dir: str | Path, wait: float = 0.0) -> str:
     return run.status()["effective"]
 
 
-def resume(run_dir: str | Path, if_busy: str = "queue") -> int:
-    """Relaunch a cancelled / failed / stale job detached; it continues from its last checkpoint."""
+def _resumable(run_dir: str | Path) -> Run:
+    """The run at `run_dir`, or RunError if it is still active or already done."""
     run = Run.open(run_dir)
     st = run.status()
     if is_live(st):
         raise RunError(f"{run.path} is still {st['effective']} (pid {st.get('pid')}); nothing to resume")
     if st["effective"] == "done":
         raise RunError(f"{run.path} is already done")
-    return start_job(run.path, if_busy=if_busy)
+    return run
+
+
+def resume(run_dir: str | Path, if_busy: str = "queue") -> int:
+    """Relaunch a cancelled / failed / stale job detached; it continues from its last checkpoint."""
+    return start_job(_resumable(run_dir).path, if_busy=if_busy)
 
 
 def prepare_resume(run_dir: str | Path) -> Run:
     """Checks for a foreground resume: the run exists and is not active or done."""
-    run = Run.open(run_dir)
-    st = run.status()
-    if is_live(st):
-        raise RunError(f"{run.path} is still {st['effective']} (pid {st.get('pid')}); nothing to resume")
-    if st["effective"] == "done":
-        raise RunError(f"{run.path} is already done")
+    run = _resumable(run_dir)
     with contextlib.suppress(OSError):
         (run.path / CANCEL_FILE).unlink()
     return run

@@ -21,7 +21,9 @@ from engine.runs import (
     cancel,
     effective_state,
     list_runs,
+    prepare_resume,
     read_jsonl,
+    resume,
     run_worker,
     save_checkpoint,
     start_job,
@@ -117,6 +119,22 @@ def test_stale_detection(tmp_path):
     assert list_runs(tmp_path)[0]["status"]["effective"] == "stale"
     assert cancel(run.path) == "cancelled"  # a dead job is marked cancelled directly
     assert Run.open(run.path).status()["state"] == "cancelled"
+
+
+def test_resume_refuses_a_live_or_finished_run(tmp_path):
+    run = Run.create(tmp_path / "r", {})
+    run.update(state="running", pid=os.getpid(), heartbeat=time.time())
+    for fn in (resume, prepare_resume):  # detached and foreground resume share the check
+        with pytest.raises(RunError, match=rf"still running \(pid {os.getpid()}\); nothing to resume"):
+            fn(run.path)
+    run.update(state="done")
+    for fn in (resume, prepare_resume):
+        with pytest.raises(RunError, match="already done"):
+            fn(run.path)
+    run.update(state="cancelled")
+    (run.path / runs.CANCEL_FILE).write_text("")
+    assert prepare_resume(run.path).path == run.path
+    assert not (run.path / runs.CANCEL_FILE).exists()  # a foreground resume clears the cancel request
 
 
 def test_worker_queues_behind_the_lock_then_runs(tmp_path):
