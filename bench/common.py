@@ -234,8 +234,9 @@ def _run_lines(meta: dict) -> list[str]:
                                  "machine": meta.get("machine", []), "rows": None}]
     lines = []
     for r in runs:
-        added = "earlier rows" if r.get("rows") is None else f"{len(r['rows'])} rows"
-        lines.append(f"`{r['command']}`: {r.get('wall_s') or 0:.0f} s, {added}; " + "; ".join(r.get("machine", [])))
+        n = None if r.get("rows") is None else len(r["rows"])
+        added = "earlier rows" if n is None else f"{n} row" + ("" if n == 1 else "s")
+        lines.append("; ".join([f"`{r['command']}`: {r.get('wall_s') or 0:.0f} s, {added}", *r.get("machine", [])]))
     return lines
 
 

@@ -67,8 +67,10 @@ def test_run_lines_keep_every_invocation_of_a_resumed_run():
     runs = [{"command": "bench/quality.py --tokens 98304", "wall_s": 8543.1, "machine": ["start: busy"],
              "rows": None},
             {"command": "bench/quality.py --resume --tokens 98304", "wall_s": 600.0,
-             "machine": ["start: quiet", "end: quiet"], "rows": ["a", "b"]}]
+             "machine": ["start: quiet", "end: quiet"], "rows": ["a", "b"]},
+            {"command": "bench/quality.py --resume --only c", "wall_s": 300.0, "machine": [], "rows": ["c"]}]
     lines = bench_common._run_lines({**META, "runs": runs})
     assert lines == ["`bench/quality.py --tokens 98304`: 8543 s, earlier rows; start: busy",
-                     "`bench/quality.py --resume --tokens 98304`: 600 s, 2 rows; start: quiet; end: quiet"]
+                     "`bench/quality.py --resume --tokens 98304`: 600 s, 2 rows; start: quiet; end: quiet",
+                     "`bench/quality.py --resume --only c`: 300 s, 1 row"]
     assert bench_common._run_lines(META) == ["`bench/quality.py --tokens 98304`: 10 s, earlier rows; start: quiet"]
