@@ -131,8 +131,8 @@ def _run_score(ns: argparse.Namespace) -> int:
         write_json(out / JOB_FILE, job)
 
     try:
-        from engine.cli import user_error_types
         from engine.data import DataSource, parse_doc_range
+        from engine.errors import UserError
         from engine.importance import ScoreConfig, score
         from engine.models import load
 
@@ -148,10 +148,7 @@ def _run_score(ns: argparse.Namespace) -> int:
         scores.save(out)
         job["engine_cache"] = str(cached)
     except Exception as e:  # noqa: BLE001 - recorded for the UI; user errors in plain words
-        try:
-            plain = isinstance(e, user_error_types())
-        except Exception:  # noqa: BLE001
-            plain = False
+        plain = isinstance(e, UserError)
         traceback.print_exc()
         job.update(state="failed", error=str(e) if plain else f"{type(e).__name__}: {e}", finished=time.time())
         write_json(out / JOB_FILE, job)

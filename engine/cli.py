@@ -12,28 +12,9 @@ import sys
 
 import engine
 import engine.commands
+from engine.errors import UserError
 
 log = logging.getLogger("prunescope")
-
-
-class UserError(Exception):
-    """An error caused by the user's input; shown as a one-line message."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from engine.arch import UnsupportedArchitecture
-    from engine.data import DataError
-    from engine.models import ModelLoadError
-
-    types: list[type[BaseException]] = [UserError, DataError, ModelLoadError, UnsupportedArchitecture,
-                                        FileNotFoundError, FileExistsError]
-    for mod, name in [("engine.plan", "PlanError"), ("engine.runs", "RunError"),
-                      ("engine.importance", "ScoreError")]:
-        try:
-            types.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except user_error_types() as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:
         if args.debug:
             raise
         print(f"prunescope {args.command}: error: {e}", file=sys.stderr)

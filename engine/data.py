@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.errors import DataError
+
 if TYPE_CHECKING:  # imported where blocks are made: parsing a data spec (the dashboard) needs no torch
     import torch
 
@@ -26,8 +28,6 @@ FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet", ".csv")
 _ARTICLE_HEADING = re.compile(r"^ = [^=].*[^=] = $")
 
 
-class DataError(ValueError):
-    """Bad data input; the message says what was wrong and what would be valid."""
 
 
 @dataclass(frozen=True)

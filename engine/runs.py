@@ -24,11 +24,20 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from engine.errors import Cancelled, RunError, UserError
+from engine.fileio import (  # noqa: F401  (re-exported for readers of run folders)
+    append_jsonl,
+    atomic_write,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +46,6 @@ ACTIVE = ("queued", "running")
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
 CANCEL_FILE = "cancel.request"
-
-
-class RunError(RuntimeError):
-    """A run folder or job problem the user can fix; shown as one line."""
-
-
-class Cancelled(Exception):
-    """Raised inside a worker when a cancel request or SIGTERM arrived (after a clean stop)."""
 
 
 def runs_root() -> Path:
@@ -58,71 +59,6 @@ def lock_dir() -> Path:
     from engine.paths import cache_dir
 
     return cache_dir() / "locks"
-
-
-# ---------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, write: Callable, binary: bool = False, fsync: bool = False,
-                 prefix: str | None = None) -> None:
-    """Call `write(file)` on a temp file in the same folder, then rename it over `path`: readers
-    see the old or the new file, never half of one; a failed write leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
-    """Text via `atomic_write`."""
-    atomic_write(path, lambda f: f.write(text), fsync=fsync)
-
-
-def write_json(path: Path, obj: dict, fsync: bool = False) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str), fsync=fsync)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one row with a single O_APPEND write (flushed: no user-space buffer)."""
-    data = (json.dumps(row, default=float) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """All complete rows; a partially written or corrupt line is skipped."""
-    rows = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return rows
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -278,6 +214,40 @@ def list_runs(root: str | Path | None = None) -> list[dict]:
     return out
 
 
+class QuietRun(Run):
+    """A non-zero rank's view of the run folder: reads it, never writes status or metrics."""
+
+    def update(self, force: bool = True, **fields) -> None:
+        self._status.update(fields)
+
+    def log_metrics(self, row: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless started by torchrun / accelerate launch."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> None:
+    """Set up the process group and this rank's device (accelerate: NCCL on GPUs, gloo on CPU)."""
+    import torch
+    from accelerate import Accelerator
+
+    Accelerator(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 # ---------------------------------------------------------------- device lock
 
 
@@ -388,9 +358,7 @@ def run_worker(run: Run, work: Callable[[threading.Event], None], device: str = 
         run.update(state="cancelled", message="cancelled (checkpoint kept; resume continues from it)",
                    finished=time.time())
     except BaseException as e:
-        from engine.cli import user_error_types
-
-        if isinstance(e, user_error_types()):
+        if isinstance(e, UserError):
             log.error("job failed: %s", e)
         else:
             log.exception("job failed")
@@ -426,7 +394,7 @@ def start_job(run_dir: str | Path, if_busy: str = "queue", device: str | None = 
     with contextlib.suppress(OSError):
         (run.path / CANCEL_FILE).unlink()
     run.update(state="queued", message="starting", error=None, heartbeat=time.time())
-    cmd = [sys.executable, "-m", "engine.pipeline", str(run.path.resolve()), "--if-busy", if_busy]
+    cmd = [sys.executable, "-m", "engine.jobs", str(run.path.resolve()), "--if-busy", if_busy]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

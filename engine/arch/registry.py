@@ -8,12 +8,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 from engine.arch.base import ArchAdapter
+from engine.errors import UnsupportedArchitecture  # noqa: F401  (re-exported)
 
 _REGISTRY: dict[str, type[ArchAdapter]] = {}
 
 
-class UnsupportedArchitecture(ValueError):
-    """The model's `model_type` has no adapter."""
 
 
 def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:

@@ -60,8 +60,9 @@ def distill_config(args, layer_map=None):
 
 def launch(args, config) -> int:
     """Create the run folder, then run in the foreground or start a detached job."""
-    from engine.pipeline import barrier, create_run, execute, init_distributed, world
-    from engine.runs import RunError, start_job
+    from engine.jobs import execute
+    from engine.pipeline import create_run
+    from engine.runs import RunError, barrier, init_distributed, start_job, world
 
     rank, n = world()
     if n > 1:  # torchrun / accelerate launch: rank 0 creates the folder, every rank runs the job

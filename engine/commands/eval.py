@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def _batch_sizes(text: str) -> list[int]:
-    from engine.cli import UserError
+    from engine.errors import UserError
 
     if text.strip().lower() in ("", "none", "0"):
         return []
@@ -57,8 +57,8 @@ def _folder(loaded) -> Path | None:
 
 
 def run(args) -> int:
-    from engine.cli import UserError
     from engine.data import DataSource, get_blocks, parse_doc_range
+    from engine.errors import UserError
     from engine.evaluate import evaluate_model, format_table, summary_row
     from engine.models import load
 

@@ -12,8 +12,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from engine.pipeline import execute, world
-    from engine.runs import RunError, prepare_resume, resume
+    from engine.jobs import execute
+    from engine.runs import RunError, prepare_resume, resume, world
 
     if args.detach and world()[1] > 1:
         raise RunError("--detach cannot be combined with torchrun / accelerate launch: resume in the "

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.errors import ScoreError  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading scores as numpy needs no torch
     import numpy as np
     import torch
@@ -36,8 +38,6 @@ TENSORS_FILE = "scores.safetensors"
 META_FILE = "scores.json"
 
 
-class ScoreError(ValueError):
-    """Bad scoring input or an unusable scores file; the message says what would be valid."""
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Scores:
         folder.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save
 
-        from engine.runs import atomic_write, atomic_write_text
+        from engine.fileio import atomic_write, atomic_write_text
 
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
         atomic_write(folder / TENSORS_FILE, lambda f: f.write(save(tensors)), binary=True)
