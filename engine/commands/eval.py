@@ -48,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to this file")
+    p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     p.set_defaults(func=run)
 
 
@@ -60,8 +61,11 @@ def run(args) -> int:
     from engine.data import DataSource, get_blocks, parse_doc_range
     from engine.errors import UserError
     from engine.evaluate import evaluate_model, format_table, summary_row
+    from engine.fileio import atomic_write_text
     from engine.models import load
 
+    if args.json and Path(args.json).exists() and not getattr(args, "force", False):
+        raise UserError(f"{args.json} already exists; pass --force to overwrite it, or choose another --json file")
     docs = parse_doc_range(args.data_range)
     sizes = _batch_sizes(args.batch_sizes)
     for name in ("samples", "seq_len", "batch_size", "prompt_len", "repeats"):
@@ -97,8 +101,7 @@ def run(args) -> int:
               f"perplexity x{m['ppl'] / t['ppl']:.3f}")
     if args.json:
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
         data = {"data": source.label, "samples": args.samples, "seq_len": args.seq_len, **results}
-        out.write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(data, indent=2) + "\n")
         print(f"wrote {out}")
     return 0
