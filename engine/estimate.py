@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, replace
+from numbers import Integral
 
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
@@ -42,8 +43,24 @@ class Targets:
         if unknown:
             raise PlanError(f"unknown target fields {sorted(unknown)}; valid: {', '.join(cls.__dataclass_fields__)}")
         d = dict(d)
-        if d.get("drop_layers") is not None:
-            d["drop_layers"] = tuple(int(i) for i in d["drop_layers"])
+        drop = d.get("drop_layers")
+        if drop is not None:
+            if not isinstance(drop, (list, tuple)) or not all(isinstance(i, Integral) and not isinstance(i, bool)
+                                                              for i in drop):
+                raise PlanError(f"targets field 'drop_layers' must be a list of source layer indices such as "
+                                f"[3, 7], or null; got {drop!r}")
+            d["drop_layers"] = tuple(int(i) for i in drop)
+        for name in AXES:
+            v = d.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, Integral)):
+                raise PlanError(f"{name} target must be a whole number or null (keep the source size), got {v!r}")
+            if v is not None:
+                d[name] = int(v)
+        if "depth_by" in d and not isinstance(d["depth_by"], str):
+            raise PlanError(f"targets field 'depth_by' must be one of {', '.join(DEPTH_METHODS)}; "
+                            f"got {d['depth_by']!r}")
+        if "merge_heads" in d and not isinstance(d["merge_heads"], bool):
+            raise PlanError(f"targets field 'merge_heads' must be true or false; got {d['merge_heads']!r}")
         return cls(**d)
 
 

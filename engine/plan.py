@@ -84,23 +84,31 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        """Parse and validate (raises PlanError saying what is wrong)."""
-        try:
-            if d.get("format") != FORMAT:
-                raise PlanError(f"not a prunescope plan (format {d.get('format')!r}, expected {FORMAT!r})")
-            layers = d["layers"]
-            merge = [[(int(a), int(b)) for a, b in e.get("merge", [])] for e in layers] \
-                if any("merge" in e for e in layers) else None
-            plan = cls(
-                targets=Targets.from_dict(d["targets"]), arch=dict(d["arch"]), fingerprint=str(d["fingerprint"]),
-                kept_layers=[int(e["source"]) for e in layers], heads=[[int(h) for h in e["heads"]] for e in layers],
-                neurons=[[int(n) for n in e["neurons"]] for e in layers], channels=[int(c) for c in d["channels"]],
-                head_merge=merge, model=str(d.get("model", "")), info=dict(d.get("info") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PlanError):
-                raise
-            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from e
+        """Parse and validate (raises PlanError naming the malformed field and its expected form)."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan is a JSON object with the fields format, arch, targets, channels and layers; "
+                            f"got {_kind(d)}")
+        if d.get("format") != FORMAT:
+            raise PlanError(f"not a prunescope plan (format {d.get('format')!r}, expected {FORMAT!r})")
+        for name in ("arch", "targets", "fingerprint", "channels", "layers"):
+            if name not in d:
+                raise PlanError(f"plan field {name!r} is missing; a plan needs format, arch, targets, fingerprint, "
+                                "channels and layers")
+        if not isinstance(d["arch"], dict):
+            raise PlanError(f"plan field 'arch' must be an object (the source architecture), got {_kind(d['arch'])}")
+        if not isinstance(d["targets"], dict):
+            raise PlanError("plan field 'targets' must be an object such as {\"ffn\": 1024, \"depth_by\": \"bi\"}, "
+                            f"got {_kind(d['targets'])}")
+        if not isinstance(d.get("info") or {}, dict):
+            raise PlanError(f"plan field 'info' must be an object, got {_kind(d['info'])}")
+        layers = _layer_entries(d["layers"])
+        merge = [[tuple(p) for p in e.get("merge", [])] for e in layers] if any("merge" in e for e in layers) else None
+        plan = cls(
+            targets=Targets.from_dict(d["targets"]), arch=dict(d["arch"]), fingerprint=str(d["fingerprint"]),
+            kept_layers=[e["source"] for e in layers], heads=[e["heads"] for e in layers],
+            neurons=[e["neurons"] for e in layers], channels=_int_list(d["channels"], "channels"),
+            head_merge=merge, model=str(d.get("model", "")), info=dict(d.get("info") or {}),
+        )
         plan.validate()
         return plan
 
@@ -178,6 +186,59 @@ class Plan:
                                         "head of the same KV group")
                 if len(set(partners)) != len(partners) or len({a for a, _ in pairs}) != len(pairs):
                     raise PlanError(f"layer {src} merge pairs reuse a head")
+
+
+def _kind(v) -> str:
+    """A short description of a JSON value for an error message: its type and a clipped repr."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    text = json.dumps(v) if isinstance(v, (dict, list, str, int, float, bool, type(None))) else repr(v)
+    return f"{names.get(type(v), type(v).__name__)} {text[:40] + ('…' if len(text) > 40 else '')}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v, field: str) -> list[int]:
+    """A JSON list of whole numbers, or PlanError naming `field`."""
+    if not isinstance(v, list) or not all(_is_int(i) for i in v):
+        bad = next((i for i in v if not _is_int(i)), None) if isinstance(v, list) else v
+        raise PlanError(f"plan field {field!r} must be a list of whole numbers such as [0, 2, 5]; "
+                        f"found {_kind(bad)}")
+    return list(v)
+
+
+_LAYER_FORM = '{"source": 3, "heads": [0, 1], "neurons": [4, 7, ...]}'
+
+
+def _layer_entries(v) -> list[dict]:
+    """plan['layers'] checked entry by entry: each an object with an int 'source' and int lists."""
+    if not isinstance(v, list):
+        raise PlanError(f"plan field 'layers' must be a list of objects like {_LAYER_FORM}; got {_kind(v)}")
+    out = []
+    for i, e in enumerate(v):
+        where = f"layers[{i}]"
+        if not isinstance(e, dict):
+            raise PlanError(f"plan field {where!r} must be an object like {_LAYER_FORM} (one per kept layer); "
+                            f"got {_kind(e)}")
+        for key in ("source", "heads", "neurons"):
+            if key not in e:
+                raise PlanError(f"plan field {where!r} has no {key!r}; each entry looks like {_LAYER_FORM}")
+        if not _is_int(e["source"]):
+            raise PlanError(f"plan field '{where}.source' must be a whole number (a source layer index); "
+                            f"got {_kind(e['source'])}")
+        entry = {"source": e["source"], "heads": _int_list(e["heads"], f"{where}.heads"),
+                 "neurons": _int_list(e["neurons"], f"{where}.neurons")}
+        if "merge" in e:
+            pairs = e["merge"]
+            if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(_is_int, p))
+                                                      for p in pairs):
+                raise PlanError(f"plan field '{where}.merge' must be a list of [kept head, pruned head] pairs "
+                                f"such as [[0, 2], [1, 5]]; got {_kind(pairs)}")
+            entry["merge"] = pairs
+        out.append(entry)
+    return out
 
 
 def _check_indices(what: str, idx: list[int], size: int) -> None:
