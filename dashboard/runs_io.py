@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from dashboard import state
+from engine.commands.status import number, read_status
 from engine.data import parse_doc_range
 
 TERMINAL = ("done", "failed", "cancelled", "stale")
@@ -72,7 +73,7 @@ def cli_command(cfg: dict, path: Path) -> str:
         for k in ("hidden", "ffn", "heads", "layers"):
             if t.get(k) is not None:
                 cmd += [f"--{k}", str(t[k])]
-        if t.get("depth_by") == "list" and t.get("drop_layers") is not None:
+        if t.get("depth_by") == "list" and isinstance(t.get("drop_layers"), list):
             cmd += ["--drop-layers", ",".join(str(i) for i in t["drop_layers"])]
         elif t.get("depth_by", "bi") != "bi":
             cmd += ["--depth-by", str(t["depth_by"])]
@@ -119,18 +120,67 @@ def wrap_command(cmd: list[str], width: int = 88) -> str:
     return " \\\n".join(lines)
 
 
+def clean_config(raw) -> tuple[dict, list[str]]:
+    """config.json content with the fields the pages read of the right type, and what was wrong."""
+    if not isinstance(raw, dict):
+        return {}, ["config.json is missing, unreadable or not a JSON object"]
+    cfg, problems = dict(raw), []
+    for key in ("targets", "distill"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            problems.append(f"config.json: {key} is not an object")
+            cfg[key] = {}
+    for key in ("model", "kind", "data", "student", "text_column"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            problems.append(f"config.json: {key} {cfg[key]!r} is not text")
+            cfg[key] = str(cfg[key])
+    for key in ("train_range", "eval_range"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 2 and all(number(x) is not None for x in v)):
+            problems.append(f"config.json: {key} {v!r} is not a [start, end] pair")
+            cfg[key] = None
+    return cfg, problems
+
+
+def _clean_metrics(rows: list[dict]) -> list[dict]:
+    """Metric rows whose step (and elapsed time, when present) are numbers; damaged rows are dropped."""
+    return [r for r in rows if number(r.get("step")) is not None
+            and ("elapsed_s" not in r or number(r["elapsed_s"]) is not None)]
+
+
 def read_run(path: Path) -> dict:
-    """status (with `effective`), config, summary and metrics rows of a run folder."""
-    from engine.runs import Run, read_json
+    """status (cleaned, with `effective`), config, summary, metrics rows and `problems` (what is damaged
+    in the run's files: a reader shows them as this run's error instead of failing)."""
+    from engine.runs import Run, read_json, read_jsonl
 
     run = Run.open(path)
-    return {"status": run.status(), "config": read_json(run.config_file) or {},
-            "summary": read_json(run.path / "summary.json") or {}, "metrics": run.metrics()}
+    status, problems = read_status(run.path)
+    cfg, cfg_problems = clean_config(read_json(run.config_file))
+    return {"status": status, "config": cfg, "summary": read_json(run.path / "summary.json") or {},
+            "metrics": _clean_metrics(read_jsonl(run.metrics_file)), "problems": problems + cfg_problems}
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Run folders under `root`, newest first: name, path, status, config, summary, problems. A run
+    whose files are damaged is listed with its problems; one that cannot be read at all too."""
+    from engine.runs import read_json
+
+    out = []
+    if not Path(root).is_dir():
+        return out
+    for d in sorted(Path(root).iterdir()):
+        if not (d.is_dir() and (d / "config.json").is_file()):
+            continue
+        status, problems = read_status(d)
+        cfg, cfg_problems = clean_config(read_json(d / "config.json"))
+        out.append({"name": d.name, "path": str(d), "status": status, "config": cfg,
+                    "summary": read_json(d / "summary.json") or {}, "problems": problems + cfg_problems})
+    out.sort(key=lambda r: r["status"].get("created") or 0.0, reverse=True)
+    return out
 
 
 def eta_seconds(status: dict, rows: list[dict], total_steps: int) -> float | None:
     """Seconds left in distillation from the recent step rate (None before the first steps)."""
-    train = [r for r in rows if not r.get("eval") and "elapsed_s" in r]
+    train = [r for r in _clean_metrics(rows) if not r.get("eval") and "elapsed_s" in r]
     if status.get("stage") != "distill" or len(train) < 2:
         return None
     recent = train[-20:]
@@ -143,13 +193,11 @@ def eta_seconds(status: dict, rows: list[dict], total_steps: int) -> float | Non
 
 def delete_run(path: Path) -> None:
     """Remove a finished run folder (refuses a live one)."""
-    from engine.runs import RunError, read_json
+    from engine.runs import RunError
 
-    st = read_json(path / "status.json") or {}
-    from engine.runs import effective_state
-
-    if effective_state(st) in ("queued", "running"):
-        raise RunError(f"{path.name} is still {effective_state(st)}; cancel it first")
+    eff = read_status(path)[0]["effective"]
+    if eff in ("queued", "running"):
+        raise RunError(f"{path.name} is still {eff}; cancel it first")
     shutil.rmtree(path)
 
 
@@ -182,19 +230,24 @@ def scores_csv(folder: Path) -> str:
 
 
 def run_rows(runs: list[dict]) -> list[dict]:
-    """One table row per run: status and key numbers."""
+    """One table row per run: status and key numbers; a damaged run's row says what is wrong."""
     out = []
     for r in runs:
         st, cfg, s = r["status"], r["config"], r.get("summary") or {}
         t = cfg.get("targets") or {}
+        problems = r.get("problems") or []
+        created = number(st.get("created"))
         out.append({
-            "run": r["name"], "state": st.get("effective"), "stage": st.get("stage") or "",
-            "progress": float(st.get("progress") or 0.0),
-            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(st.get("created") or 0)),
+            "run": r["name"], "state": "damaged" if problems else st.get("effective"),
+            "stage": st.get("stage") or "", "progress": st.get("progress") or 0.0,
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "",
             "model": cfg.get("model", ""),
             "targets": " ".join(f"{k}={t[k]}" for k in ("hidden", "ffn", "heads", "layers") if t.get(k) is not None),
-            "params": s.get("params_student"), "of teacher": s.get("params_ratio"),
-            "ppl teacher": s.get("ppl_teacher"), "ppl pruned": s.get("ppl_one_shot"),
-            "ppl distilled": s.get("ppl_distilled"), "steps": s.get("steps") or (cfg.get("distill") or {}).get("steps"),
+            "params": number(s.get("params_student")), "of teacher": number(s.get("params_ratio")),
+            "ppl teacher": number(s.get("ppl_teacher")), "ppl pruned": number(s.get("ppl_one_shot")),
+            "ppl distilled": number(s.get("ppl_distilled")),
+            "steps": int(steps) if (steps := number(s.get("steps")) or
+                                    number((cfg.get("distill") or {}).get("steps"))) else None,
+            "error": "; ".join(problems),
         })
     return out

@@ -144,3 +144,130 @@ def test_eval_json_force_overwrites(tmp_path, tiny_llama_pair, capsys):
     result = json.loads(out.read_text())
     assert "keep" not in result and result["seq_len"] == 16 and result["model"]["ppl"] > 1
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------- damaged run files
+
+
+def _good_run(root: Path, name: str = "good-run") -> Path:
+    from engine.fileio import write_json
+    from engine.runs import Run
+
+    run = Run.create(root / name, {"kind": "pipeline", "model": "m", "data": "d.txt", "targets": {"ffn": 20},
+                                   "distill": {"steps": 7}, "train_range": [0, 0.6], "eval_range": [0.6, 1]})
+    run.update(state="done", progress=1.0, stage="export", message="done")
+    run.log_metrics({"step": 1, "loss": 2.5, "elapsed_s": 0.1})
+    write_json(run.path / "summary.json", {"params_student": 1000, "params_ratio": 0.8, "steps": 7})
+    return run.path
+
+
+DAMAGE = {
+    "status-list": {"status.json": b"[1, 2, 3]"},
+    "status-types": {"status.json": json.dumps({"state": "running", "pid": "abc", "heartbeat": "now",
+                                                "created": "yesterday", "progress": "half", "stage": 3,
+                                                "stages": ["score"]}).encode()},
+    "status-binary": {"status.json": b"\xff\xfe\x00garbage"},
+    "config-list": {"config.json": b'["not", "a", "config"]'},
+    "config-types": {"config.json": json.dumps({"kind": "pipeline", "targets": "ffn=20", "distill": [7],
+                                                "train_range": "0:0.6", "model": 5}).encode()},
+}
+
+
+def _damaged_run(root: Path, name: str) -> Path:
+    path = _good_run(root, name)
+    for file, data in DAMAGE[name].items():
+        (path / file).write_bytes(data)
+    return path
+
+
+def test_status_command_reads_damaged_metrics(tmp_path, capsys):
+    path = _good_run(tmp_path)
+    with open(path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "loss": "\xff\xfe latin-1 \xe9"}\n')  # not UTF-8
+        f.write(b'{"step": 3, "loss": 1.5, "note": "\\udcff lone surrogate"}\n')  # valid JSON, unprintable
+        f.write(b'{"step": 4, "lo')  # torn last line
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "state:    done" in out and "step=3" in out and "loss=1.5" in out and "\\udcff" in out
+    assert main(["status", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["last_train"]["step"] == 3
+
+
+@pytest.mark.parametrize("name", [n for n in DAMAGE if n.startswith("status")])
+def test_status_command_reports_a_damaged_status(tmp_path, capsys, name):
+    path = _damaged_run(tmp_path, name)
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "damaged:  status.json" in out and "loss=2.5" in out
+    assert main(["status", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"]
+
+
+def test_clean_status_keeps_a_good_status_unchanged(tmp_path):
+    from engine.commands.status import read_status
+    from engine.runs import Run
+
+    path = _good_run(tmp_path)
+    st, problems = read_status(path)
+    assert problems == [] and st == Run.open(path).status()
+
+
+@pytest.fixture
+def dash(tmp_path, monkeypatch):
+    """The dashboard's environment on a tiny model folder, with empty runs / cache folders."""
+    from tiny_models import save_tiny
+
+    monkeypatch.setenv("PRUNESCOPE_MODEL", str(save_tiny("llama", tmp_path / "tiny-llama")))
+    (tmp_path / "corpus.txt").write_text(" = A = \n\nsome text\n")
+    monkeypatch.setenv("PRUNESCOPE_DATA", str(tmp_path / "corpus.txt"))
+    for var, sub in (("PRUNESCOPE_RUNS", "runs"), ("PRUNESCOPE_CACHE", "cache"), ("PRUNESCOPE_LOCKS", "locks")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("PRUNESCOPE_DEVICE", "cpu")
+    return tmp_path
+
+
+def _page(page: str, **query):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
+    at.run()
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.switch_page(f"screens/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_runs_page_lists_good_and_damaged_runs(dash):
+    good = _good_run(dash / "runs")
+    for name in DAMAGE:
+        _damaged_run(dash / "runs", name)
+    at = _page("runs", run="good-run")
+    table = at.dataframe[0].value.set_index("run")
+    assert set(table.index) == {good.name, *DAMAGE}
+    assert table.loc[good.name, "state"] == "done" and table.loc[good.name, "error"] == ""
+    assert table.loc[good.name, "steps"] == 7
+    for name in DAMAGE:
+        assert table.loc[name, "state"] == "damaged", name
+        assert DAMAGE[name].keys() == {table.loc[name, "error"].split(":")[0].split(" ")[0]}, name
+    assert not at.error and "prunescope run" in "\n".join(c.value for c in at.code)
+    for name in DAMAGE:
+        at = _page("runs", run=name)
+        assert at.selectbox(key="runs_pick").value == name
+        assert any("damaged" in e.value for e in at.error), name
+        assert not [b for b in at.button if b.key in ("runs_resume", "runs_compare")]
+
+
+def test_upload_named_config_json_is_not_a_run(dash):
+    from streamlit.testing.v1 import AppTest
+
+    _good_run(dash / "runs")
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    at.radio(key="data_kind").set_value("Upload a file").run()
+    at.file_uploader(key="data_upload").set_value(("config.json", b'{"kind": "pipeline"}', "application/json"))
+    at.run()
+    assert not at.exception, at.exception
+    assert (dash / "cache" / "uploads" / "config.json").read_bytes() == b'{"kind": "pipeline"}'
+    assert not (dash / "runs" / "uploads").exists()
+    at.switch_page("screens/runs.py").run()
+    assert list(at.dataframe[0].value["run"]) == ["good-run"]

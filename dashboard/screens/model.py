@@ -57,7 +57,10 @@ if dkind == "Local file":
 elif dkind == "Upload a file":
     up = st.file_uploader("Text file", type=["txt", "raw", "jsonl", "json", "parquet", "csv"], key="data_upload")
     if up is not None:
-        dest = state.runs_root() / "uploads" / Path(up.name).name
+        from engine.paths import cache_dir
+
+        # in the cache, not under the runs root: an upload named config.json must not look like a run
+        dest = cache_dir() / "uploads" / Path(up.name).name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.exists() or dest.stat().st_size != up.size:
             dest.write_bytes(up.getvalue())

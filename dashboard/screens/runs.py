@@ -12,10 +12,8 @@ from dashboard.common import user_message
 
 st.title("Runs")
 
-from engine.runs import list_runs  # noqa: E402
-
 root = state.runs_root()
-runs = list_runs(root)
+runs = runs_io.list_runs(root)  # a run with damaged files is listed with its problems, never a crash
 st.caption(f"Run folders in `{root}` (set with `prunescope app --runs-dir` or PRUNESCOPE_RUNS).")
 if not runs:
     st.info("No runs yet. Launch one on **Distill**.")
@@ -30,6 +28,7 @@ st.dataframe(df, hide_index=True, width="stretch", key="runs_table", column_conf
     "ppl teacher": st.column_config.NumberColumn(format="%.2f"),
     "ppl pruned": st.column_config.NumberColumn(format="%.2f"),
     "ppl distilled": st.column_config.NumberColumn(format="%.2f"),
+    "error": st.column_config.TextColumn("error", help="what is damaged in this run's files"),
 })
 
 names = [r["name"] for r in runs]
@@ -38,12 +37,13 @@ name = st.selectbox("Run", names, index=names.index(wanted) if wanted in names e
 r = next(x for x in runs if x["name"] == name)
 path = Path(r["path"])
 status, cfg, summary = r["status"], r["config"], r.get("summary") or {}
+problems = r.get("problems") or []
 eff = status.get("effective")
 
 c = st.columns(5)
 if c[0].button("Open", key="runs_open", icon=":material/open_in_new:", type="primary"):
     st.switch_page("screens/distill.py", query_params={"run": name})
-if eff in ("cancelled", "failed", "stale") and c[1].button("Resume", key="runs_resume", icon=":material/replay:"):
+if eff in ("cancelled", "failed", "stale") and not problems and c[1].button("Resume", key="runs_resume", icon=":material/replay:"):
     from engine.runs import resume
 
     try:
@@ -57,7 +57,7 @@ if eff in ("queued", "running") and c[1].button("Cancel", key="runs_cancel", ico
 
     cancel(path)
     st.rerun()
-if eff == "done" and c[2].button("Compare", key="runs_compare", icon=":material/compare_arrows:"):
+if eff == "done" and not problems and c[2].button("Compare", key="runs_compare", icon=":material/compare_arrows:"):
     st.switch_page("screens/compare.py", query_params={"run": name})
 
 
@@ -85,11 +85,14 @@ if c[4].button("Delete…", key="runs_delete", icon=":material/delete:", disable
 st.markdown(f"**State:** {eff} · **stage:** {status.get('stage') or '–'} · {status.get('message') or ''}")
 if status.get("error"):
     st.error(status["error"])
+if problems:
+    st.error(f"The files of this run are damaged ({'; '.join(problems)}); it cannot be resumed or compared. "
+             "Delete it, or repair the file by hand.")
 
 d = st.columns(3)
 plan = path / "plan.json"
 if plan.is_file():
-    d[0].download_button("plan.json", plan.read_text(), file_name=f"{name}-plan.json", mime="application/json",
+    d[0].download_button("plan.json", plan.read_bytes(), file_name=f"{name}-plan.json", mime="application/json",
                          icon=":material/download:", key="runs_dl_plan")
 from engine.importance import Scores  # noqa: E402
 
@@ -98,8 +101,9 @@ if Scores.exists(path / "scores"):
                          mime="text/csv", icon=":material/download:", key="runs_dl_scores")
 if summary.get("model_dir"):
     st.markdown("**Exported model** (a plain Hugging Face folder; load it with `AutoModelForCausalLM.from_pretrained`):")
-    st.code(summary["model_dir"], language=None)
-st.markdown("**Reproduce from a terminal:**")
-st.code(runs_io.cli_command(cfg, path), language="bash")
+    st.code(str(summary["model_dir"]), language=None)
+if cfg:
+    st.markdown("**Reproduce from a terminal:**")
+    st.code(runs_io.cli_command(cfg, path), language="bash")
 with st.expander("config.json / summary.json"):
     st.json({"config": cfg, "summary": summary}, expanded=False)
