@@ -455,35 +455,6 @@ def prepare_resume(run_dir: str | Path) -> Run:
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints `step-NNNNNN.pt`, oldest first (temp files are ignored)."""
-    d = Path(ckpt_dir)
-    return sorted(d.glob("step-*.pt")) if d.is_dir() else []
-
-
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    files = checkpoint_files(ckpt_dir)
-    return files[-1] if files else None
-
-
-def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """torch.save to a temp file, fsync, rename to step-NNNNNN.pt; keep the newest `keep`."""
-    import torch
-
-    d = Path(ckpt_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / f"step-{step:06d}.pt"
-    atomic_write(final, lambda f: torch.save(state, f), binary=True, fsync=True, prefix=".tmp-")
-    for old in checkpoint_files(d)[:-max(1, keep)]:
-        with contextlib.suppress(OSError):
-            old.unlink()
-    for stray in d.glob(".tmp-*"):  # left by a killed writer
-        if time.time() - stray.stat().st_mtime > 3600:
-            with contextlib.suppress(OSError):
-                stray.unlink()
-    return final
-
-
 def truncate_metrics(path: str | Path, step: int) -> None:
     """Drop rows past `step` (and any partial line): a resumed run rewrites them identically."""
     path = Path(path)

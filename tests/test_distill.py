@@ -19,7 +19,8 @@ from tiny_models import random_ids, tiny_model
 
 from engine.distill import DataOrder, DistillConfig, distill, lr_lambda
 from engine.evaluate import evaluate_student, kl_to_teacher, perplexity
-from engine.runs import checkpoint_files, read_jsonl
+from engine.checkpoint import checkpoint_files, load_checkpoint
+from engine.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = DistillConfig(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6,
@@ -80,7 +81,7 @@ def test_resume_after_cancel_matches_uninterrupted_run(tmp_path, data):
     s1 = tiny_model("gpt2", 1)
     out = distill(teacher, s1, train, held, CFG, tmp_path / "b", should_stop=lambda: next(stops, True))
     assert out["stopped"] and out["steps"] == 5
-    assert checkpoint_files(tmp_path / "b" / "checkpoints")[-1].name == "step-000005.pt"
+    assert checkpoint_files(tmp_path / "b" / "checkpoints")[-1].name == "step-000005.json"
     s2 = tiny_model("gpt2", 7)  # different weights: everything must come from the checkpoint
     out = distill(teacher, s2, train, held, CFG, tmp_path / "b")
     assert out["steps"] == 12 and not out["stopped"]
@@ -107,7 +108,7 @@ def test_hidden_loss_with_width_and_depth_pruned_student(tmp_path, data):
     assert all("hidden_loss" in r for r in tr)
     assert tr[-1]["hidden_loss"] < tr[0]["hidden_loss"]
     assert tr[0]["loss"] == pytest.approx(tr[0]["kl_loss"] + tr[0]["hidden_loss"], rel=1e-5)
-    state = torch.load(checkpoint_files(tmp_path / "checkpoints")[-1], weights_only=False)
+    state = load_checkpoint(checkpoint_files(tmp_path / "checkpoints")[-1])
     assert state["model"]["proj.weight"].shape == (48, 24)
     with pytest.raises(ValueError, match="layer_map"):
         distill(teacher, tiny_model("llama", 1, num_hidden_layers=2), train, held,
@@ -142,14 +143,19 @@ def test_evaluate_helpers(data):
 # ---------------------------------------------------------------- several processes (torchrun, gloo)
 
 WORKER = textwrap.dedent("""
-    import json, logging, sys, torch
+    import json, logging, os, sys, torch
     sys.path.insert(0, {tests!r})
+    if os.environ.get("DROP_RANK1_GRADIENTS"):  # a deliberately wrong gradient reduction
+        import engine.parallel as par
+        backward = par.DataParallel.backward
+        par.DataParallel.backward = lambda self, loss: backward(self, loss * (0.0 if self.rank == 1 else 1.0))
     from tiny_models import random_ids, tiny_model
     from engine.distill import DistillConfig, distill
     logging.basicConfig(level=logging.INFO)
     run_dir, batch, stop_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     cfg = DistillConfig(steps=6, batch_size=batch, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=2,
-                        eval_every=100, checkpoint_every=3, ce_weight=0.5, hidden_weight=0.5, layer_map=(0, 3))
+                        eval_every=100, checkpoint_every=3, ce_weight=0.5, hidden_weight=0.5, layer_map=(0, 3),
+                        dtype="fp32")
     # width- and depth-pruned student: hidden-state projector, tied embeddings, uneven shards
     student = tiny_model("llama", 1, hidden_size=24, num_hidden_layers=2)
     calls = iter(range(1, 100))
@@ -164,13 +170,15 @@ WORKER = textwrap.dedent("""
 TERMS = ("loss", "kl_loss", "ce_loss", "hidden_loss", "grad_norm")
 
 
-def _launch(tmp: Path, run_dir: Path, nproc: int, stop_after: int = 0, fsdp: bool = False) -> str:
+def _launch(tmp: Path, run_dir: Path, nproc: int, stop_after: int = 0, fsdp: bool = False,
+            **extra_env: str) -> str:
     """The worker in `nproc` processes (batch 4 / nproc each: the same global batch of 8); its log."""
     script = tmp / "worker.py"
     if not script.exists():
         script.write_text(WORKER.format(tests=str(ROOT / "tests")))
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_FSDP"}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **({"ACCELERATE_USE_FSDP": "true"} if fsdp else {}))
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **({"ACCELERATE_USE_FSDP": "true"} if fsdp else {}),
+               **extra_env)
     args = [str(script), str(run_dir), str(4 // nproc), str(stop_after)]
     if nproc > 1:  # --standalone: a free port of its own, so parallel test runs do not collide
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
@@ -196,7 +204,19 @@ def multi(tmp_path_factory):
     return get
 
 
-def _assert_same_run(got: Path, ref: Path, rel: float) -> None:
+# Tolerance of the 1-process vs 2-process comparison, derived from the numerics (the runs are fp32 on
+# every CPU: dtype="fp32" above, so a CPU with native bf16 does not switch to bf16 autocast). The two
+# launches compute the same sums in a different order (per-rank partial sums, then an all-reduce).
+# Reordering a sum of n fp32 terms changes it by at most ~n*u relative (u = 2**-24), and each optimizer
+# step feeds that difference into the next: over S steps with N = global batch x seq_len tokens per
+# step the bound grows to ~S*N*u. Here S = 6, N = 8 * 32 = 256: 6 * 256 * 6e-8 = 9.2e-5; doubled for
+# the second-order terms of AdamW's normalisation. A real divergence (one rank's gradients lost,
+# test_tolerance_catches_a_wrong_gradient_reduction) is off by tens of percent.
+PARITY_STEPS, PARITY_TOKENS = 6, 8 * 32
+PARITY_REL = 2 * PARITY_STEPS * PARITY_TOKENS * 2.0**-24
+
+
+def _assert_same_run(got: Path, ref: Path, rel: float = PARITY_REL) -> None:
     """Same rows (steps, tokens, evaluations) and loss terms / evaluations within `rel`."""
     a, b = read_jsonl(ref / "metrics.jsonl"), read_jsonl(got / "metrics.jsonl")
     assert [(r["step"], r["tokens"], bool(r.get("eval"))) for r in b] == \
@@ -217,8 +237,8 @@ def test_two_gloo_processes_match_one_process(multi):
     one, two = multi("one"), multi("ddp")
     assert _out(two) == {"steps": 6, "stopped": False, "parallel": "ddp"} and _out(one)["parallel"] == "single"
     assert _train_rows(two)[0]["tokens"] == 2 * 4 * 32
-    _assert_same_run(two, one, rel=2e-4)
-    assert checkpoint_files(two / "checkpoints")[-1].name == "step-000006.pt"
+    _assert_same_run(two, one)
+    assert checkpoint_files(two / "checkpoints")[-1].name == "step-000006.json"
 
 
 @pytest.mark.slow
@@ -233,10 +253,10 @@ def test_fsdp_two_gloo_processes_match_one_process(multi):
                                                    multi.log("fsdp"))]
     assert len(held) == 2 and held[0][1] == held[1][1]
     assert sum(h for h, _ in held) >= held[0][1] and all(h < 0.6 * n for h, n in held)
-    _assert_same_run(fsdp, one, rel=2e-4)
+    _assert_same_run(fsdp, one)
 
-    ref = torch.load(one / "checkpoints" / "step-000006.pt", weights_only=False)
-    got = torch.load(fsdp / "checkpoints" / "step-000006.pt", weights_only=False)
+    ref = load_checkpoint(one / "checkpoints" / "step-000006.json")
+    got = load_checkpoint(fsdp / "checkpoints" / "step-000006.json")
     assert got["parallel"] == "fsdp" and got["world_size"] == 2 and got["global_batch"] == ref["global_batch"]
     assert got["model"].keys() == ref["model"].keys() and got["model"]["proj.weight"].shape == (48, 24)
     for k, v in ref["model"].items():
@@ -270,10 +290,21 @@ def test_resume_under_torchrun_matches_uninterrupted_run(multi, mode):
     run_dir = multi.tmp / f"{mode}-resumed"
     _launch(multi.tmp, run_dir, 2, stop_after=4, fsdp=mode == "fsdp")
     assert _out(run_dir) == {"steps": 4, "stopped": True, "parallel": mode}
-    assert [f.name for f in checkpoint_files(run_dir / "checkpoints")] == ["step-000003.pt", "step-000004.pt"]
+    assert [f.name for f in checkpoint_files(run_dir / "checkpoints")] == ["step-000003.json", "step-000004.json"]
     assert [r["step"] for r in _train_rows(run_dir)] == [1, 2, 3, 4]
     log = _launch(multi.tmp, run_dir, 2, fsdp=mode == "fsdp")
-    assert "resumed from step-000004.pt (step 4/6" in log
+    assert "resumed from step-000004.json (step 4/6" in log
     assert _out(run_dir) == {"steps": 6, "stopped": False, "parallel": mode}
     _assert_same_run(run_dir, multi(mode), rel=1e-6)  # (and that one matches 1 process: tests above)
-    assert checkpoint_files(run_dir / "checkpoints")[-1].name == "step-000006.pt"
+    assert checkpoint_files(run_dir / "checkpoints")[-1].name == "step-000006.json"
+
+
+@pytest.mark.slow
+def test_tolerance_catches_a_wrong_gradient_reduction(multi):
+    """The parity tolerance is not so loose that a broken reduction passes: with rank 1's gradients
+    dropped (the all-reduce then averages rank 0's gradient with zeros) the 2-process run fails it."""
+    broken = multi.tmp / "ddp-broken"
+    _launch(multi.tmp, broken, 2, DROP_RANK1_GRADIENTS="1")
+    with pytest.raises(AssertionError):
+        _assert_same_run(broken, multi("one"))
+    _assert_same_run(multi("ddp"), multi("one"))  # while the correct reduction passes

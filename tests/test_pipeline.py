@@ -17,7 +17,8 @@ import pytest
 
 from engine.distill import DistillConfig
 from engine.pipeline import STAGES, PipelineConfig, create_run, execute
-from engine.runs import Run, RunError, checkpoint_files, prepare_resume, read_json, start_job
+from engine.checkpoint import checkpoint_files
+from engine.runs import Run, RunError, prepare_resume, read_json, start_job
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the quick brown fox jumps over lazy dog pruning removes heads neurons and layers distillation "
@@ -91,7 +92,7 @@ def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_llama_pair, cache
     assert s["kl_distilled"] < 0.8 * s["kl_one_shot"]  # a random teacher: KL, not ppl, must improve
     assert set(s["stage_seconds"]) == set(STAGES)
     assert (run.path / "plan.json").is_file() and (run.path / "scores" / "scores.safetensors").is_file()
-    assert checkpoint_files(run.path / "checkpoints")[-1].name == "step-000020.pt"
+    assert checkpoint_files(run.path / "checkpoints")[-1].name == "step-000020.json"
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(run.path / "model")
@@ -123,7 +124,7 @@ def test_cli_run_detach_status_cancel_resume(tmp_path, corpus, tiny_llama_pair, 
     st = _status(run_dir)
     assert st["state"] == "cancelled" and st["stages"]["prune"]["state"] == "done"
     stopped_at = _train_steps(run_dir)[-1]
-    assert stopped_at < 1500 and checkpoint_files(run_dir / "checkpoints")[-1].name == f"step-{stopped_at:06d}.pt"
+    assert stopped_at < 1500 and checkpoint_files(run_dir / "checkpoints")[-1].name == f"step-{stopped_at:06d}.json"
 
     r = _cli("resume", str(run_dir), "--detach")
     assert r.returncode == 0, r.stderr
@@ -154,7 +155,7 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, corpus, tiny_lla
 
     with caplog.at_level(logging.INFO, logger="engine.distill"):  # resume in this process: no 2nd startup
         assert execute(prepare_resume(run_dir).path) == "done"
-    assert f"resumed from step-{ckpt_step:06d}.pt" in caplog.text
+    assert f"resumed from step-{ckpt_step:06d}.json" in caplog.text
     assert Run(run_dir).status()["state"] == "done"
     assert _train_steps(run_dir) == list(range(1, 201))
     assert read_json(run_dir / "summary.json")["kind"] == "distill"
@@ -226,7 +227,7 @@ def test_cli_cancel_then_resume_under_torchrun(tmp_path, corpus, tiny_llama_pair
     stopped = _train_steps(run_dir)
     last_ckpt = checkpoint_files(run_dir / "checkpoints")[-1]
     assert Run(run_dir).status()["state"] == "cancelled" and 40 <= stopped[-1] < 1000
-    assert last_ckpt.name == f"step-{stopped[-1]:06d}.pt"  # a cancel writes a checkpoint of its own
+    assert last_ckpt.name == f"step-{stopped[-1]:06d}.json"  # a cancel writes a checkpoint of its own
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", RANK="0")
     r = subprocess.run([sys.executable, "-m", "engine.cli", "resume", str(run_dir), "--detach"], cwd=ROOT,
