@@ -103,8 +103,12 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
 
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: Plan | None = None,
                  scores_meta: dict | None = None, source_name: str = "", force: bool = False,
-                 params_source: int | None = None) -> Path:
-    """Write `model` (+ tokenizer, model card, plan) as a from_pretrained-loadable folder; returns it."""
+                 params_source: int | None = None, verify: bool = True) -> Path:
+    """Write `model` (+ tokenizer, model card, plan) as a from_pretrained-loadable folder; returns it.
+
+    With `verify` (the default) the folder is then reloaded in a fresh process and checked against
+    `model` (engine.roundtrip.verify_export: logits, greedy tokens, parameters = the estimate); the
+    result goes into the folder and the model card, and a failed check raises CheckpointError."""
     out = Path(out_dir).expanduser().resolve()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]  # as save_pretrained does; keeps fingerprint stable
@@ -137,7 +141,22 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s parameters to %s", f"{count_parameters(model):,}", out)
+    from engine.roundtrip import RESULT_FILE, verify_export
+
+    if verify:
+        verify_export(out, model, expected_params=expected_params(model, plan))
+    else:
+        (out / RESULT_FILE).unlink(missing_ok=True)  # a previous model's check says nothing of this one
     return out
+
+
+def expected_params(model: torch.nn.Module, plan: Plan | None) -> int:
+    """Parameters the estimator predicts: for the plan's shapes, or for the model's own architecture."""
+    from engine.estimate import Targets, _count, estimate
+
+    if plan is not None:
+        return _count(plan.spec, plan.sizes)[0]
+    return estimate(get_adapter(model).spec(), Targets()).params
 
 
 def _install(tmp: Path, out: Path, files: list[str], replace_model: bool) -> None:
