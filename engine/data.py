@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import DataError
+from engine.textcheck import (
+    TextReport,
+    check_characters,
+    check_token_ratio,
+    decode_utf8,
+    preview_lines,
+)
 
 if TYPE_CHECKING:  # imported where blocks are made: parsing a data spec (the dashboard) needs no torch
     import torch
@@ -120,12 +127,16 @@ def _read_table(path: Path, column: str | None) -> list[str]:
 
     col = column or "text"
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid is a ValueError
+            raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:120]})") from e
     elif path.suffix == ".csv":
+        decode_utf8(path.read_bytes(), str(path))
         df = pd.read_csv(path)
     else:  # jsonl / json lines
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -150,10 +161,11 @@ def read_file(path: str | Path, column: str | None = None) -> list[str]:
         raise DataError(f"unsupported data file type {p.suffix!r} ({p.name}); valid: {', '.join(FILE_SUFFIXES)}")
     if p.stat().st_size == 0:
         raise DataError(f"data file is empty: {p}")
-    docs = split_articles(p.read_text(encoding="utf-8", errors="replace")) if p.suffix in (".txt", ".raw") \
-        else _read_table(p, column)
+    is_text = p.suffix in (".txt", ".raw")
+    docs = split_articles(decode_utf8(p.read_bytes(), str(p))) if is_text else _read_table(p, column)
     if not docs:
         raise DataError(f"data file holds no text: {p}")
+    check_characters(docs, str(p), lines=is_text)
     return docs
 
 
@@ -172,7 +184,9 @@ def read_hf(name: str, config: str | None, split: str, column: str | None) -> li
     col = column or "text"
     if col not in ds.column_names:
         raise DataError(f"dataset {name!r} has no column {col!r}; columns: {', '.join(ds.column_names)}")
-    return [t for t in ds[col] if isinstance(t, str) and t.strip()]
+    docs = [t for t in ds[col] if isinstance(t, str) and t.strip()]
+    check_characters(docs, f"dataset {name!r} column {col!r}")
+    return docs
 
 
 def generate_texts(model, tokenizer, n_docs: int, max_new_tokens: int = 256, seed: int = 0,
@@ -274,4 +288,22 @@ def get_blocks(source: DataSource, tokenizer, n_samples: int, seq_len: int, seed
     docs = load_documents(source, model=model, tokenizer=tokenizer, seed=seed, progress=progress)
     if not docs:
         raise DataError(f"{source.label} selects no documents")
-    return make_blocks(tokenize_documents(docs, tokenizer), n_samples, seq_len, seed, what=source.label)
+    stream = tokenize_documents(docs, tokenizer)
+    if source.kind != "generated":  # the model's own text is what it is; a file or dataset must read as text
+        check_token_ratio(stream.numel(), sum(len(d.encode()) for d in docs), tokenizer, source.label)
+    return make_blocks(stream, n_samples, seq_len, seed, what=source.label)
+
+
+def inspect_source(source: DataSource, tokenizer) -> TextReport:
+    """Read, check and tokenise a file or dataset source as `get_blocks` would (DataError when it is
+    not text), and report its sizes, tokens per byte and first lines (for the dashboard's data check)."""
+    if source.kind == "generated":
+        raise DataError("model-generated text is written at scoring time; there is nothing to check yet")
+    docs = load_documents(source)
+    if not docs:
+        raise DataError(f"{source.label} selects no documents")
+    n_tokens = int(tokenize_documents(docs, tokenizer).numel())
+    n_bytes = sum(len(d.encode()) for d in docs)
+    tpb, ref = check_token_ratio(n_tokens, n_bytes, tokenizer, source.label)
+    return TextReport(docs=len(docs), chars=sum(len(d) for d in docs), bytes=n_bytes, tokens=n_tokens,
+                      tokens_per_byte=tpb, reference_tokens_per_byte=ref, preview=preview_lines(docs))

@@ -118,3 +118,97 @@ def test_doc_range_parsing():
                      ("0:1.5", "needs 0 <= START")):
         with pytest.raises(DataError, match=msg):
             parse_doc_range(bad, "--train-range")
+
+
+# ---------------------------------------------------------------- is it text?
+
+
+@pytest.fixture(scope="module")
+def real_tok():
+    """The built-in model's tokenizer (a real vocabulary: the tokens-per-byte check needs one)."""
+    from transformers import AutoTokenizer
+
+    from engine.models import builtin_model_dir
+
+    return AutoTokenizer.from_pretrained(builtin_model_dir())
+
+
+def test_random_bytes_and_latin1_are_refused_with_the_reason(tmp_path, tok):
+    import random
+
+    rnd = random.Random(0)
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(rnd.randbytes(60_000))
+    with pytest.raises(DataError, match=r"garbage.txt is not UTF-8 text: byte 0x[0-9a-f]{2} at offset .*binary data"):
+        get_blocks(DataSource.parse(str(garbage)), tok, 4, 64)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(("Le café était fermé, mais la pâtisserie à côté vendait des crêpes.\n" * 200).encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 text: byte 0xe9 at offset 6 .*Latin-1.*iconv"):
+        read_file(latin)
+    # the same text as UTF-8 is fine
+    latin.write_text(latin.read_bytes().decode("latin-1"), encoding="utf-8")
+    assert len(read_file(latin)[0]) > 1000
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="bad.jsonl is not UTF-8 text"):
+        read_file(bad_jsonl)
+
+
+def test_control_characters_and_a_giant_line_are_refused(tmp_path):
+    binaryish = tmp_path / "b.txt"
+    binaryish.write_text("some words\x00\x01\x02 and more\x03 words\n" * 100)
+    with pytest.raises(DataError, match=r"control characters in .* \(e.g. U\+0000\): binary data"):
+        read_file(binaryish)
+    few = tmp_path / "few.txt"  # one stray control character in a long text is tolerated
+    few.write_text("an ordinary sentence about rivers and hills.\n" * 100 + "\x1b[0m stray escape\n")
+    assert read_file(few)
+    one_line = tmp_path / "line.txt"
+    one_line.write_text("word " * 600_000)  # a single 3 MB line (the trailing space is stripped)
+    with pytest.raises(DataError, match=r"a line of 2,999,999 characters: not prose"):
+        read_file(one_line)
+
+
+def test_byte_soup_is_refused_by_tokens_per_byte_and_prose_passes(tmp_path, real_tok, wikitext):
+    import base64
+    import random
+
+    from engine.data import inspect_source
+    from engine.textcheck import MAX_TOKEN_RATIO
+
+    rnd = random.Random(1)
+    for name, text in (("b64.txt", base64.b64encode(rnd.randbytes(60_000)).decode()),
+                       ("hex.txt", rnd.randbytes(30_000).hex()),
+                       ("digits.txt", " ".join(str(rnd.randint(0, 10**6)) for _ in range(8000)))):
+        f = tmp_path / name
+        f.write_text("\n".join(text[i:i + 76] for i in range(0, len(text), 76)))
+        with pytest.raises(DataError, match=rf"{name} does not read as natural language.*Accepted: up to "
+                                            rf"{MAX_TOKEN_RATIO:g}x"):
+            get_blocks(DataSource.parse(str(f)), real_tok, 2, 64)
+        with pytest.raises(DataError, match="does not read as natural language"):
+            inspect_source(DataSource.parse(str(f)), real_tok)
+    report = inspect_source(DataSource.parse(str(wikitext), docs=(0.0, 0.1)), real_tok)
+    assert 0.7 < report.token_ratio < 1.5 and report.docs > 3 and report.tokens > 10_000
+    german = tmp_path / "de.txt"
+    german.write_text("Die Katze sitzt auf der Matte und schaut aus dem Fenster. Morgen fahren wir nach München, "
+                      "um die Großeltern zu besuchen.\n" * 300)
+    assert 1.0 < inspect_source(DataSource.parse(str(german)), real_tok).token_ratio < MAX_TOKEN_RATIO
+    chinese = tmp_path / "zh.txt"  # a script this English tokenizer reads poorly still counts as text
+    chinese.write_text("今天天气很好，我们去公园散步吧。这是一个关于机器学习的例子，模型会学习语言的结构。\n" * 200)
+    assert 2.0 < inspect_source(DataSource.parse(str(chinese)), real_tok).token_ratio < MAX_TOKEN_RATIO
+
+
+def test_preview_shows_the_first_lines_of_the_selected_documents(tmp_path, tok):
+    from engine.data import inspect_source
+
+    f = tmp_path / "w.txt"
+    f.write_text(WIKI_LIKE)
+    report = inspect_source(DataSource.parse(str(f), docs=(0.6, 1.0)), tok)
+    assert report.docs == 4
+    assert report.preview[0] == "= Article 6 = " and report.preview[1].startswith(" Paragraph 6 talks")
+    assert len(report.preview) == 8 and report.tokens > 0 and report.bytes == sum(
+        len(d.encode()) for d in split_articles(WIKI_LIKE)[6:])
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 1000 + "\n")
+    from engine.textcheck import PREVIEW_CHARS, preview_lines
+
+    assert preview_lines(["x" * 1000])[0] == "x" * (PREVIEW_CHARS - 1) + "…"
