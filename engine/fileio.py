@@ -120,16 +120,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def remove_stale_temps(folder: Path, recursive: bool = True) -> list[Path]:
-    """Delete temporary files and folders (`.tmp-*`) left in `folder` by writers that died.
+    """Delete temporary files and folders (`.tmp-*`, `.NAME.tmp-*`) left in `folder` by writers that died.
     Only names this module's writers create are touched. Returns what was removed."""
     import shutil
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = folder.rglob(f"{TMP_PREFIX}*") if recursive else folder.glob(f"{TMP_PREFIX}*")
     removed = []
+    found = set()
+    for pattern in (f"{TMP_PREFIX}*", ".*.tmp-*"):  # atomic writes, and folders being exported
+        found.update(folder.rglob(pattern) if recursive else folder.glob(pattern))
     for p in sorted(found, key=lambda q: len(q.parts), reverse=True):
+        if not p.exists():
+            continue
         with contextlib.suppress(OSError):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             removed.append(p)

@@ -21,15 +21,15 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from engine.errors import Cancelled, RunError, UserError
+from engine.errors import Cancelled, RunError, UserError  # noqa: F401  (re-exported)
 from engine.fileio import (  # noqa: F401  (re-exported for readers of run folders)
     append_jsonl,
     atomic_write,
@@ -51,14 +51,6 @@ CANCEL_FILE = "cancel.request"
 def runs_root() -> Path:
     """Default root of run folders: $PRUNESCOPE_RUNS, else ./runs."""
     return Path(os.environ.get("PRUNESCOPE_RUNS") or "runs")
-
-
-def lock_dir() -> Path:
-    if os.environ.get("PRUNESCOPE_LOCKS"):
-        return Path(os.environ["PRUNESCOPE_LOCKS"])
-    from engine.paths import cache_dir
-
-    return cache_dir() / "locks"
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -98,18 +90,19 @@ class Run:
 
     @classmethod
     def create(cls, path: str | Path, config: dict, force: bool = False) -> Run:
-        """A new run folder with its config; refuses to reuse a folder that already holds a run."""
+        """A new run folder holding `config`. An existing run is replaced only with `force` (and
+        never while its job is live); a folder that is not a run is never written into or deleted."""
         path = Path(path)
-        if (path / "config.json").exists() and not force:
-            raise RunError(f"{path} already holds a run; resume it with `prunescope resume {path}`, "
-                           "or choose another --run-dir")
-        if force and path.exists():
-            import shutil
-
-            if pid_alive((read_json(path / "status.json") or {}).get("pid")) and \
-                    (read_json(path / "status.json") or {}).get("state") in ACTIVE:
-                raise RunError(f"{path} has a live job; cancel it first")
-            shutil.rmtree(path)
+        if path.exists():
+            refuse_foreign_folder(path)
+            if is_run_folder(path):
+                st = read_json(path / "status.json") or {}
+                if not force:
+                    raise RunError(f"{path} already holds a run; resume it with `prunescope resume {path}`, "
+                                   "replace it with --force, or choose another --run-dir")
+                if is_live(st):
+                    raise RunError(f"{path} has a live job (pid {st.get('pid')}); cancel it first")
+                shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         write_json(path / "config.json", config)
         run = cls(path)
@@ -181,11 +174,39 @@ class Run:
         return (self.path / CANCEL_FILE).exists()
 
 
+RUN_MARKERS = ("config.json", "status.json")
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A folder prunescope recognises as its own run: config.json (an object with a job `kind`)
+    and status.json (an object with a `state`)."""
+    path = Path(path)
+    cfg, st = read_json(path / "config.json"), read_json(path / "status.json")
+    return cfg is not None and st is not None and isinstance(cfg.get("kind", "pipeline"), str) \
+        and st.get("state") in STATES
+
+
+def refuse_foreign_folder(path: Path) -> None:
+    """RunError when `path` holds files but is not a run folder: prunescope writes into and deletes
+    only its own folders. The message lists what is in it."""
+    if not path.is_dir():
+        raise RunError(f"{path} exists and is not a folder; choose another --run-dir")
+    entries = sorted(p.name for p in path.iterdir())
+    if entries and not is_run_folder(path):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise RunError(f"{path} is not a prunescope run folder (it holds {shown}); it is left untouched: "
+                       "choose an empty or new --run-dir")
+
+
 def effective_state(status: dict) -> str:
     """status["state"], except "stale" for a queued/running job whose process is gone or silent."""
     state = status.get("state", "unknown")
     if state in ACTIVE:
         hb = status.get("heartbeat") or status.get("updated") or 0
+        if not isinstance(hb, int | float):
+            hb = 0
+        if not status.get("pid") and time.time() - hb > STALE_AFTER_S:  # created, never started
+            return "stale"
         if status.get("pid") and not pid_alive(status.get("pid")):
             return "stale"
         if status.get("pid") and time.time() - hb > STALE_AFTER_S:
@@ -248,132 +269,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ---------------------------------------------------------------- device lock
-
-
-def device_key(device: str = "auto") -> str:
-    """A file-name-safe key for the device a job will use."""
-    from engine.models import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type != "cuda":
-        return dev.type
-    import torch
-
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(",", "_")
-    return f"cuda{idx}" + (f"-vis{vis}" if vis else "")
-
-
-class DeviceLock:
-    """An advisory `flock` on `<lock_dir>/<device>.lock`; the file also names the holder."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.path = lock_dir() / f"{key}.lock"
-        self._fd: int | None = None
-
-    def holder(self) -> dict:
-        return read_json(self.path) or {}
-
-    def try_acquire(self, run_dir: Path | None = None) -> bool:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "run": str(run_dir or ""), "since": time.time()}).encode())
-        self._fd = fd
-        return True
-
-    def busy(self) -> bool:
-        """True when another process holds the lock (checked without keeping it)."""
-        if self.try_acquire():
-            self.release()
-            return False
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def busy_message(self) -> str:
-        h = self.holder()
-        who = f"run {h.get('run')} (pid {h.get('pid')})" if h.get("run") else f"pid {h.get('pid', '?')}"
-        return (f"device {self.key} is busy with {who}; wait for it, cancel it with "
-                f"`prunescope cancel {h.get('run') or 'DIR'}`, or queue this job (--if-busy queue)")
-
-
-# ---------------------------------------------------------------- worker side
-
-
-def run_worker(run: Run, work: Callable[[threading.Event], None], device: str = "auto",
-               if_busy: str = "queue") -> str:
-    """Everything a job process does around its work: pid + heartbeat, device lock (queue/refuse),
-    SIGTERM/SIGINT -> stop event, final state (done / cancelled / failed + error message).
-
-    `work(stop)` must poll `stop.is_set() or run.cancel_requested()` and return early (after a
-    final checkpoint) or raise `Cancelled`. Returns the final state; errors are re-raised."""
-    stop = threading.Event()
-    alive = threading.Event()
-    run.update(pid=os.getpid(), heartbeat=time.time(), error=None, host=os.uname().nodename)
-
-    def beat() -> None:
-        while not alive.wait(HEARTBEAT_S):
-            run.update(heartbeat=time.time())
-
-    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, lambda *_: stop.set())
-    lock = DeviceLock(device_key(device))
-    try:
-        if not lock.try_acquire(run.path):
-            if if_busy != "queue":
-                raise RunError(lock.busy_message())
-            run.update(state="queued", message=f"waiting for device {lock.key}: {lock.busy_message()}")
-            log.info("waiting for device %s (%s)", lock.key, lock.holder())
-            while not lock.try_acquire(run.path):
-                if stop.is_set() or run.cancel_requested():
-                    raise Cancelled()
-                time.sleep(1.0)
-        run.update(state="running", started=run._status.get("started") or time.time(), message="running")
-        work(stop)
-        if stop.is_set() or run.cancel_requested():
-            raise Cancelled()
-        run.update(state="done", progress=1.0, message="done", finished=time.time())
-    except Cancelled:
-        run.update(state="cancelled", message="cancelled (checkpoint kept; resume continues from it)",
-                   finished=time.time())
-    except BaseException as e:
-        if isinstance(e, UserError):
-            log.error("job failed: %s", e)
-        else:
-            log.exception("job failed")
-        run.update(state="failed", error=f"{type(e).__name__}: {e}", message="failed", finished=time.time())
-        raise
-    finally:
-        alive.set()
-        lock.release()
-        with contextlib.suppress(OSError):
-            (run.path / CANCEL_FILE).unlink()
-        for sig, h in old.items():
-            signal.signal(sig, h)
-    return run._status["state"]
-
-
 # ---------------------------------------------------------------- controller side
 
 
@@ -387,10 +282,14 @@ def start_job(run_dir: str | Path, if_busy: str = "queue", device: str | None = 
         raise RunError(f"{run.path} is already {st['effective']} (pid {st.get('pid')})")
     if if_busy not in ("queue", "refuse"):
         raise RunError(f"if_busy must be 'queue' or 'refuse', got {if_busy!r}")
-    dev = device or run.config().get("device", "auto")
-    lock = DeviceLock(device_key(dev))
-    if if_busy == "refuse" and lock.busy():
-        raise RunError(lock.busy_message())
+    if if_busy == "refuse":
+        from engine.device_lock import ensure_device_free
+
+        try:
+            ensure_device_free(device or run.config().get("device", "auto"))
+        except RunError as e:  # nothing was started: the run says so instead of "queued" forever
+            run.update(state="cancelled", message=f"not started: {e}", pid=None)
+            raise
     with contextlib.suppress(OSError):
         (run.path / CANCEL_FILE).unlink()
     run.update(state="queued", message="starting", error=None, heartbeat=time.time())

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine import runs
+from engine.device_lock import DeviceLock, device_jobs
+from engine.jobs import run_worker
 from engine.runs import (
-    DeviceLock,
     Run,
     RunError,
     append_jsonl,
@@ -24,7 +25,6 @@ from engine.runs import (
     prepare_resume,
     read_jsonl,
     resume,
-    run_worker,
     start_job,
     truncate_metrics,
 )
@@ -146,6 +146,57 @@ def test_worker_queues_behind_the_lock_then_runs(tmp_path):
     assert Run.open(run.path).status()["pid"] == os.getpid()
 
 
+def test_device_jobs_lists_holder_and_waiter_from_any_runs_folder(tmp_path):
+    """The lock is visible: the holder (a run in another runs folder) and the queued job are both
+    listed with absolute folders, and the queued job's status names the holder's stage."""
+    other = Run.create(tmp_path / "elsewhere" / "big", {})
+    other.set_stage("distill", 0.42)
+    holder = DeviceLock("cpu")
+    assert holder.try_acquire(other.path)
+    run = Run.create(tmp_path / "runs" / "mine", {})
+    th = threading.Thread(target=lambda: run_worker(run, lambda stop: None, "cpu", "queue"))
+    th.start()
+    try:
+        assert _wait(lambda: any(j["role"] == "waits" for j in device_jobs()))
+        jobs = {j["role"]: j for j in device_jobs()}
+        assert jobs["holds"]["run"] == str(other.path.resolve()) and jobs["holds"]["device"] == "cpu"
+        assert jobs["waits"]["run"] == str(run.path.resolve())
+        assert _wait(lambda: "distill 42%" in (Run.open(run.path).status().get("message") or ""))
+        assert str(other.path.resolve()) in Run.open(run.path).status()["message"]
+    finally:
+        holder.release()
+        th.join(timeout=20)
+    assert device_jobs() == []  # the waiter took the lock, finished and released it
+
+
+def test_force_never_deletes_a_folder_that_is_not_a_run(tmp_path):
+    thesis = tmp_path / "work" / "docs" / "thesis.txt"
+    thesis.parent.mkdir(parents=True)
+    thesis.write_text("years of work")
+    for force in (False, True):
+        with pytest.raises(RunError, match="is not a prunescope run folder .*docs"):
+            Run.create(tmp_path / "work", {"kind": "pipeline"}, force=force)
+    assert thesis.read_text() == "years of work"
+    run = Run.create(tmp_path / "run", {"kind": "pipeline"})
+    (run.path / "scores").mkdir()
+    with pytest.raises(RunError, match="already holds a run"):
+        Run.create(run.path, {"kind": "pipeline"})
+    Run.create(run.path, {"kind": "distill"}, force=True)  # a run folder is replaced with --force
+    assert not (run.path / "scores").exists() and Run.open(run.path).config()["kind"] == "distill"
+
+
+def test_a_started_job_removes_temporary_files_of_dead_writers(tmp_path):
+    run = Run.create(tmp_path / "r", {})
+    (run.path / ".model.tmp-x1y2").mkdir()
+    (run.path / ".model.tmp-x1y2" / "model.safetensors").write_bytes(b"0" * 100)
+    (run.path / "checkpoints").mkdir()
+    (run.path / "checkpoints" / ".tmp-step-000004.safetensors.abc").write_bytes(b"half")
+    (run.path / "notes.txt").write_text("mine")
+    run_worker(run, lambda stop: None, "cpu")
+    left = sorted(p.relative_to(run.path).as_posix() for p in run.path.rglob("*"))
+    assert not [p for p in left if "tmp-" in p] and "notes.txt" in left
+
+
 def test_worker_refuses_when_busy_and_queued_job_can_be_cancelled(tmp_path):
     holder = DeviceLock("cpu")
     assert holder.try_acquire(tmp_path / "other")
@@ -167,6 +218,8 @@ def test_worker_refuses_when_busy_and_queued_job_can_be_cancelled(tmp_path):
         started = Run.create(tmp_path / "c", {"device": "cpu"})
         with pytest.raises(RunError, match="busy"):
             start_job(started.path, if_busy="refuse")
+        st = Run.open(started.path).status()  # not "queued" forever: it says it was not started
+        assert st["effective"] == "cancelled" and "not started" in st["message"]
     finally:
         holder.release()
 
@@ -181,6 +234,26 @@ def test_worker_records_failure(tmp_path):
         run_worker(run, work, "cpu")
     st = Run.open(run.path).status()
     assert st["state"] == "failed" and st["error"] == "ValueError: boom"
+    assert not DeviceLock("cpu").busy()  # released
+
+
+def test_user_errors_and_full_disks_fail_with_one_plain_line(tmp_path):
+    run = Run.create(tmp_path / "r", {})
+
+    def work(stop):
+        raise RunError("--layers must be below 4")
+
+    with pytest.raises(RunError):
+        run_worker(run, work, "cpu")
+    assert Run.open(run.path).status()["error"] == "--layers must be below 4"
+
+    def full(stop):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+
+    with pytest.raises(RuntimeError):
+        run_worker(run, full, "cpu")
+    assert Run.open(run.path).status()["error"].startswith("no space left on the device")
     assert not DeviceLock("cpu").busy()  # released
 
 
