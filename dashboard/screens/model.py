@@ -113,19 +113,20 @@ except Exception as e:  # noqa: BLE001
 
 @st.cache_data(show_spinner="Reading and tokenising the data…", max_entries=16)
 def check_data(model: str, data: str, column: str, rng: tuple[float, float], mtime: float) -> dict:
-    """Documents and tokens of a source (file / HF only; generated text needs the model)."""
+    """The engine's data check of a source (file / HF only; generated text needs the model): documents,
+    tokens, tokens per byte against English prose and the first lines. Raises DataError for non-text."""
+    from dataclasses import asdict
+
     from transformers import AutoTokenizer
 
-    from engine.data import DataSource, load_documents, tokenize_documents
+    from engine.data import DataSource, inspect_source
     from engine.models import resolve_spec
 
     src = DataSource.parse(data, column=column or None, docs=rng)
     t0 = time.time()
-    docs = load_documents(src)
     path, kw = resolve_spec(model)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    n_tok = int(tokenize_documents(docs, tok).numel()) if docs else 0
-    return {"docs": len(docs), "tokens": n_tok, "seconds": time.time() - t0}
+    report = inspect_source(src, AutoTokenizer.from_pretrained(path, **kw))
+    return {**asdict(report), "token_ratio": report.token_ratio, "seconds": time.time() - t0}
 
 
 if source.kind != "generated" and st.button("Check the data", key="data_check", icon=":material/fact_check:"):
@@ -140,5 +141,8 @@ if source.kind != "generated" and st.button("Check the data", key="data_check", 
                f"({int(samples):,} needed).")
         (st.success if blocks >= samples else st.error)(
             msg if blocks >= samples else msg + " Use fewer samples, a shorter sequence length or more text.")
+        st.caption(f"{r['tokens_per_byte']:.2f} tokens per byte, {r['token_ratio']:.2f}x this tokenizer's rate "
+                   "on English prose. The first lines calibration will use:")
+        st.code("\n".join(r["preview"]) or "(no text)", language=None, wrap_lines=True)
 
 st.page_link("screens/importance.py", label="Next: compute importance", icon=":material/arrow_forward:")

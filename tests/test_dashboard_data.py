@@ -1,0 +1,58 @@
+"""The Model and data page's data check under AppTest: non-text is refused with the reason, text shows
+its first lines (what calibration will see)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from tiny_models import _CORPUS, save_tiny
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dash-data")
+    model = save_tiny("llama", root / "tiny-llama")
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(f" = Article {i} = \n\n{_CORPUS * 3}" for i in range(40)))
+    mp = pytest.MonkeyPatch()
+    for k, v in (("PRUNESCOPE_MODEL", str(model)), ("PRUNESCOPE_DATA", str(data)), ("PRUNESCOPE_RUNS", str(root / "runs")),
+                 ("PRUNESCOPE_CACHE", str(root / "cache")), ("PRUNESCOPE_LOCKS", str(root / "locks")),
+                 ("PRUNESCOPE_DEVICE", "cpu")):
+        mp.setenv(k, v)
+    yield {"root": root, "data": data}
+    mp.undo()
+
+
+def checked(data: str) -> AppTest:
+    from dashboard import state
+
+    state.prefs_file().unlink(missing_ok=True)
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.session_state["samples"] = 8
+    at.session_state["seq_len"] = 32
+    at.session_state["data"] = data
+    at.run()
+    at.button(key="data_check").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_text_shows_its_first_lines(env):
+    at = checked(str(env["data"]))
+    assert not at.error and "blocks of 32 tokens" in at.success[0].value
+    assert any("tokens per byte" in c.value for c in at.caption)
+    assert at.code[0].value.splitlines()[0] == "= Article 0 = "
+    assert at.code[0].value.splitlines()[1] == _CORPUS[:239] + "…"
+
+
+def test_random_bytes_are_refused_with_the_reason(env):
+    garbage = env["root"] / "garbage.txt"
+    garbage.write_bytes(random.Random(0).randbytes(40_000))
+    at = checked(str(garbage))
+    assert not at.success and not at.code
+    assert "The data cannot be used" in at.error[0].value and "is not UTF-8 text" in at.error[0].value
