@@ -86,3 +86,16 @@ def test_replace_section():
     text = "# Card\n\n## A\n\nx\n\n## B\n\ny\n"
     assert replace_section(text, "## A", "## A\n\nz\n") == "# Card\n\n## B\n\ny\n\n## A\n\nz\n"
     assert replace_section(text, "## C", "## C\n\nw\n").endswith("y\n\n## C\n\nw\n")
+
+
+def test_dashboard_badge_reads_the_recorded_result(tmp_path):
+    from dashboard.badges import ROUNDTRIP_FILE, roundtrip_summary
+
+    assert ROUNDTRIP_FILE == RESULT_FILE
+    pruned, plan = _pruned("llama", "mlp-60")
+    out = export_model(pruned, tiny_tokenizer(), tmp_path / "out", plan=plan)
+    label, colour, detail = roundtrip_summary(read_result(out))
+    assert (label, colour) == ("Round trip passed", "green") and f"{count_parameters(pruned):,} parameters" in detail
+    failed = roundtrip_summary({"passed": False, "reason": "logits differ by 3 (tolerance 0.001)"})
+    assert failed[:2] == ("Round trip failed", "red") and "logits differ by 3" in failed[2]
+    assert roundtrip_summary(None) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import jobs, state, train_charts
+from dashboard import badges, jobs, state, train_charts
 from dashboard.common import user_message
 from dashboard.views import show_fig
 
@@ -57,6 +57,7 @@ def disk(path: str | None) -> int | None:
 t_size, s_size = teacher_size(teacher_spec), disk(student_dir)
 st.caption(f"Teacher **{'built-in SmolLM2-135M-Instruct' if teacher_spec == 'default' else teacher_spec}** · "
            f"student exported to `{student_dir}`")
+badges.roundtrip_badge(student_dir)
 
 rows = [
     ("Parameters", s.get("params_teacher"), s.get("params_student"), state.human),

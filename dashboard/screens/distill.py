@@ -9,7 +9,7 @@ import time
 
 import streamlit as st
 
-from dashboard import runs_io, state, train_charts
+from dashboard import badges, runs_io, state, train_charts
 from dashboard.common import user_message
 from dashboard.views import show_fig
 
@@ -117,6 +117,7 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
         c[2].metric("Perplexity (pruned, before)", f"{s['ppl_one_shot']:.2f}" if s.get("ppl_one_shot") else "–")
         c[3].metric("Perplexity (distilled)", f"{s['ppl_distilled']:.2f}" if s.get("ppl_distilled") else "–")
         st.success(f"Exported to `{s.get('model_dir', '')}`")
+        badges.roundtrip_badge(s.get("model_dir"))
         st.page_link("screens/compare.py", label="Compare teacher and student", icon=":material/compare_arrows:",
                      query_params={"run": run_id})
     was_active = st.session_state.get("_run_active")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import runs_io, state
+from dashboard import badges, runs_io, state
 from dashboard.common import user_message
 
 st.title("Runs")
@@ -102,6 +102,7 @@ if Scores.exists(path / "scores"):
 if summary.get("model_dir"):
     st.markdown("**Exported model** (a plain Hugging Face folder; load it with `AutoModelForCausalLM.from_pretrained`):")
     st.code(str(summary["model_dir"]), language=None)
+badges.roundtrip_badge(summary.get("model_dir") or path / "model")
 if cfg:
     st.markdown("**Reproduce from a terminal:**")
     st.code(runs_io.cli_command(cfg, path), language="bash")
