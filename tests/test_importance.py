@@ -277,6 +277,43 @@ def test_score_caches_reuses_extends_and_refuses(tiny_setup, tmp_path, monkeypat
         score(loaded, source, 4, 16, config=ScoreConfig(block_size=3), out_dir=bfolder)
 
 
+def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(tiny_setup, tmp_path, caplog, capsys):
+    import json
+    import logging
+
+    from engine.cli import main
+
+    loaded, source, _, _ = tiny_setup
+    s1, folder = score(loaded, source, 4, 16)
+    tensors = folder / "scores.safetensors"
+    assert s1.meta["tensors_file"]["bytes"] == tensors.stat().st_size
+    good = tensors.read_bytes()
+    tensors.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ScoreError, match=rf"scores.safetensors is damaged \({len(good) // 2:,} bytes, "
+                                         rf"{len(good):,} recorded\); recompute"):
+        Scores.load(folder)
+    with pytest.raises(ScoreError, match="is damaged"):
+        Scores.load_numpy(folder)
+    with caplog.at_level(logging.WARNING, logger="engine.importance.cache"):
+        s2, folder2 = score(loaded, source, 4, 16)  # the cache's own entry: recomputed, said in the log
+    assert folder2 == folder and s2.meta["reused"] == "none" and "damaged, recomputing" in caplog.text
+    assert tensors.read_bytes() == good and torch.equal(Scores.load(folder)["heads"], s1["heads"])
+    flipped = bytearray(good)
+    flipped[-3] ^= 0xFF  # same size, one byte changed
+    tensors.write_bytes(bytes(flipped))
+    with pytest.raises(ScoreError, match="checksum differs"):
+        score(loaded, source, 4, 16, out_dir=folder)  # a folder the user named is not silently replaced
+    meta = json.loads((folder / "scores.json").read_text())
+    del meta["tensors_file"]  # written before checksums: a truncated file is still a one-line error
+    (folder / "scores.json").write_text(json.dumps(meta))
+    tensors.write_bytes(good[:100])
+    with pytest.raises(ScoreError, match=r"is damaged \(SafetensorError"):
+        Scores.load(folder)
+    assert main(["prune", "--scores", str(folder), "--ffn", "20", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_end_to_end(tiny_setup, tmp_path, capsys):
     from engine.cli import main
 

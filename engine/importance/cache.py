@@ -9,6 +9,9 @@ Cache policy
   parts are all in the folder is answered from it (a subset reuses a superset). A request that needs
   more computes only the missing optional parts (plus the one width pass they all share) and merges
   them into the folder, so nothing cached is lost.
+- Scores are verified on load (size + sha256 recorded in scores.json). A damaged entry of the
+  cache is recomputed (with a warning in the log); a damaged folder given as `out_dir` raises
+  ScoreError (recompute it with force=True).
 - A folder holding scores with a different key, or block scores of another block size, raises
   ScoreError naming the differences, unless `force=True`, which recomputes and overwrites.
 - batch_size is not part of the key: it changes only float rounding.
@@ -98,6 +101,18 @@ def _merge(cached: Scores, new: Scores) -> Scores:
     return Scores(tensors, meta)
 
 
+def _load_cached(folder: Path, own: bool) -> Scores | None:
+    """The scores in `folder`; a damaged entry of the cache (`own`) is logged and recomputed (None), a
+    damaged folder the user named raises its one-line ScoreError."""
+    try:
+        return Scores.load(folder)
+    except ScoreError as e:
+        if not own:
+            raise
+        log.warning("cached scores are damaged, recomputing them: %s", e)
+        return None
+
+
 def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int, seed: int = 0,
           config: ScoreConfig = ScoreConfig(), out_dir: str | Path | None = None,
           progress: Progress | None = None, force: bool = False) -> tuple[Scores, Path]:
@@ -114,7 +129,8 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
     folder = Path(out_dir) if out_dir is not None else cache_dir() / "scores" / f"{key}{suffix}"
     todo, cached = config, None
     if Scores.exists(folder) and not force:
-        cached = Scores.load(folder)
+        cached = _load_cached(folder, own=out_dir is None)
+    if cached is not None:
         if cached.meta.get("cache_key") != key:
             diffs = _differences(cached.meta, inputs) or ["cache key (scores from another prunescope version?)"]
             raise ScoreError(f"{folder} holds scores made with different inputs ({'; '.join(diffs)}); "

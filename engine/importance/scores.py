@@ -17,12 +17,13 @@ Metadata keys: fingerprint, model, model_type, n_layers, n_heads, n_kv_heads, he
 hidden_size, intermediate_size, arch (ArchSpec.to_dict()), data (source label), data_source (dict), n_samples, seq_len, seed,
 aggregation, engine_version, timings (seconds per stage), base_ppl, block_size, spearman_bi_ppl.
 Also written: cache_key, algorithm_version, dtype, device, config (ScoreConfig as a dict, the parts
-present). block_bi[b] / block_ppl_increase[b] are for the block of layers b..b+n-1 (n = block_size).
+present), tensors_file (size and sha256 of scores.safetensors, verified on load). block_bi[b] / block_ppl_increase[b] are for the block of layers b..b+n-1 (n = block_size).
 base_ppl / spearman_bi_ppl are null when no perplexity was computed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: reading scores as
 
 TENSORS_FILE = "scores.safetensors"
 META_FILE = "scores.json"
+CHECK_KEY = "tensors_file"  # meta[CHECK_KEY] = {"bytes": size, "sha256": hex digest} of TENSORS_FILE
 
 
 
@@ -64,24 +66,28 @@ class Scores:
         from engine.fileio import atomic_write, atomic_write_text
 
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
-        atomic_write(folder / TENSORS_FILE, lambda f: f.write(save(tensors)), binary=True)
+        data = save(tensors)
+        atomic_write(folder / TENSORS_FILE, lambda f: f.write(data), binary=True)
+        self.meta[CHECK_KEY] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write_text(folder / META_FILE, json.dumps(self.meta, indent=2, default=str))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> Scores:
-        from safetensors.torch import load_file
+        """Read and verify a scores folder; ScoreError (one line) when it is missing or damaged."""
+        from safetensors.torch import load
 
         folder, meta = _folder_and_meta(folder)
-        return cls(load_file(str(folder / TENSORS_FILE)), meta)
+        return cls(_parse(load, _verified_bytes(folder, meta), folder), meta)
 
     @staticmethod
     def load_numpy(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         """(tensors as float32 numpy arrays, meta) without importing torch (for the dashboard)."""
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         folder, meta = _folder_and_meta(folder)
-        return {k: v.astype("float32", copy=False) for k, v in load_file(str(folder / TENSORS_FILE)).items()}, meta
+        tensors = _parse(load, _verified_bytes(folder, meta), folder)
+        return {k: v.astype("float32", copy=False) for k, v in tensors.items()}, meta
 
     @staticmethod
     def exists(folder: str | Path) -> bool:
@@ -98,5 +104,35 @@ def _folder_and_meta(folder: str | Path) -> tuple[Path, dict]:
     if not (folder / TENSORS_FILE).is_file():
         raise ScoreError(f"no scores in {folder}: expected {TENSORS_FILE} and {META_FILE} "
                          "(make them with `prunescope score`)")
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+    meta = {}
+    if (folder / META_FILE).is_file():
+        from engine.fileio import read_json
+
+        meta = read_json(folder / META_FILE)
+        if meta is None:
+            raise ScoreError(f"{folder / META_FILE} is damaged (not a JSON object); recompute the scores with "
+                             "`prunescope score --force`")
     return folder, meta
+
+
+def _verified_bytes(folder: Path, meta: dict) -> bytes:
+    """The tensors file's bytes, checked against the size and sha256 recorded when it was saved (files
+    written before checksums were recorded are only parsed)."""
+    data = (folder / TENSORS_FILE).read_bytes()
+    check = meta.get(CHECK_KEY)
+    if isinstance(check, dict) and (len(data) != check.get("bytes")
+                                    or hashlib.sha256(data).hexdigest() != check.get("sha256")):
+        what = f"{len(data):,} bytes, {check.get('bytes'):,} recorded" if len(data) != check.get("bytes") \
+            else "its checksum differs from the one recorded"
+        raise ScoreError(f"{folder / TENSORS_FILE} is damaged ({what}); recompute the scores with "
+                         "`prunescope score --force`")
+    return data
+
+
+def _parse(load, data: bytes, folder: Path) -> dict:
+    """safetensors bytes -> tensors; a damaged file is a one-line ScoreError, not a SafetensorError trace."""
+    try:
+        return load(data)
+    except Exception as e:  # noqa: BLE001 - SafetensorError has no public base; the message is what matters
+        raise ScoreError(f"{folder / TENSORS_FILE} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                         "recompute the scores with `prunescope score --force`") from None
