@@ -6,6 +6,7 @@ call `estimate` and `valid_values` on every slider move. `engine.plan` re-export
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from numbers import Integral
@@ -16,6 +17,7 @@ from engine.errors import PlanError
 DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 AXES = ("hidden", "ffn", "heads", "layers")
 DEFAULT_CONTEXT = 2048  # context length at which attention FLOPs per token are counted
+ROUNDINGS = (1, 8, 32, 64, 128)  # width multiples the dashboard offers (GPU matrix units like multiples of 8..128)
 
 
 
@@ -186,22 +188,42 @@ def validate_targets(spec: ArchSpec, targets: Targets) -> None:
         raise PlanError("; ".join(errors))
 
 
-def valid_values(spec: ArchSpec, targets: Targets | None = None) -> dict[str, list[int]]:
+def valid_values(spec: ArchSpec, targets: Targets | None = None, multiple: int = 1) -> dict[str, list[int]]:
     """Valid target values per axis, for sliders to snap to.
 
     The hidden list holds the sizes valid with the heads of `targets` (source heads if none), the
-    heads list those valid with its hidden size; ffn and layers are free (1..source).
+    heads list those valid with its hidden size; ffn and layers are free (1..source). With
+    `multiple` > 1 the hidden and ffn lists keep only multiples of it (and the source size itself).
     """
     t = targets or Targets()
     s = resolve(spec, replace(t, depth_by="bi", drop_layers=None))
     heads = s.heads if s.heads in _heads_values(spec) else spec.n_heads
     hidden = s.hidden if 1 <= s.hidden <= spec.hidden_size else spec.hidden_size
     return {
-        "hidden": _hidden_values(spec, heads),
-        "ffn": list(range(1, spec.intermediate_size + 1)),
+        "hidden": _rounded(_hidden_values(spec, heads), multiple, spec.hidden_size),
+        "ffn": _rounded(list(range(1, spec.intermediate_size + 1)), multiple, spec.intermediate_size),
         "heads": [h for h in _heads_values(spec) if _hidden_ok(spec, hidden, h) is None],
         "layers": list(range(1, spec.n_layers + 1)),
     }
+
+
+def _rounded(values: list[int], multiple: int, source: int) -> list[int]:
+    """The values that are multiples of `multiple`, plus the source size (keeping an axis is always valid)."""
+    if multiple <= 1:
+        return values
+    return sorted({v for v in values if v % multiple == 0} | ({source} if source in values else set()))
+
+
+def default_multiple(spec: ArchSpec, min_choices: int = 4) -> int:
+    """The width rounding the dashboard starts with: the largest of 64, 32, 8 that divides the source's
+    hidden and MLP sizes and still leaves `min_choices` hidden sizes below the source (with its heads);
+    1 when the source widths are not multiples of 8 (small or odd models)."""
+    for m in (64, 32, 8):
+        if spec.hidden_size % m or spec.intermediate_size % m:
+            continue
+        if len(_rounded(_hidden_values(spec, spec.n_heads), m, spec.hidden_size)) > min_choices:
+            return m
+    return 1
 
 
 # ---------------------------------------------------------------- the estimator
@@ -213,10 +235,10 @@ def _count(spec: ArchSpec, s: Sizes) -> tuple[int, int]:
     nb = 2 if spec.norm_bias else 1
     attn_mm = D * H * hd + 2 * D * KV * hd + H * hd * D
     attn = attn_mm + (H * hd + 2 * KV * hd if spec.qkv_bias else 0) + (D if spec.o_bias else 0) \
-        + (2 * hd if spec.qk_norm else 0)
+        + (((H + KV) * hd if spec.qk_norm_full else 2 * hd) if spec.qk_norm else 0)
     mlp_mm = (3 if spec.gated_mlp else 2) * D * F
     mlp = mlp_mm + ((2 if spec.gated_mlp else 1) * F + D if spec.mlp_bias else 0)
-    layer = attn + mlp + 2 * nb * D
+    layer = attn + mlp + spec.norms_per_layer * nb * D
     outer = V * D + spec.n_positions * D + (0 if spec.tied else V * D) + nb * D
     return outer + s.layers * layer, s.layers * (attn_mm + mlp_mm) + V * D
 
@@ -256,8 +278,9 @@ def _hidden_values(spec: ArchSpec, heads: int) -> list[int]:
     return list(range(step, spec.hidden_size + 1, step))
 
 
-def _scaled(spec: ArchSpec, axes: tuple[str, ...], f: float) -> Targets:
-    """Targets with each axis in `axes` near f x its source size, snapped to valid values."""
+def _scaled(spec: ArchSpec, axes: tuple[str, ...], f: float, multiple: int = 1) -> Targets:
+    """Targets with each axis in `axes` near f x its source size, snapped to valid values (hidden and
+    ffn to multiples of `multiple` where the family lets hidden vary freely)."""
     def near(values: list[int], x: float) -> int:
         return min(values, key=lambda v: (abs(v - x), -v))
 
@@ -273,22 +296,26 @@ def _scaled(spec: ArchSpec, axes: tuple[str, ...], f: float) -> Targets:
         if not explicit:
             kw["hidden"] = heads * spec.head_dim
         else:
-            step = heads if adapter_class(spec.model_type).hidden_multiple_of_heads else 1
+            step = math.lcm(heads if adapter_class(spec.model_type).hidden_multiple_of_heads else 1, multiple)
             kw["hidden"] = min(max(step, round(spec.hidden_size * f / step) * step), spec.hidden_size // step * step)
+            if kw["hidden"] == 0:  # no multiple fits under the source: keep it
+                kw["hidden"] = spec.hidden_size
     if "ffn" in axes:
-        kw["ffn"] = max(1, round(spec.intermediate_size * f))
+        m = multiple if multiple <= spec.intermediate_size else 1
+        kw["ffn"] = max(m, round(spec.intermediate_size * f / m) * m)
     if "layers" in axes:
         kw["layers"] = max(1, round(spec.n_layers * f))
     return Targets(**kw)
 
 
-def preset_targets(spec: ArchSpec, name: str) -> Targets:
+def preset_targets(spec: ArchSpec, name: str, multiple: int = 1) -> Targets:
     """Targets named AXIS-PCT (e.g. "width-75", "depth-75", "mlp-75", "all-50"): the valid targets
     along those axes whose parameter count is closest to PCT % of the source.
 
     AXIS: hidden|embedding, ffn|mlp, heads|attn, depth|layers, width (hidden+ffn+heads), all.
     An axis that cannot reach PCT alone (query heads hold few parameters) gets its closest value.
     On GPT-2, hidden and heads move together (hidden = heads x head_dim).
+    multiple > 1 keeps hidden and ffn at multiples of it (hardware-friendly shapes).
     """
     m = re.fullmatch(r"([a-z]+)-(\d+)", name.strip().lower())
     if not m or m.group(1) not in PRESET_AXES or not 0 < int(m.group(2)) <= 100:
@@ -298,12 +325,28 @@ def preset_targets(spec: ArchSpec, name: str) -> Targets:
     best, best_gap = Targets(), float("inf")
     seen: set[Targets] = set()
     for step in range(1000, 0, -2):
-        t = _scaled(spec, axes, step / 1000)
-        if t in seen:
-            continue
-        seen.add(t)
-        gap = abs(estimate(spec, t).fraction_of_source - goal)
-        if gap < best_gap - 1e-12:
-            best, best_gap = t, gap
+        scaled = _scaled(spec, axes, step / 1000, multiple)
+        # rounded widths move in coarse steps: let the MLP make up the difference (within 20% of the hidden share)
+        for t in (scaled, _ffn_for_goal(spec, scaled, goal, multiple)) if multiple > 1 and len(axes) > 1 \
+                and "ffn" in axes else (scaled,):
+            if t in seen:
+                continue
+            seen.add(t)
+            gap = abs(estimate(spec, t).fraction_of_source - goal)
+            if gap < best_gap - 1e-12:
+                best, best_gap = t, gap
     validate_targets(spec, best)
     return best
+
+
+def _ffn_for_goal(spec: ArchSpec, t: Targets, goal: float, multiple: int) -> Targets:
+    """`t` with the MLP size (a multiple of `multiple`) that brings the parameter count closest to `goal` of
+    the source, kept within 20 points of the hidden size's share so both widths shrink alike."""
+    F, m = spec.intermediate_size, multiple
+    ffn = t.ffn or F
+    e0, e1 = estimate(spec, replace(t, ffn=ffn)), estimate(spec, replace(t, ffn=ffn + m))
+    slope = (e1.params - e0.params) / m  # parameters per MLP neuron (all layers)
+    want = ffn + (goal * e0.source_params - e0.params) / slope
+    share = (t.hidden or spec.hidden_size) / spec.hidden_size
+    lo, hi = max(m, math.ceil(F * (share - 0.2) / m) * m), min(F, int(F * (share + 0.2)) // m * m)
+    return replace(t, ffn=int(min(max(round(want / m) * m, lo), max(lo, hi))))

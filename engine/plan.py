@@ -34,6 +34,7 @@ from engine.estimate import (  # noqa: F401  (re-exported: the plan API)
     valid_values,
     validate_targets,
 )
+from engine.fileio import atomic_write_text
 from engine.importance.scores import Scores
 
 FORMAT = "prunescope-plan/1"
@@ -118,7 +119,7 @@ class Plan:
         if path.is_dir() or not path.suffix:
             path = path / "plan.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dumps(self.to_dict()) + "\n")
+        atomic_write_text(path, dumps(self.to_dict()) + "\n")
         return path
 
     @classmethod

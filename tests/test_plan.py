@@ -129,6 +129,30 @@ def test_presets_reach_75_percent(name, axes):
     assert abs(estimate(SMOL, t).fraction_of_source - 0.75) < 0.02
 
 
+def test_width_rounding_for_sliders_and_presets(specs):
+    """Multiples of 8 on SmolLM2 (hidden also a multiple of the 9 heads: steps of 72); presets follow them."""
+    from engine.estimate import ROUNDINGS, default_multiple
+
+    assert ROUNDINGS == (1, 8, 32, 64, 128)
+    assert default_multiple(SMOL) == 8  # 64 and 32 would leave hidden 576 with 1 and 2 choices at 9 heads
+    assert default_multiple(specs["llama"]) == 1  # MLP 37: not a multiple of 8
+    llama7b = replace(SMOL, hidden_size=4096, intermediate_size=11008, n_heads=32, n_kv_heads=32, head_dim=128)
+    assert default_multiple(llama7b) == 64
+    vv = valid_values(SMOL, multiple=8)
+    assert vv["hidden"] == list(range(72, 577, 72)) and vv["ffn"] == list(range(8, 1537, 8))
+    assert valid_values(SMOL, Targets(heads=6), multiple=64)["hidden"] == [192, 384, 576]
+    assert valid_values(specs["llama"], multiple=8)["ffn"] == [8, 16, 24, 32, 37]  # the source size stays
+    assert preset_targets(SMOL, "width-75") == Targets(hidden=477, ffn=1281, heads=9)  # unrounded: odd sizes
+    for m in (8, 32):
+        for name in ("width-75", "all-50", "mlp-75", "width-50"):
+            t = preset_targets(SMOL, name, multiple=m)
+            validate_targets(SMOL, t)
+            assert all(v is None or v % m == 0 for v in (t.hidden, t.ffn)), (name, m, t)
+            assert abs(estimate(SMOL, t).fraction_of_source - int(name[-2:]) / 100) < 0.02, (name, m, t)
+    t = preset_targets(SMOL, "width-75", multiple=8)
+    assert t.hidden % 72 == 0 and t.ffn % 8 == 0
+
+
 def test_heads_preset_is_closest_possible():
     t = preset_targets(SMOL, "heads-75")  # heads hold ~15% of the parameters: 3 of 9 is as low as it goes
     assert t.heads == 3 and t.hidden is None
