@@ -25,6 +25,8 @@ BI_COLOR = "#1f77b4"
 PPL_COLOR = "#ff7f0e"
 TAYLOR_COLOR = "#2ca02c"
 MAX_BINS = 128
+REL_TITLE = "share of the<br>layer's largest"  # colour bar of row-normalised heatmaps
+LOG_SPAN = 30.0  # a positive series whose largest / smallest value exceeds this goes on a log axis
 
 
 def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
@@ -51,6 +53,39 @@ def _normalise_rows(z: np.ndarray) -> np.ndarray:
     """Each row divided by its max, so layers with small activations stay readable."""
     peak = np.abs(z).max(axis=1, keepdims=True)
     return z / np.where(peak > 0, peak, 1.0)
+
+
+def _value_hover(i: int, normalise: bool, what: str = "importance") -> str:
+    """Hover line with the raw value (customdata[i]) and, when colours are relative, its share (customdata[i+1])."""
+    share = f" (%{{customdata[{i + 1}]:.0%}} of the layer's largest)" if normalise else ""
+    return f"{what} %{{customdata[{i}]:.4g}}{share}"
+
+
+def needs_log(values: np.ndarray) -> bool:
+    """True when a series spans so many orders of magnitude that a linear axis flattens most of it."""
+    v = np.asarray(values, np.float64)
+    pos = v[np.isfinite(v) & (v > 0)]
+    return len(pos) >= 2 and float(pos.max()) / float(pos.min()) > LOG_SPAN
+
+
+def log_floor(values: np.ndarray) -> float:
+    """Where values <= 0 are drawn on a log axis: a decade under the smallest positive value."""
+    v = np.asarray(values, np.float64)
+    pos = v[np.isfinite(v) & (v > 0)]
+    return float(pos.min()) / 10 if len(pos) else 1e-3
+
+
+def log_ticks(lo: float, hi: float, extra: tuple[float, ...] = ()) -> list[float]:
+    """Tick values for a log axis from lo to hi: 1-2-5 steps of each decade (thinned to about 8), plus `extra`."""
+    lo, hi = max(lo, 1e-12), max(hi, lo * 1.0001)
+    ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    if len(ticks) > 8:
+        ticks = [t for t in ticks if str(t).lstrip("0.").startswith("1")]
+    if len(ticks) < 2:  # less than a decade: evenly spaced in log, rounded to 2 significant digits
+        ticks = [float(f"{x:.2g}") for x in np.geomspace(lo, hi, 5)]
+    near = [t for t in ticks for e in extra if e > 0 and abs(np.log10(t / e)) < 0.03]  # would overlap its label
+    return sorted((set(ticks) - set(near)) | {float(x) for x in extra})
 
 
 def _overlay(mask: np.ndarray, x=None, y=None) -> go.Heatmap:
@@ -80,12 +115,12 @@ def heads_heatmap(heads: np.ndarray, removed: np.ndarray | None = None, kv_heads
     shown = _normalise_rows(z) if normalise else z
     n_layers, n_heads = z.shape
     group = max(1, n_heads // max(1, kv_heads))
-    custom = np.stack([z, np.broadcast_to(np.arange(n_heads) // group, z.shape)], axis=-1)
+    custom = np.stack([np.broadcast_to(np.arange(n_heads) // group, z.shape), z, _normalise_rows(z)], axis=-1)
     fig = go.Figure(go.Heatmap(
         z=shown.astype(np.float32), colorscale=HEAT_SCALE, customdata=custom.astype(np.float32),
-        colorbar=dict(title="rel." if normalise else "score", thickness=12),
-        hovertemplate="layer %{y}<br>head %{x} (KV group %{customdata[1]})<br>"
-                      "importance %{customdata[0]:.4g}<extra></extra>",
+        colorbar=dict(title=REL_TITLE if normalise else "importance", thickness=12),
+        hovertemplate="layer %{y}<br>head %{x} (KV group %{customdata[0]})<br>"
+                      f"{_value_hover(1, normalise)}<extra></extra>",
     ))
     if removed is not None and removed.any():
         fig.add_trace(_overlay(np.asarray(removed, dtype=np.uint8) * 255))
@@ -115,13 +150,13 @@ def neurons_heatmap(neurons: np.ndarray, removed: np.ndarray | None = None, sort
     ends = np.append(starts[1:], n) - 1
     shown = _normalise_rows(binned) if normalise else binned
     label = "rank" if sort else "neuron"
-    custom = np.stack([binned, np.broadcast_to(starts, binned.shape), np.broadcast_to(ends, binned.shape),
-                       frac * 100], axis=-1).astype(np.float32)
+    custom = np.stack([np.broadcast_to(starts, binned.shape), np.broadcast_to(ends, binned.shape), frac * 100,
+                       binned, _normalise_rows(binned)], axis=-1).astype(np.float32)
     fig = go.Figure(go.Heatmap(
         z=shown.astype(np.float32), colorscale=HEAT_SCALE, customdata=custom,
-        colorbar=dict(title="rel." if normalise else "score", thickness=12),
-        hovertemplate=f"layer %{{y}}<br>{label}s %{{customdata[1]:.0f}}-%{{customdata[2]:.0f}}<br>"
-                      "mean importance %{customdata[0]:.4g}<br>would be pruned %{customdata[3]:.0f}%"
+        colorbar=dict(title=REL_TITLE if normalise else "importance", thickness=12),
+        hovertemplate=f"layer %{{y}}<br>{label}s %{{customdata[0]:.0f}}-%{{customdata[1]:.0f}}<br>"
+                      f"{_value_hover(3, normalise, 'mean importance')}<br>would be pruned %{{customdata[2]:.0f}}%"
                       "<extra></extra>",
     ))
     if removed is not None and rm.any():
@@ -151,14 +186,14 @@ def channels_heatmap(per_layer: np.ndarray, removed: np.ndarray | None = None,
         frac[np.asarray(dropped_layers, dtype=bool), :] = 1.0
     ends = np.append(starts[1:], d) - 1
     shown = _normalise_rows(binned) if normalise else binned
-    custom = np.stack([binned, np.broadcast_to(starts, binned.shape), np.broadcast_to(ends, binned.shape)],
-                      axis=-1).astype(np.float32)
-    span = "channel %{customdata[1]:.0f}" if binned.shape[1] == d else \
-        "channels %{customdata[1]:.0f}-%{customdata[2]:.0f}"
+    custom = np.stack([np.broadcast_to(starts, binned.shape), np.broadcast_to(ends, binned.shape), binned,
+                       _normalise_rows(binned)], axis=-1).astype(np.float32)
+    span = "channel %{customdata[0]:.0f}" if binned.shape[1] == d else \
+        "channels %{customdata[0]:.0f}-%{customdata[1]:.0f}"
     fig = go.Figure(go.Heatmap(
         z=shown.astype(np.float32), colorscale=HEAT_SCALE, customdata=custom,
-        colorbar=dict(title="rel." if normalise else "score", thickness=12),
-        hovertemplate=f"layer %{{y}}<br>{span}<br>importance %{{customdata[0]:.4g}}<extra></extra>",
+        colorbar=dict(title=REL_TITLE if normalise else "importance", thickness=12),
+        hovertemplate=f"layer %{{y}}<br>{span}<br>{_value_hover(2, normalise)}<extra></extra>",
     ))
     if frac.any():
         fig.add_trace(_overlay(np.rint(frac * 255)))
@@ -188,12 +223,15 @@ def channels_bar(channels: np.ndarray, removed: np.ndarray | None = None) -> go.
     shapes, notes = [], []
     if removed is not None and kept < len(c):
         shapes.append(_vline(kept - 0.5, PRUNED_RED, 2, "dash"))
-        notes.append(dict(x=kept - 0.5, y=1, xref="x", yref="paper", xanchor="right", yanchor="bottom",
-                          showarrow=False, text=f"keep {kept}: {cum[kept - 1]:.1f}% of importance"))
+        # inside the plot, under its top edge, left of the cut line: clear of the legend above the plot
+        notes.append(dict(x=kept - 0.5, y=0.06, xref="x", yref="paper", xanchor="right", yanchor="bottom",
+                          showarrow=False, text=f"keep {kept}: {cum[kept - 1]:.1f}% of importance ",
+                          bgcolor="rgba(255, 255, 255, 0.85)", font=dict(color=PRUNED_RED)))
     fig.update_layout(bargap=0, shapes=shapes, annotations=notes,
                       xaxis=dict(title=dict(text="channel rank (most important first)")),
                       yaxis=dict(title=dict(text="importance")),
-                      yaxis2=_right_axis("cumulative %", range=[0, 101]))
+                      yaxis2=_right_axis("cumulative share of importance", range=[0, 100.5], autorange=False,
+                                         tickvals=[0, 25, 50, 75, 100], ticksuffix="%"))
     return _layout(fig, "Embedding channels, sorted", height=360)
 
 
@@ -219,10 +257,14 @@ def layers_chart(bi: np.ndarray, ppl_increase: np.ndarray | None = None, dropped
         series.append(("Taylor+", np.asarray(taylor, np.float32), TAYLOR_COLOR, True))
     ranks_mode = show == "ranks"
     two_axes = len(series) > 1 and not ranks_mode
+    right_vals = np.concatenate([v for _, v, _, right in series if right]) if two_axes else np.zeros(0)
+    log_right = two_axes and needs_log(right_vals)  # one layer's huge increase would flatten all the others
+    floor = log_floor(right_vals) if log_right else 0.0
     traces = []
     for i, (name, v, color, right) in enumerate(series):
         r = _ranks(v)
-        traces.append(go.Bar(x=x, y=r if ranks_mode else v, name=name, marker_color=color, offsetgroup=str(i),
+        y = r if ranks_mode else (np.maximum(v, floor) if log_right and right else v)
+        traces.append(go.Bar(x=x, y=y, name=name, marker_color=color, offsetgroup=str(i),
                              yaxis="y2" if two_axes and right else "y",
                              customdata=np.stack([v, r], axis=-1).astype(np.float32),
                              hovertemplate=f"layer %{{x}}<br>{name} %{{customdata[0]:.4g}}"
@@ -240,8 +282,20 @@ def layers_chart(bi: np.ndarray, ppl_increase: np.ndarray | None = None, dropped
                       yaxis=dict(title=dict(text="rank (1 = most important)" if ranks_mode else "BI"),
                                  autorange="reversed" if ranks_mode else True))
     if two_axes:
-        fig.update_layout(yaxis2=_right_axis("Δ perplexity / Taylor+" if taylor is not None else "Δ perplexity"))
+        label = "Δ perplexity / Taylor+" if taylor is not None else "Δ perplexity"
+        fig.update_layout(yaxis2=_log_axis(label, right_vals, floor) if log_right else _right_axis(label))
     return _layout(fig, title, height=380)
+
+
+def _log_axis(label: str, values: np.ndarray, floor: float) -> dict:
+    """A right-hand log axis for a series spanning orders of magnitude; values <= 0 sit at `floor`."""
+    v = np.asarray(values, np.float64)
+    hi = float(v[np.isfinite(v)].max())
+    clipped = bool((v <= 0).any())
+    ticks = log_ticks(floor, hi)
+    return _right_axis(f"{label} (log scale{', values ≤ 0 at the bottom' if clipped else ''})", type="log",
+                       tickvals=ticks, ticktext=[f"{t:.3g}" for t in ticks],
+                       range=[np.log10(floor) - 0.05, np.log10(hi) + 0.15])
 
 
 def blocks_chart(block_bi: np.ndarray, block_size: int, block_ppl: np.ndarray | None = None) -> go.Figure:
@@ -252,10 +306,13 @@ def blocks_chart(block_bi: np.ndarray, block_size: int, block_ppl: np.ndarray | 
     fig = go.Figure(go.Bar(x=labels, y=v, name="block BI", marker_color=BI_COLOR, offsetgroup="0",
                            hovertemplate="layers %{x}<br>BI %{y:.4g}<extra></extra>"))
     if block_ppl is not None:
-        fig.add_trace(go.Bar(x=labels, y=np.asarray(block_ppl, np.float32), name="perplexity increase",
-                             marker_color=PPL_COLOR, offsetgroup="1", yaxis="y2",
-                             hovertemplate="layers %{x}<br>Δ ppl %{y:.4g}<extra></extra>"))
-        fig.update_layout(yaxis2=_right_axis("Δ perplexity"))
+        bp = np.asarray(block_ppl, np.float32)
+        log = needs_log(bp)
+        floor = log_floor(bp) if log else 0.0
+        fig.add_trace(go.Bar(x=labels, y=np.maximum(bp, floor) if log else bp, name="perplexity increase",
+                             marker_color=PPL_COLOR, offsetgroup="1", yaxis="y2", customdata=bp,
+                             hovertemplate="layers %{x}<br>Δ ppl %{customdata:.4g}<extra></extra>"))
+        fig.update_layout(yaxis2=_log_axis("Δ perplexity", bp, floor) if log else _right_axis("Δ perplexity"))
     best = int(np.argmin(v))
     fig.update_layout(barmode="group", xaxis=dict(title=dict(text=f"contiguous block of {block_size} layers")),
                       yaxis=dict(title=dict(text="BI")),

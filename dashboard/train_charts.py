@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import plotly.graph_objects as go
 
-from dashboard.charts import _layout
+from dashboard.charts import _layout, log_ticks
 
 LOSS_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 NOT_LOSS = {"step", "tokens", "lr", "tokens_per_s", "elapsed", "eval", "ppl", "kl", "time", "epoch",
@@ -44,12 +44,39 @@ def loss_terms(rows: list[dict]) -> list[str]:
     return names
 
 
+def _whole_x(fig: go.Figure, xs: list[float], x: str) -> None:
+    """Steps and tokens are whole numbers: no fractional ticks on a short run (plotly picks dtick 0.5 for 0..3)."""
+    span = (max(xs) - min(xs)) if xs else 0
+    if span <= 10:
+        fig.update_xaxes(tick0=0, dtick=1 if x == "step" or span <= 1 else None, tickformat=",d")
+    else:
+        fig.update_xaxes(tickformat=",d")
+
+
+def loss_explanation(distill: dict | None) -> str:
+    """What the plotted loss is, from the run's distillation settings (weights, temperature)."""
+    d = distill or {}
+    kl, ce, hid, temp = (float(d.get(k, v)) for k, v in (("kl_weight", 1.0), ("ce_weight", 0.0),
+                                                         ("hidden_weight", 0.0), ("temperature", 1.0)))
+    terms = []
+    if kl:
+        terms.append(f"{kl:g} × KL(teacher ‖ student) on the logits" + (f" at temperature {temp:g}" if temp != 1 else ""))
+    if ce:
+        terms.append(f"{ce:g} × cross-entropy with the next token")
+    if hid:
+        terms.append(f"{hid:g} × hidden-state distance to the teacher's layers")
+    text = " + ".join(terms) or "no loss term has a weight"
+    return (f"Loss = {text}; in nats per token, averaged over the batch (0 = the student matches the teacher's "
+            "next-token distribution). Faint lines are the raw values, bold ones smoothed.")
+
+
 def loss_chart(rows: list[dict], smoothing: float = 0.6, log_y: bool = False, x: str = "step",
                terms: list[str] | None = None) -> go.Figure:
     """Training loss (and each loss term) against steps or tokens; raw values shown faintly."""
     rows = [r for r in rows if not r.get("eval")]
     fig = go.Figure()
     terms = terms if terms is not None else loss_terms(rows)
+    all_x: list[float] = []
     for i, name in enumerate(terms):
         pts = [(r.get(x, r.get("step", j)), r[name]) for j, r in enumerate(rows)
                if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
@@ -57,6 +84,7 @@ def loss_chart(rows: list[dict], smoothing: float = 0.6, log_y: bool = False, x:
             continue
         xs = np.asarray([p[0] for p in pts], dtype=np.float64)
         ys = np.asarray([p[1] for p in pts], dtype=np.float64)
+        all_x += xs.tolist()
         color = LOSS_COLORS[i % len(LOSS_COLORS)]
         if smoothing > 0:
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), opacity=0.25,
@@ -65,7 +93,8 @@ def loss_chart(rows: list[dict], smoothing: float = 0.6, log_y: bool = False, x:
                                  line=dict(color=color, width=2), marker=dict(size=4), name=name,
                                  hovertemplate=f"{x} %{{x:,}}<br>{name} %{{y:.4f}}<extra></extra>"))
     fig.update_xaxes(title="tokens" if x == "tokens" else "step")
-    fig.update_yaxes(title="loss", type="log" if log_y else "linear")
+    _whole_x(fig, all_x, x)
+    fig.update_yaxes(title="loss (nats per token)", type="log" if log_y else "linear")
     if not fig.data:
         fig.add_annotation(text="waiting for the first training step…", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper", font=dict(size=14, color="#888"))
@@ -94,7 +123,12 @@ def ppl_chart(rows: list[dict], teacher_ppl: float | None = None, x: str = "step
         fig.add_trace(go.Scatter(x=span, y=[one_shot_ppl, one_shot_ppl], mode="lines", line=dict(color="#999", dash="dot"),
                                  name=f"pruned, before distillation ({one_shot_ppl:.2f})"))
     fig.update_xaxes(title="tokens" if x == "tokens" else "step")
+    _whole_x(fig, xs_all, x)
     fig.update_yaxes(title="perplexity", type="log" if log_y else "linear")
+    shown = [r["ppl"] for r in evals] + [v for v in (teacher_ppl, one_shot_ppl if not evals else None) if v]
+    if log_y and shown and min(shown) > 0:  # ticks that include the teacher's value, so its line has a label
+        ticks = log_ticks(min(shown) / 1.1, max(shown) * 1.1, (round(teacher_ppl, 2),) if teacher_ppl else ())
+        fig.update_yaxes(tickvals=ticks, ticktext=[f"{t:.4g}" for t in ticks])
     if not evals and not teacher_ppl:
         fig.add_annotation(text="no evaluation yet", showarrow=False, x=0.5, y=0.5, xref="paper",
                            yref="paper", font=dict(size=14, color="#888"))

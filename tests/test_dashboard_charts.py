@@ -159,3 +159,69 @@ def test_cut_masks_match_make_plan(targets):
         assert list(np.flatnonzero(~m["heads"][i])) == plan.heads[j]
         assert list(np.flatnonzero(~m["neurons"][i])) == plan.neurons[j]  # ties (rounded scores) included
     assert list(np.flatnonzero(~m["channels"])) == plan.channels
+
+
+def test_layers_chart_puts_a_huge_perplexity_increase_on_a_log_axis():
+    """Layer 0 of SmolLM2 raises perplexity by ~157k, the others by 0.1-20: on a linear axis they vanish."""
+    rng = np.random.default_rng(3)
+    bi = rng.random(30).astype(np.float32)
+    ppl = rng.uniform(0.1, 20, 30).astype(np.float32)
+    ppl[0], ppl[7] = 157_000, -0.3  # removing a layer can also lower perplexity a little
+    fig = charts.layers_chart(bi, ppl)
+    ax = fig.layout.yaxis2
+    assert ax.type == "log" and "log scale" in ax.title.text and "≤ 0" in ax.title.text
+    bars = np.asarray(fig.data[1].y, np.float64)
+    assert (bars > 0).all() and np.log10(bars.min()) > ax.range[0]  # every layer drawn above the axis floor
+    assert np.log10(157_000) < ax.range[1] and max(ax.tickvals) >= 1e5 and min(ax.tickvals) <= ppl[ppl > 0].min()
+    assert fig.data[1].customdata[7][0] == pytest.approx(-0.3)  # hover shows the true value
+    flat = charts.layers_chart(bi, np.linspace(1, 5, 30).astype(np.float32))
+    assert flat.layout.yaxis2.type != "log"  # a small spread keeps its linear axis
+    blocks = charts.blocks_chart(np.array([0.3, 0.1], np.float32), 2, np.array([90_000.0, 2.0], np.float32))
+    assert blocks.layout.yaxis2.type == "log"
+
+
+def test_channels_bar_label_clear_of_legend_and_full_cumulative_axis():
+    c = np.random.default_rng(4).random(576).astype(np.float32)
+    removed = c < np.quantile(c, 0.17)
+    fig = charts.channels_bar(c, removed)
+    note = fig.layout.annotations[0]
+    assert note.text.startswith("keep 478:") and note.yref == "paper" and note.y < 0.5  # inside, far from the top
+    assert fig.layout.legend.y >= 1.0 and fig.layout.legend.yanchor == "bottom"  # the legend sits above the plot
+    y2 = fig.layout.yaxis2
+    assert y2.autorange is False and list(y2.range) == [0, 100.5] and 100 in y2.tickvals and y2.ticksuffix == "%"
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_heatmap_hover_shows_raw_value_and_share(normalise):
+    heads = np.array([[1.0, 4.0], [10.0, 40.0]], np.float32)
+    neurons = np.random.default_rng(5).random((2, 300)).astype(np.float32)
+    figs = [charts.heads_heatmap(heads, normalise=normalise), charts.neurons_heatmap(neurons, normalise=normalise),
+            charts.channels_heatmap(neurons, normalise=normalise)]
+    for fig in figs:
+        t = fig.data[0]
+        assert ("of the layer's largest" in t.hovertemplate) is normalise
+        assert ("layer's largest" in t.colorbar.title.text) is normalise  # no bare "rel."
+    custom = np.asarray(figs[0].data[0].customdata)
+    np.testing.assert_allclose(custom[..., 1], heads)  # raw value
+    np.testing.assert_allclose(custom[..., 2], [[0.25, 1.0], [0.25, 1.0]])  # share of the row's largest
+
+
+def test_short_runs_have_whole_step_ticks_and_a_labelled_teacher_line():
+    rows = [{"step": i, "tokens": 256 * i, "loss": 3.0 - 0.2 * i} for i in range(1, 4)]
+    rows += [{"eval": True, "step": s, "tokens": 256 * s, "ppl": p, "kl": 0.3} for s, p in ((0, 95.0), (3, 61.0))]
+    loss = train_charts.loss_chart(rows, smoothing=0)
+    assert loss.layout.xaxis.dtick == 1 and loss.layout.xaxis.tickformat == ",d"
+    assert "nats per token" in loss.layout.yaxis.title.text
+    ppl = train_charts.ppl_chart(rows, teacher_ppl=21.37)
+    assert ppl.layout.xaxis.dtick == 1 and 21.37 in ppl.layout.yaxis.tickvals
+    ticks = list(ppl.layout.yaxis.tickvals)
+    assert min(ticks) <= 21.37 and max(ticks) >= 61 and len(ticks) >= 3
+    long = train_charts.loss_chart([{"step": i, "loss": 1.0} for i in range(0, 500, 10)])
+    assert long.layout.xaxis.dtick is None and long.layout.xaxis.tickformat == ",d"
+
+
+def test_loss_explanation_names_the_terms():
+    kl_only = train_charts.loss_explanation({"kl_weight": 1.0, "ce_weight": 0.0, "hidden_weight": 0.0})
+    assert "KL(teacher ‖ student)" in kl_only and "nats per token" in kl_only and "cross-entropy" not in kl_only
+    mixed = train_charts.loss_explanation({"kl_weight": 1.0, "ce_weight": 0.5, "temperature": 2.0})
+    assert "0.5 × cross-entropy" in mixed and "temperature 2" in mixed
