@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from dashboard import charts, jobs, state
+from dashboard import charts, state
 from dashboard.common import Cut, have_scores, load_scores, user_message
 from dashboard.runs_io import wrap_command
 
@@ -101,10 +101,19 @@ STREAM_OPTIONS = {"": "Off: the whole model on the device", "cpu": "Weights in R
                   "disk": "Weights read from disk, one layer at a time (models larger than RAM)"}
 
 
+def scoring_config(folder: Path, depth_ppl: bool, block_size: int, stream: str = "") -> dict:
+    """The scoring job's config for the session's model, data and calibration settings."""
+    from engine.score_job import score_job_config
+
+    return score_job_config(folder, state.get("model"), state.get("data"), int(state.get("samples")),
+                            int(state.get("seq_len")), state.get("data_range"), depth_ppl, block_size or None,
+                            state.get("text_column"), stream)
+
+
 def start_scoring(folder: Path, depth_ppl: bool, block_size: int, stream: str = "") -> None:
-    jobs.start_score_job(folder, state.get("model"), state.get("data"), int(state.get("samples")),
-                         int(state.get("seq_len")), state.get("data_range"), depth_ppl, block_size or None,
-                         state.get("text_column"), stream)
+    from engine.score_job import start_score_job
+
+    start_score_job(scoring_config(folder, depth_ppl, block_size, stream))
 
 
 def score_panel(folder: Path, have: bool) -> None:
@@ -124,9 +133,9 @@ def score_panel(folder: Path, have: bool) -> None:
                               format_func=STREAM_OPTIONS.get, key="score_stream",
                               help="Keeps the weights off the GPU and copies each layer in only while it runs: "
                                    "peak device memory about one layer. Same scores; Taylor+ is not available.")
-        cmd = jobs.score_command(state.get("model"), state.get("data"), folder, int(state.get("samples")),
-                                 int(state.get("seq_len")), state.get("data_range"), ppl, blocks or None,
-                                 state.get("text_column"), stream)
+        from engine.score_job import score_command
+
+        cmd = score_command(scoring_config(folder, ppl, int(blocks), stream))
         if st.button(label, type="primary", key="score_start", icon=":material/play_arrow:"):
             state.put("depth_ppl", ppl)
             state.put("block_size", int(blocks))
@@ -140,22 +149,33 @@ def score_panel(folder: Path, have: bool) -> None:
         st.code(wrap_command(cmd), language="bash")
 
 
+def score_job(folder: Path) -> dict | None:
+    """The status of the scoring job that writes `folder` (None when there is none)."""
+    from engine.runs import job_status
+    from engine.score_job import score_job_dir
+
+    return job_status(score_job_dir(folder))
+
+
 def job_active(folder: Path) -> bool:
-    job = jobs.job_status(folder)
+    job = score_job(folder)
     return bool(job and job.get("state") in ("queued", "running"))
 
 
 @st.fragment(run_every=1.0)
 def score_progress(folder: str) -> None:
     """Live progress of the scoring job; reruns the whole page when it ends."""
-    job = jobs.job_status(Path(folder))
+    job = score_job(Path(folder))
     if job is None:
         return
     if job.get("state") in ("queued", "running"):
         frac = float(job.get("progress") or 0.0)
         st.progress(frac, text=f"Scoring: {job.get('message') or job.get('state')} ({frac:.0%})")
         if st.button("Cancel scoring", key="score_cancel", icon=":material/stop:"):
-            jobs.cancel_job(Path(folder))
+            from engine.runs import cancel
+            from engine.score_job import score_job_dir
+
+            cancel(score_job_dir(Path(folder)))
             st.rerun(scope="app")
     else:
         st.rerun(scope="app")
@@ -164,13 +184,16 @@ def score_progress(folder: str) -> None:
 def scoring_section(folder: Path) -> bool:
     """Job status + start panel; True when scores can be drawn."""
     have = have_scores(folder)
-    job = jobs.job_status(folder)
+    job = score_job(folder)
     if job_active(folder):
         score_progress(str(folder))
     elif job and job.get("state") == "failed":
         st.error(f"Scoring failed: {job.get('error') or 'unknown error'}")
         with st.expander("Log"):
-            st.code(jobs.log_tail(folder, 30) or "(empty)")
+            from engine.runs import log_tail
+            from engine.score_job import score_job_dir
+
+            st.code(log_tail(score_job_dir(folder), 30) or "(empty)")
     elif job and job.get("state") == "cancelled" and not have:
         st.info("Scoring was cancelled.")
     if not job_active(folder):

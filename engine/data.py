@@ -283,14 +283,19 @@ def make_blocks(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 
 
 
 def get_blocks(source: DataSource, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
-               model=None, progress: Progress | None = None) -> torch.Tensor:
-    """Source -> (n_samples, seq_len) token blocks, deterministic for a given seed."""
+               model=None, progress: Progress | None = None, up_to: bool = False) -> torch.Tensor:
+    """Source -> (n_samples, seq_len) token blocks, deterministic for a given seed. With `up_to`,
+    at most n_samples: all the source has when that is fewer (but at least one block)."""
     docs = load_documents(source, model=model, tokenizer=tokenizer, seed=seed, progress=progress)
     if not docs:
         raise DataError(f"{source.label} selects no documents")
     stream = tokenize_documents(docs, tokenizer)
     if source.kind != "generated":  # the model's own text is what it is; a file or dataset must read as text
         check_token_ratio(stream.numel(), sum(len(d.encode()) for d in docs), tokenizer, source.label)
+    if up_to:
+        n_samples = min(n_samples, stream.numel() // seq_len)
+        if n_samples < 1:
+            raise DataError(f"{source.label} has {stream.numel()} tokens: not one block of {seq_len}")
     return make_blocks(stream, n_samples, seq_len, seed, what=source.label)
 
 

@@ -16,11 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from engine.arch import get_adapter
+from engine.data import DataSource, get_blocks
 from engine.distill import DistillConfig, distill
 from engine.errors import Cancelled
+from engine.estimate import Targets
 from engine.fileio import read_json, write_json
 from engine.runs import Run, barrier, world
 
@@ -75,172 +79,238 @@ class PipelineConfig:
 
 
 def create_run(run_dir: str | Path, config: PipelineConfig, force: bool = False) -> Run:
-    """A new run folder holding this config (refuses an existing run unless force)."""
+    """A new run folder holding this config (refuses an existing run unless force). The targets
+    are validated here, before any job starts."""
     if config.kind == "pipeline":
-        from engine.plan import Targets
-
-        Targets.from_dict(config.targets)  # fail now, not in the worker
+        Targets.from_dict(config.targets)
     return Run.create(run_dir, config.to_dict(), force=force)
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- what the stages share
 
 
-def token_blocks(source, tokenizer, n_max: int, seq_len: int, seed: int, model=None) -> torch.Tensor:
-    """Up to n_max (N, seq_len) blocks of a source: all it has when that is fewer."""
-    from engine.data import DataError, load_documents, make_blocks, tokenize_documents
+@dataclass
+class Job:
+    """What the stages of one pipeline job read and write (one per process)."""
 
-    docs = load_documents(source, model=model, tokenizer=tokenizer, seed=seed)
-    stream = tokenize_documents(docs, tokenizer) if docs else torch.zeros(0, dtype=torch.long)
-    n = min(n_max, stream.numel() // seq_len)
-    if n < 1:
-        raise DataError(f"{source.label} has {stream.numel()} tokens: not one block of {seq_len}")
-    return make_blocks(stream, n, seq_len, seed, what=source.label)
+    run: Run
+    cfg: PipelineConfig
+    stop: Callable[[], bool]
+    main: bool  # rank 0 under torchrun: it scores, plans, evaluates, exports and writes the folder
+    summary: dict
+    teacher: Any = None  # engine.models.LoadedModel
+    train_src: DataSource | None = None
+    eval_src: DataSource | None = None
+    dcfg: DistillConfig | None = None
+    eval_blocks: torch.Tensor | None = None
+    scores: Any = None  # engine.importance.Scores
+    plan: Any = None  # engine.plan.Plan
+    student: torch.nn.Module | None = None
+    result: dict | None = None
+    t0: float = 0.0
 
+    def save_summary(self) -> None:
+        if self.main:
+            write_json(self.run.path / "summary.json", self.summary)
 
-def score_config_for(targets) -> object:
-    """The scores the depth method of these targets needs."""
-    from engine.importance import ScoreConfig
-
-    kw: dict = {}
-    if targets.layers is not None:
-        if targets.depth_by == "ppl":
-            kw["depth_ppl"] = True
-        elif targets.depth_by == "taylor":
-            kw["taylor"] = True
-    return ScoreConfig(**kw)
-
-
-# ---------------------------------------------------------------- the job
-
-
-def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | None = None) -> dict:
-    """Run (or resume) the stages of the run folder's config; returns summary.json's content.
-
-    Raises `engine.runs.Cancelled` when stopped (after distillation's final checkpoint)."""
-    from engine.data import DataSource
-    from engine.evaluate import evaluate_student
-    from engine.models import count_parameters, load
-
-    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # one Run per process: shared status
-    cfg = PipelineConfig.from_dict(run.config())
-    summary = read_json(run.path / "summary.json") or {"kind": cfg.kind, "model": cfg.model, "stage_seconds": {}}
-    stop = should_stop or (lambda: False)
-    main = world()[0] == 0  # under torchrun: rank 0 scores, plans, evaluates and exports
-
-    def save_summary() -> None:
-        if main:
-            write_json(run.path / "summary.json", summary)
-
-    def stage(name: str) -> Callable[[float, str], None]:
-        if stop():
+    def begin(self, name: str, message: str = "") -> Callable[[float, str], None]:
+        """Enter a stage: stop if asked, report it, start its clock; its progress callback."""
+        if self.stop():
             raise Cancelled()
-        run.set_stage(name, 0.0, f"{name}…")
-        return run.progress_cb(name)
+        self.run.set_stage(name, 0.0, message or f"{name}…")
+        self.t0 = time.time()
+        return self.run.progress_cb(name)
 
-    def finish(name: str, t0: float, **info) -> None:
-        summary["stage_seconds"][name] = round(time.time() - t0 + summary["stage_seconds"].get(name, 0), 2)
-        save_summary()
-        run.finish_stage(name, **info)
+    def done(self, name: str, **info) -> None:
+        secs = self.summary.setdefault("stage_seconds", {})
+        secs[name] = round(time.time() - self.t0 + secs.get(name, 0), 2)
+        self.save_summary()
+        self.run.finish_stage(name, **info)
 
-    t0 = time.time()
-    run.set_stage(cfg.stages[0], 0.0, f"loading {cfg.model}")
-    teacher = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    tok = teacher.tokenizer
-    train_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.train_range)
-    eval_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.eval_range)
-    summary.update(data=train_src.label, params_teacher=count_parameters(teacher.model))
-    plan = scores = None
 
-    if cfg.kind == "pipeline":
-        from engine.importance import Scores, score
-        from engine.plan import Plan, Targets, make_plan
+# ---------------------------------------------------------------- the stages
+
+
+def score_stage(job: Job) -> None:
+    """Importance scores of the teacher on the calibration data (the engine's cache, then a copy)."""
+    from engine.importance import score, score_config_for
+
+    cb = job.begin("score")
+    targets = Targets.from_dict(job.cfg.targets)
+    n_layers = get_adapter(job.teacher.model).n_layers
+    config = score_config_for(targets.depth_by, n_layers - (targets.layers or n_layers))
+    scores, folder = score(job.teacher, job.train_src, job.cfg.calib_samples, job.cfg.calib_seq_len,
+                           seed=job.cfg.seed, config=config, progress=cb)
+    scores.save(job.run.path / "scores")
+    job.done("score", cache=str(folder))
+
+
+def load_scores(job: Job) -> None:
+    from engine.importance import Scores
+
+    job.scores = Scores.load(job.run.path / "scores")
+
+
+def plan_stage(job: Job) -> None:
+    from engine.plan import make_plan
+
+    job.begin("plan")
+    make_plan(job.scores, Targets.from_dict(job.cfg.targets)).save(job.run.path / "plan.json")
+    job.done("plan")
+
+
+def load_plan(job: Job) -> None:
+    from engine.plan import Plan
+
+    job.plan = Plan.load(job.run.path / "plan.json")
+
+
+def prune_stage(job: Job) -> None:
+    """The student: trimmed from the teacher by the plan (rebuilt on resume: deterministic), or the
+    given pruned model of a distill-only job."""
+    from engine.models import count_parameters
+
+    job.begin("prune" if job.plan is not None else "evaluate", "building the student")
+    if job.plan is not None:
         from engine.prune import apply_plan
 
-        targets = Targets.from_dict(cfg.targets)
-        if main and not run.stage_done("score"):
-            cb, t0 = stage("score"), time.time()
-            scores, folder = score(teacher, train_src, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed,
-                                   config=score_config_for(targets), progress=cb)
-            scores.save(run.path / "scores")
-            finish("score", t0, cache=str(folder))
-        barrier()
-        scores = Scores.load(run.path / "scores")
-        if main and not run.stage_done("plan"):
-            stage("plan")
-            t0 = time.time()
-            make_plan(scores, targets).save(run.path / "plan.json")
-            finish("plan", t0)
-        barrier()
-        plan = Plan.load(run.path / "plan.json")
-        cb, t0 = stage("prune"), time.time()
-        student = apply_plan(teacher.model, plan)  # rebuilt on resume too: deterministic
-        if not run.stage_done("prune"):
-            summary.update(params_student=count_parameters(student),
-                           params_ratio=count_parameters(student) / summary["params_teacher"])
-            finish("prune", t0)
+        job.student = apply_plan(job.teacher.model, job.plan)
     else:
         from transformers import AutoModelForCausalLM
 
         from engine.models import resolve_device, resolve_spec
 
-        path, kw = resolve_spec(cfg.student)
-        student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-        student.to(resolve_device(cfg.device))
-        summary.update(params_student=count_parameters(student),
-                       params_ratio=count_parameters(student) / summary["params_teacher"])
+        path, kw = resolve_spec(job.cfg.student)
+        job.student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        job.student.to(resolve_device(job.cfg.device))
+    n = count_parameters(job.student)
+    job.summary.update(params_student=n, params_ratio=n / job.summary["params_teacher"])
+    if job.plan is not None and not job.run.stage_done("prune"):
+        job.done("prune")
 
-    dcfg = cfg.distill
-    if plan is not None and dcfg.hidden_weight and dcfg.layer_map is None:
-        dcfg = replace(dcfg, layer_map=tuple(plan.kept_layers))
-    eval_blocks = token_blocks(eval_src, tok, cfg.eval_samples, dcfg.seq_len, cfg.seed + 1, teacher.model)
-    if main and not run.stage_done("evaluate"):
-        cb, t0 = stage("evaluate"), time.time()
-        r = evaluate_student(teacher.model, student, eval_blocks, dcfg.eval_batch_size, dcfg.temperature,
-                             progress=lambda f, m: cb(0.2 + 0.8 * f, m))
-        summary.update(ppl_teacher=r["teacher_ppl"],
-                       ppl_one_shot=r["ppl"], kl_one_shot=r["kl"], eval_blocks=list(eval_blocks.shape))
-        finish("evaluate", t0)
 
-    result = None
-    if not run.stage_done("distill") or not run.stage_done("export"):
-        cb, t0 = stage("distill"), time.time()
-        n_train = dcfg.total_steps(world()[1]) * dcfg.global_batch(world()[1])
-        train = token_blocks(train_src, tok, n_train, dcfg.seq_len, cfg.seed, teacher.model)
-        result = distill(teacher.model, student, train, eval_blocks, dcfg, run.path, progress=cb,
-                         should_stop=stop, kept_channels=plan.channels if plan is not None else None)
-        if result["stopped"]:
-            summary["stage_seconds"]["distill"] = round(time.time() - t0, 2)
-            save_summary()
-            raise Cancelled()
-        if not run.stage_done("distill"):
-            summary.update(steps=result["steps"], tokens=result["tokens"], train_blocks=train.shape[0],
-                           tokens_per_s=result["tokens"] / max(result["elapsed_s"], 1e-9))
-            finish("distill", t0)
+def evaluate_stage(job: Job) -> None:
+    """One-shot quality of the student on the held-out blocks, with the teacher's perplexity."""
+    from engine.evaluate import evaluate_student
 
-    if not main:
-        return summary
-    if not run.stage_done("evaluate_final"):
-        cb, t0 = stage("evaluate_final"), time.time()
-        last = (result or {}).get("last_eval") or {}
-        if last.get("step") == dcfg.total_steps() and last.get("ppl") is not None:
-            r = {"ppl": last["ppl"], "kl": last["kl"]}  # distillation's last eval: same blocks
-        else:
-            r = evaluate_student(teacher.model, student, eval_blocks, dcfg.eval_batch_size, dcfg.temperature,
-                                 progress=cb)
-        summary.update(ppl_distilled=r["ppl"], kl_distilled=r["kl"])
-        finish("evaluate_final", t0)
+    cb = job.begin("evaluate")
+    r = evaluate_student(job.teacher.model, job.student, job.eval_blocks, job.dcfg.eval_batch_size,
+                         job.dcfg.temperature, progress=lambda f, m: cb(0.2 + 0.8 * f, m))
+    job.summary.update(ppl_teacher=r["teacher_ppl"], ppl_one_shot=r["ppl"], kl_one_shot=r["kl"],
+                       eval_blocks=list(job.eval_blocks.shape))
+    job.done("evaluate")
 
-    if not run.stage_done("export"):
-        from engine.export import export_model
 
-        stage("export")
-        t0 = time.time()
-        out = export_model(student, tok, run.path / "model", plan=plan,
-                           scores_meta=scores.meta if scores is not None else None,
-                           source_name=teacher.name, force=True)
-        summary["model_dir"] = str(out)
-        finish("export", t0)
-    summary["finished"] = time.time()
-    save_summary()
-    return summary
+def distill_stage(job: Job) -> None:
+    """Distillation, continued from its last checkpoint (also re-entered to get the trained
+    weights back when only the export is left)."""
+    cb = job.begin("distill")
+    world_size = world()[1]
+    n_train = job.dcfg.total_steps(world_size) * job.dcfg.global_batch(world_size)
+    train = get_blocks(job.train_src, job.teacher.tokenizer, n_train, job.dcfg.seq_len, job.cfg.seed,
+                       model=job.teacher.model, up_to=True)
+    job.result = r = distill(job.teacher.model, job.student, train, job.eval_blocks, job.dcfg, job.run.path,
+                             progress=cb, should_stop=job.stop,
+                             kept_channels=job.plan.channels if job.plan is not None else None)
+    if r["stopped"]:
+        job.summary.setdefault("stage_seconds", {})["distill"] = round(time.time() - job.t0, 2)
+        job.save_summary()
+        raise Cancelled()
+    if not job.run.stage_done("distill"):
+        job.summary.update(steps=r["steps"], tokens=r["tokens"], train_blocks=train.shape[0],
+                           tokens_per_s=r["tokens"] / max(r["elapsed_s"], 1e-9))
+        job.done("distill")
+
+
+def final_evaluate_stage(job: Job) -> None:
+    """Quality after distillation: distillation's last evaluation when it covered the last step."""
+    from engine.evaluate import evaluate_student
+
+    cb = job.begin("evaluate_final")
+    last = (job.result or {}).get("last_eval") or {}
+    if last.get("step") == job.dcfg.total_steps() and last.get("ppl") is not None:
+        r = {"ppl": last["ppl"], "kl": last["kl"]}  # the same blocks
+    else:
+        r = evaluate_student(job.teacher.model, job.student, job.eval_blocks, job.dcfg.eval_batch_size,
+                             job.dcfg.temperature, progress=cb)
+    job.summary.update(ppl_distilled=r["ppl"], kl_distilled=r["kl"])
+    job.done("evaluate_final")
+
+
+def export_stage(job: Job) -> None:
+    from engine.export import export_model
+
+    job.begin("export")
+    out = export_model(job.student, job.teacher.tokenizer, job.run.path / "model", plan=job.plan,
+                       scores_meta=job.scores.meta if job.scores is not None else None,
+                       source_name=job.teacher.name, force=True)
+    job.summary["model_dir"] = str(out)
+    job.done("export")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the job. `main_only`: rank 0 does it, the others wait and then `load` its
+    result; `again(job)`: run it even when status.json says it is done (resume needs its result)."""
+
+    name: str
+    work: Callable[[Job], None]
+    main_only: bool = False
+    load: Callable[[Job], None] | None = None
+    again: Callable[[Job], bool] = lambda job: False
+
+
+PIPELINE = (
+    Stage("score", score_stage, main_only=True, load=load_scores),
+    Stage("plan", plan_stage, main_only=True, load=load_plan),
+    Stage("prune", prune_stage, again=lambda job: True),
+    Stage("evaluate", evaluate_stage, main_only=True),
+    Stage("distill", distill_stage, again=lambda job: not job.run.stage_done("export")),
+    Stage("evaluate_final", final_evaluate_stage, main_only=True),
+    Stage("export", export_stage, main_only=True),
+)
+DISTILL_ONLY = tuple(s for s in PIPELINE if s.name not in ("score", "plan"))
+
+
+# ---------------------------------------------------------------- the job
+
+
+def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
+    """Load the teacher, parse the data sources, take the held-out blocks (every rank)."""
+    from engine.models import count_parameters, load
+
+    cfg = PipelineConfig.from_dict(run.config())
+    summary = read_json(run.path / "summary.json") or {"kind": cfg.kind, "model": cfg.model, "stage_seconds": {}}
+    job = Job(run=run, cfg=cfg, stop=stop, main=world()[0] == 0, summary=summary)
+    run.set_stage(cfg.stages[0], 0.0, f"loading {cfg.model}")
+    job.teacher = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    job.train_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.train_range)
+    job.eval_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.eval_range)
+    summary.update(data=job.train_src.label, params_teacher=count_parameters(job.teacher.model))
+    job.dcfg = cfg.distill
+    job.eval_blocks = get_blocks(job.eval_src, job.teacher.tokenizer, cfg.eval_samples, job.dcfg.seq_len,
+                                 cfg.seed + 1, model=job.teacher.model, up_to=True)
+    return job
+
+
+def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run (or resume) the stages of the run folder's config; returns summary.json's content.
+
+    Raises `engine.errors.Cancelled` when stopped (after distillation's final checkpoint)."""
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # one Run per process: shared status
+    job = setup_job(run, should_stop or (lambda: False))
+    for stage in PIPELINE if job.cfg.kind == "pipeline" else DISTILL_ONLY:
+        if stage.name == "distill" and job.plan is not None and job.dcfg.hidden_weight and job.dcfg.layer_map is None:
+            job.dcfg = replace(job.dcfg, layer_map=tuple(job.plan.kept_layers))
+        if not stage.main_only:
+            if stage.again(job) or not run.stage_done(stage.name):
+                stage.work(job)
+            continue
+        if job.main and not run.stage_done(stage.name):
+            stage.work(job)
+        barrier()
+        if stage.load is not None:
+            stage.load(job)
+    job.summary["finished"] = time.time()
+    job.save_summary()
+    return job.summary

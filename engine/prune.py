@@ -185,7 +185,7 @@ def _copy_layer(src: ArchAdapter, dst: ArchAdapter, i_src: int, i_dst: int, plan
     q_rows = _head_rows(heads, hd, dev)
     kv_rows = _head_rows(heads if mha else list(range(spec.n_kv_heads)), hd, dev)
     pairs = plan.head_merge[k] if plan.head_merge is not None else []
-    for a, b in ((s.attn_norm, d.attn_norm), (s.mlp_norm, d.mlp_norm)):
+    for a, b in zip(src.norms(i_src), dst.norms(i_dst), strict=True):
         put(a, b, out_idx=ch)
     if src.fused_qkv:
         q_size, kv_size = spec.n_heads * hd, spec.n_kv_heads * hd
@@ -197,14 +197,32 @@ def _copy_layer(src: ArchAdapter, dst: ArchAdapter, i_src: int, i_dst: int, plan
         for a, b in ((s.k, d.k), (s.v, d.v)):
             put(_merged(a, pairs, hd, "out") if mha else a, b, out_idx=kv_rows, in_idx=ch)
     put(_merged(s.o, pairs, hd, "in"), d.o, out_idx=ch, in_idx=q_rows)
-    for a, b in ((s.q_norm, d.q_norm), (s.k_norm, d.k_norm)):
-        if a is not None:
-            put(a, b)  # over head_dim: head pruning leaves it intact
+    for a, b, rows in ((s.q_norm, d.q_norm, q_rows), (s.k_norm, d.k_norm, kv_rows)):
+        if a is not None:  # over head_dim: head pruning leaves it intact; over the projection: trimmed
+            put(a, b, out_idx=rows if spec.qk_norm_full else None)
     n = _idx(plan.neurons[k], dev)
-    put(s.up, d.up, out_idx=n, in_idx=ch)
+    up_rows = torch.cat([n, spec.intermediate_size + n]) if src.fused_gate_up else n  # gate rows, then up rows
+    put(s.up, d.up, out_idx=up_rows, in_idx=ch)
     if s.gate is not None:
         put(s.gate, d.gate, out_idx=n, in_idx=ch)
     put(s.down, d.down, out_idx=ch, in_idx=n)
+
+
+@torch.no_grad()
+def _rescale_post_norms(dst: ArchAdapter, c: float) -> None:
+    """Scale what every sublayer adds to the residual stream by c (norm output x (offset + w) -> x c).
+
+    For families whose embedding is multiplied by sqrt(hidden size): the pruned model's embeddings
+    come out c = sqrt(new / old hidden) times the source's, so with its sublayer outputs scaled alike
+    the whole residual stream is c times the source's, which the pre-norms and the final norm undo.
+    """
+    off = dst.norm_weight_offset
+    for parts in dst.all_layers():
+        if parts.attn_post_norm is None or parts.mlp_post_norm is None:
+            raise PlanError(f"{dst.model_type}: the hidden size sets the embedding scale, but the layers have no "
+                            "output norms to compensate it; prune the other axes only")
+        for norm in (parts.attn_post_norm, parts.mlp_post_norm):
+            norm.weight.copy_((off + norm.weight.float()) * c - off)
 
 
 def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> nn.Module:
@@ -240,6 +258,8 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         put(src.lm_head, dst.lm_head, in_idx=ch)
     for k, i_src in enumerate(plan.kept_layers):
         _copy_layer(src, dst, i_src, k, plan, k, ch, put)
+    if src.scaled_embedding and len(plan.channels) != spec.hidden_size:
+        _rescale_post_norms(dst, math.sqrt(len(plan.channels) / spec.hidden_size))
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)
     _check_result(new, plan, written)
@@ -269,7 +289,7 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
     query heads in whole multiples of the KV heads). depth_by="list" drops the listed source layers
     in the first step; depth_by="block" drops one block per step (scored with that block size).
     """
-    from engine.importance import ScoreConfig, compute_scores
+    from engine.importance import compute_scores, score_config_for
 
     spec = get_adapter(model).spec()
     validate_targets(spec, targets)
@@ -287,7 +307,7 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
         if resolve(cur_spec, t) == resolve(cur_spec, Targets()):
             continue  # nothing left to cut on any axis
         drop = cur_spec.n_layers - resolve(cur_spec, t).layers
-        cfg = _score_config(ScoreConfig, score_config, t.depth_by, drop)
+        cfg = score_config_for(t.depth_by, drop, score_config)
         if progress:
             progress((step - 1) / iterations, f"step {step}/{iterations}: scoring")
         scores = compute_scores(current, blocks, cfg)
@@ -299,18 +319,6 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
     if progress:
         progress(1.0, "done")
     return current, plans
-
-
-def _score_config(cls, base, depth_by: str, drop: int):
-    """The scoring config of one step: the user's, plus what the depth criterion needs."""
-    import dataclasses
-
-    cfg = base if base is not None else cls()
-    if not dataclasses.is_dataclass(cfg):
-        return cfg
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    want = {"ppl": {"depth_ppl": True}, "taylor": {"taylor": True}, "block": {"block_size": drop}}.get(depth_by, {})
-    return dataclasses.replace(cfg, **{k: v for k, v in want.items() if k in fields}) if drop else cfg
 
 
 def steps_of(source: int, target: int, iterations: int) -> list[int]:

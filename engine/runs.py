@@ -219,6 +219,29 @@ def is_live(status: dict) -> bool:
     return effective_state(status) in ACTIVE and pid_alive(status.get("pid"))
 
 
+def job_status(run_dir: str | Path) -> dict | None:
+    """A job's status as a page shows it, or None when there is no job there: `state` is the
+    effective state, and a job whose process died reads as failed with a pointer to its log."""
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        return None
+    st = Run(path).status()
+    st["state"] = st["effective"]
+    if st["state"] == "stale":
+        st.update(state="failed", error=st.get("error") or
+                  f"the job's process stopped unexpectedly; see {path / 'job.log'}")
+    return st
+
+
+def log_tail(run_dir: str | Path, lines: int = 15) -> str:
+    """The last lines of a job's log (job.log), or ''."""
+    try:
+        text = (Path(run_dir) / "job.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def list_runs(root: str | Path | None = None) -> list[dict]:
     """Run folders under root (newest first): name, path, status (with `effective`), config, summary."""
     root = Path(root) if root else runs_root()

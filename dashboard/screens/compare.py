@@ -11,13 +11,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import badges, jobs, state, train_charts
+from dashboard import badges, state, train_charts
 from dashboard.common import user_message
 from dashboard.views import show_fig
 
 st.title("Compare")
 
-from engine.runs import list_runs  # noqa: E402
+from engine.compare import start_compare_job  # noqa: E402
+from engine.fileio import read_json  # noqa: E402
+from engine.runs import Run, job_status, list_runs  # noqa: E402
 
 done = [r for r in list_runs(state.runs_root()) if r["status"].get("effective") == "done"
         and (r.get("summary") or {}).get("model_dir")]
@@ -54,26 +56,47 @@ def disk(path: str | None) -> int | None:
     return size_on_disk(path) if path and Path(path).is_dir() else None
 
 
+def training_note(cfg: dict, s: dict) -> tuple[str, bool]:
+    """How long the student was distilled, and whether that is a short demo (few tokens): what to expect."""
+    d = cfg.get("distill") or {}
+    steps, batch, seq = int(d.get("steps") or 0), int(d.get("batch_size") or 0), int(d.get("seq_len") or 0)
+    tokens = steps * batch * seq
+    secs = (s.get("stage_seconds") or {}).get("distill")
+    text = (f"The student was distilled for **{steps:,} steps** of {batch} × {seq} tokens = **{tokens:,} tokens**"
+            + (f" ({secs / 60:.1f} min)" if secs else "") + ".")
+    short = tokens < 10_000_000
+    if short:
+        text += (" That is a short demo: Minitron-style distillation uses billions of tokens. After this little "
+                 "training expect fluent-looking text that may not answer the question, and a perplexity well above "
+                 "the teacher's; the numbers below say how far it got.")
+    return text, short
+
+
 t_size, s_size = teacher_size(teacher_spec), disk(student_dir)
 st.caption(f"Teacher **{'built-in SmolLM2-135M-Instruct' if teacher_spec == 'default' else teacher_spec}** · "
            f"student exported to `{student_dir}`")
 badges.roundtrip_badge(student_dir)
+note, short = training_note(cfg, s)
+(st.warning if short else st.info)(note, icon=":material/school:")
 
+PPL_MEANING = "exp of the mean next-token loss on held-out text; lower is better"
+KL_MEANING = "nats per token between the two next-token distributions; 0 = the student predicts like the teacher"
 rows = [
-    ("Parameters", s.get("params_teacher"), s.get("params_student"), state.human),
-    ("Size on disk", t_size, s_size, state.human_bytes),
-    ("Held-out perplexity", s.get("ppl_teacher"), s.get("ppl_distilled"), lambda v: f"{v:.2f}"),
-    ("KL to the teacher", 0.0, s.get("kl_distilled"), lambda v: f"{v:.4f}"),
+    ("Parameters", s.get("params_teacher"), s.get("params_student"), state.human, ""),
+    ("Size on disk", t_size, s_size, state.human_bytes, ""),
+    ("Held-out perplexity", s.get("ppl_teacher"), s.get("ppl_distilled"), lambda v: f"{v:.2f}", PPL_MEANING),
+    ("KL to the teacher", 0.0, s.get("kl_distilled"), lambda v: f"{v:.4f}", KL_MEANING),
 ]
-head = st.columns([2, 2, 2])
+head = st.columns([2, 2, 2, 3])
 head[0].markdown("&nbsp;")
 head[1].markdown("#### Teacher")
 head[2].markdown("#### Student")
-for label, t, v, fmt in rows:
-    c = st.columns([2, 2, 2])
+for label, t, v, fmt, meaning in rows:
+    c = st.columns([2, 2, 2, 3])
     c[0].markdown(f"**{label}**")
     c[1].markdown(fmt(t) if t is not None else "–")
     c[2].markdown(fmt(v) if v is not None else "–")
+    c[3].caption(meaning)
 
 c1, c2 = st.columns(2)
 with c1:
@@ -90,13 +113,13 @@ prompt = st.text_area("Prompt", "What is the capital of France?", key="cmp_promp
 max_new = st.slider("Answer length (tokens)", 8, 256, 48, 8, key="cmp_max_new")
 key = hashlib.sha256(f"{prompt}|{max_new}".encode()).hexdigest()[:12]
 out = Path(r["path"]) / "compare" / key
-job = jobs.job_status(out)
+job = job_status(out)
 if job is None or job.get("state") in ("failed", "cancelled"):
     if job and job.get("state") == "failed":
         st.error(f"The comparison failed: {job.get('error')}")
     if st.button("Measure speed and answer the prompt", type="primary", key="cmp_go", icon=":material/speed:"):
         try:
-            jobs.start_compare_job(out, teacher_spec, student_dir, prompt, max_new)
+            start_compare_job(out, teacher_spec, student_dir, prompt, max_new)
         except Exception as e:  # noqa: BLE001
             st.error(user_message(e))
         else:
@@ -104,7 +127,7 @@ if job is None or job.get("state") in ("failed", "cancelled"):
 elif job.get("state") in ("queued", "running"):
     @st.fragment(run_every=1.0)
     def _progress() -> None:
-        j = jobs.job_status(out) or {}
+        j = job_status(out) or {}
         if j.get("state") in ("queued", "running"):
             st.progress(float(j.get("progress") or 0), text=j.get("message") or "")
         else:
@@ -112,7 +135,7 @@ elif job.get("state") in ("queued", "running"):
 
     _progress()
 else:
-    res = jobs.read_json(out / "result.json") or {}
+    res = read_json(out / "result.json") or {}
     cols = st.columns(2)
     for col, who in zip(cols, ("teacher", "student"), strict=True):
         d = res.get(who) or {}
@@ -122,11 +145,16 @@ else:
             m = st.columns(2)
             m[0].metric("Decode tokens/s", f"{tp.get('decode_tokens_per_s', 0):.1f}")
             m[1].metric("Prefill tokens/s", f"{tp.get('prefill_tokens_per_s', 0):,.0f}")
+            ppl = s.get("ppl_teacher" if who == "teacher" else "ppl_distilled")
+            kl = 0.0 if who == "teacher" else s.get("kl_distilled")
+            st.caption(f"Held-out perplexity **{ppl:.2f}** ({PPL_MEANING})" if ppl else "Held-out perplexity: –")
+            if who == "student" and kl is not None:
+                st.caption(f"KL to the teacher **{kl:.4f}** ({KL_MEANING})")
             st.markdown(d.get("answer") or "_(empty answer)_")
     t_tp = ((res.get("teacher") or {}).get("throughput") or {}).get("decode_tokens_per_s")
     s_tp = ((res.get("student") or {}).get("throughput") or {}).get("decode_tokens_per_s")
     if t_tp and s_tp:
         st.caption(f"Student decodes {s_tp / t_tp:.2f}× as fast as the teacher (batch 1, greedy, this machine).")
     if st.button("Measure again", key="cmp_again"):
-        jobs.write_json(out / jobs.JOB_FILE, {"state": "cancelled"})
+        Run(out).update(state="cancelled", message="measure again")
         st.rerun()

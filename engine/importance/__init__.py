@@ -10,7 +10,7 @@ import importlib
 
 _WHERE = {
     "AGGREGATIONS": "aggregate", "spearman": "aggregate",
-    "ScoreConfig": "api", "compute_scores": "api",
+    "ScoreConfig": "api", "compute_scores": "api", "score_config_for": "api",
     "cache_key": "cache", "score": "cache",
     "ScoreError": "scores", "Scores": "scores",
 }

@@ -58,6 +58,16 @@ class ScoreConfig:
             raise ScoreError("block perplexity needs a block size (--blocks N)")
 
 
+def score_config_for(depth_by: str, drop: int, base: ScoreConfig | None = None) -> ScoreConfig:
+    """The scores a depth criterion needs when `drop` layers go: the perplexity sweep for "ppl",
+    Taylor+ for "taylor", block scores of `drop` layers for "block" (on top of `base`)."""
+    cfg = base or ScoreConfig()
+    if not drop:
+        return cfg
+    want = {"ppl": {"depth_ppl": True}, "taylor": {"taylor": True}, "block": {"block_size": drop}}
+    return replace(cfg, **want.get(depth_by, {}))
+
+
 class _Meter:
     """Maps work units to a 0..1 progress fraction for the callback."""
 
