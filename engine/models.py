@@ -109,6 +109,30 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_magic(path: Path) -> None:
+    """ModelLoadError (one line) unless `path` starts with the GGUF magic bytes."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}); give a "
+                             ".gguf model file, a Hugging Face folder or hub id, or 'default'")
+
+
+def gguf_damage(path: Path) -> str | None:
+    """Why a GGUF file cannot be read (header or tensor data cut short or corrupt), or None when the
+    `gguf` package's reader reads it whole. Used after a failed conversion: it costs a full parse."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - struct.error, ValueError, IndexError: the bytes ran out or lie
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    return None
+
+
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors HF folder (with tokenizer) at `out`.
 
@@ -116,10 +140,19 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_magic(gguf)
     log.info("converting %s to safetensors in %s (once)", gguf.name, out)
     kw = {"gguf_file": gguf.name}
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001 - the GGUF readers raise struct/Value/IndexErrors on bad bytes
+        damage = gguf_damage(gguf)
+        if damage is not None:
+            raise ModelLoadError(f"{gguf} is a truncated or damaged GGUF file ({gguf.stat().st_size:,} bytes; "
+                                 f"reading it failed with {damage}); download it again") from None
+        raise ModelLoadError(f"could not convert {gguf}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
     cfg_dict = qmodel.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
         cfg_dict.pop(key, None)
@@ -297,3 +330,24 @@ def describe(loaded: LoadedModel) -> dict:
         "dtype": str(p.dtype).replace("torch.", ""), "device": str(execution_device(loaded.model)),
         "source": loaded.source, **({"streamed": info.offload} if info is not None else {}),
     }
+
+
+def read_arch_spec(spec: str):
+    """The ArchSpec of a model spec without its weights (built on the meta device from its config),
+    for checking targets before a job starts."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.arch import get_adapter
+
+    path, kw = resolve_spec(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read the config of {spec!r}: {e}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    a = get_adapter(model)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or a.lm_head.weight is a.embed_tokens.weight
+    return dataclasses.replace(a.spec(), tied=tied)  # meta tensors share data_ptr 0: tying from the config

@@ -45,6 +45,36 @@ def test_bad_specs_are_clear(tmp_path):
         load(str(tmp_path / "x.gguf"))
 
 
+def test_damaged_gguf_files_are_one_line_errors(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello, not a model")
+    with pytest.raises(ModelLoadError, match=r"notes.gguf is not a GGUF file \(it starts with b'hell', not b'GGUF'\)"):
+        load(str(text))
+    good = tmp_path / "w.gguf"  # a real GGUF container, but no model metadata in it
+    w = gguf.GGUFWriter(str(good), "llama")
+    w.add_tensor("token_embd.weight", np.ones((64, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:-1000])  # the tensor data cut short
+    with pytest.raises(ModelLoadError, match=r"cut.gguf is a truncated or damaged GGUF file \(15,512 bytes; "
+                                             r"reading it failed with ValueError"):
+        load(str(cut))
+    header_only = tmp_path / "head.gguf"
+    header_only.write_bytes(good.read_bytes()[:30])
+    with pytest.raises(ModelLoadError, match="head.gguf is a truncated or damaged GGUF file"):
+        load(str(header_only))
+    with pytest.raises(ModelLoadError, match=r"could not convert .*w.gguf"):  # whole, but not a model
+        load(str(good))
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
 def test_missing_builtin_package_names_install_command(monkeypatch):
     import importlib.util
 
