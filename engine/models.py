@@ -194,6 +194,60 @@ def builtin_model_dir() -> Path:
 # ---------------------------------------------------------------- load
 
 
+HUB_PROBE_SECONDS = 3.0
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub cannot be used right now (offline mode set, or its host not reachable
+    within `timeout` seconds), or None when it can. One TCP connection attempt, in a thread so a slow DNS
+    lookup cannot hold it longer: transformers itself would retry for tens of seconds before failing."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        return f"{host}:{port} did not answer within {timeout:g} s"
+    if result[0] is not None:
+        return f"{host}:{port} cannot be reached ({type(result[0]).__name__}: {result[0]})"
+    return None
+
+
+def hub_access(repo_id: str) -> dict:
+    """from_pretrained kwargs for a hub id: {} online; local_files_only when offline and the model is in
+    the local Hugging Face cache; ModelLoadError at once when offline and it is not."""
+    reason = hub_offline_reason()
+    if reason is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        log.info("the hub is not reachable (%s): loading %s from the local cache", reason, repo_id)
+        return {"local_files_only": True}
+    raise ModelLoadError(f"{repo_id!r} is a hub id, but the hub cannot be used ({reason}) and it is not in the "
+                         "local Hugging Face cache; download it where there is a network (huggingface-cli "
+                         "download), or give a local folder, a .gguf file or 'default'")
+
+
 def resolve_spec(spec: str) -> tuple[str, dict]:
     """Map a user spec to (from_pretrained path, extra kwargs)."""
     if spec in ("default", "builtin", ""):
@@ -214,7 +268,7 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
             )
         return str(path), {}
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return spec, {}  # a hub id
+        return spec, hub_access(spec)  # a hub id
     raise ModelLoadError(
         f"cannot find model {spec!r}: not a local folder, .gguf file or hub id (owner/name); "
         "use 'default' for the built-in SmolLM2-135M-Instruct"

@@ -75,6 +75,25 @@ def test_damaged_gguf_files_are_one_line_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
+def test_hub_id_offline_fails_at_once(monkeypatch):
+    import time
+
+    import engine.models as m
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"'prunescope-tests/no-such-model' is a hub id, but the hub cannot be "
+                                             r"used \(HF_HUB_OFFLINE is set\) and it is not in the local"):
+        load("prunescope-tests/no-such-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # offline mode off: a refused connection is recognised just as fast
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ModelLoadError, match=r"127.0.0.1:9 cannot be reached .* not in the local Hugging Face cache"):
+        load("prunescope-tests/no-such-model")
+    assert time.perf_counter() - t0 < 10
+    assert m.hub_offline_reason(timeout=0.5) is not None
+
+
 def test_missing_builtin_package_names_install_command(monkeypatch):
     import importlib.util
 
