@@ -48,24 +48,29 @@ def test_part_shapes(model):
             assert _weight_io(parts.k, a.conv1d) == (D, KV * hd)
             assert _weight_io(parts.v, a.conv1d) == (D, KV * hd)
         assert _weight_io(parts.o, a.conv1d) == (H * hd, D)
-        assert _weight_io(parts.up, a.conv1d) == (D, F)
+        assert _weight_io(parts.up, a.conv1d) == (D, 2 * F if a.fused_gate_up else F)
         assert _weight_io(parts.down, a.conv1d) == (F, D)
-        if a.gated_mlp:
+        if a.gated_mlp and not a.fused_gate_up:
             assert _weight_io(parts.gate, a.conv1d) == (D, F)
         else:
             assert parts.gate is None
         for norm in a.norms(0):
             assert norm.weight.shape == (D,)
-        if model.config.model_type == "qwen3":
+        assert len(a.norms(0)) == (4 if model.config.model_type.startswith("gemma") else 2)
+        if model.config.model_type in ("qwen3", "gemma3_text"):
             assert parts.q_norm.weight.shape == (hd,) and parts.k_norm.weight.shape == (hd,)
+        if model.config.model_type == "olmo2":
+            assert parts.q_norm.weight.shape == (H * hd,) and parts.k_norm.weight.shape == (KV * hd,)
         if model.config.model_type == "qwen2":
             assert parts.q.bias is not None and parts.k.bias is not None and parts.v.bias is not None
 
 
 def test_forward_through_parts_reproduces_logits(model):
-    """Hooks on the adapter's parts: each layer's output = input + o_proj output + down_proj output,
-    the norms feed the projections, and lm_head(final_norm(last hidden)) gives the model's logits."""
+    """Hooks on the adapter's parts: each layer's output = input + o_proj output + down_proj output
+    (each through its output norm, if any, times the residual multiplier), the norms feed the
+    projections, and adapter.logits(final_norm(last hidden)) gives the model's logits."""
     a = get_adapter(model)
+    m = a.residual_multiplier
     seen: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -80,27 +85,33 @@ def test_forward_through_parts_reproduces_logits(model):
             p.block.register_forward_hook(keep(f"{i}.out"), with_kwargs=True),
             p.o.register_forward_hook(keep(f"{i}.o"), with_kwargs=True),
             p.down.register_forward_hook(keep(f"{i}.down"), with_kwargs=True),
-            p.attn_norm.register_forward_hook(keep(f"{i}.n1"), with_kwargs=True),
-            p.mlp_norm.register_forward_hook(keep(f"{i}.n2"), with_kwargs=True),
             (p.qkv or p.q).register_forward_hook(keep(f"{i}.q_in", inputs=True), with_kwargs=True),
             p.up.register_forward_hook(keep(f"{i}.up_in", inputs=True), with_kwargs=True),
         ]
+        for name, norm in (("n1", p.attn_norm), ("n2", p.mlp_norm), ("post1", p.attn_post_norm),
+                           ("post2", p.mlp_post_norm)):
+            if norm is not None:
+                handles.append(norm.register_forward_hook(keep(f"{i}.{name}"), with_kwargs=True))
     ids = random_ids()
     with torch.no_grad():
         logits = model(ids).logits
         for h in handles:
             h.remove()
-        emb = a.embed_tokens(ids)
+        emb = a.embed_tokens(ids) * a.embedding_multiplier
         if a.position_embeddings is not None:
             emb = emb + a.position_embeddings(torch.arange(ids.shape[1]))
         torch.testing.assert_close(seen["0.in"], emb)
         for i in range(a.n_layers):
-            torch.testing.assert_close(seen[f"{i}.q_in"], seen[f"{i}.n1"])
-            torch.testing.assert_close(seen[f"{i}.up_in"], seen[f"{i}.n2"])
-            torch.testing.assert_close(seen[f"{i}.out"], seen[f"{i}.in"] + seen[f"{i}.o"] + seen[f"{i}.down"])
+            p = a.layer(i)
+            attn_out = seen[f"{i}.post1"] if p.attn_post_norm is not None else seen[f"{i}.o"]
+            mlp_out = seen[f"{i}.post2"] if p.mlp_post_norm is not None else seen[f"{i}.down"]
+            mid = seen[f"{i}.in"] + m * attn_out
+            torch.testing.assert_close(seen[f"{i}.q_in"], seen[f"{i}.n1"] if p.attn_norm is not None else seen[f"{i}.in"])
+            torch.testing.assert_close(seen[f"{i}.up_in"], seen[f"{i}.n2"] if p.mlp_norm is not None else mid)
+            torch.testing.assert_close(seen[f"{i}.out"], mid + m * mlp_out)
             if i:
                 torch.testing.assert_close(seen[f"{i}.in"], seen[f"{i - 1}.out"])
-        manual = a.lm_head(a.final_norm(seen[f"{a.n_layers - 1}.out"]))
+        manual = a.logits(a.final_norm(seen[f"{a.n_layers - 1}.out"]))
     torch.testing.assert_close(manual, logits)
 
 
@@ -125,7 +136,8 @@ def test_unsupported_model_type_names_supported_ones():
 
     cfg = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                                vocab_size=50, word_embed_proj_dim=16)
-    with pytest.raises(UnsupportedArchitecture, match="'opt' is not supported; supported: gpt2, llama"):
+    with pytest.raises(UnsupportedArchitecture, match="'opt' is not supported; supported: gemma2, gemma3_text, gpt2, "
+                       "granite, llama, mistral, olmo2, phi3, qwen2, qwen3$"):
         get_adapter(AutoModelForCausalLM.from_config(cfg))
 
 
@@ -135,20 +147,24 @@ def test_spec_counts_match_model(model):
     s = get_adapter(model).spec()
     assert s.n_layers == model.config.num_hidden_layers and s.vocab_size == model.config.vocab_size
     assert s.qkv_bias == (model.config.model_type in ("qwen2", "gpt2"))
-    assert s.qk_norm == (model.config.model_type == "qwen3")
+    assert s.qk_norm == (model.config.model_type in ("qwen3", "gemma3_text", "olmo2"))
+    assert s.qk_norm_full == (model.config.model_type == "olmo2")
+    assert s.norms_per_layer == (4 if model.config.model_type.startswith("gemma") else 2)
     assert s.norm_bias == (model.config.model_type == "gpt2")
     assert count_parameters(model) > 0
 
 
-def test_only_layers_keeps_per_layer_attention_kinds():
-    """Qwen2 picks each layer's mask from config.layer_types by list position: with layer 0 removed,
-    layer 1 must still get its own (sliding-window) mask."""
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text"])
+def test_only_layers_keeps_per_layer_attention_kinds(family):
+    """Qwen2 and Gemma pick each layer's mask (and Gemma 3 its rotary base) from config.layer_types by
+    list position: with layer 0 removed, layer 1 must still get its own (sliding-window) mask."""
     import copy
 
     from tiny_models import tiny_model
 
     types = ["full_attention", "sliding_attention", "full_attention"]
-    m = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=types)
+    kw = dict(use_sliding_window=True, max_window_layers=1) if family == "qwen2" else {}
+    m = tiny_model(family, sliding_window=4, layer_types=types, num_hidden_layers=3, **kw)
     a = get_adapter(m)
     ids = random_ids(t=24)
     ref = copy.deepcopy(m)  # the same model physically without layer 0
@@ -164,3 +180,42 @@ def test_only_layers_keeps_per_layer_attention_kinds():
     assert m.config.layer_types == types
     torch.testing.assert_close(got, want)
     assert not torch.allclose(want, wrong)  # the sliding window really matters at this length
+
+
+_KEPT_FIELDS = {
+    "gemma2": ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window"),
+    "gemma3_text": ("query_pre_attn_scalar", "sliding_window", "rope_parameters"),
+    "phi3": ("rope_parameters",),
+    "granite": ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_KEPT_FIELDS))
+def test_pruned_config_keeps_family_settings(family, tmp_path):
+    """Settings that do not depend on pruned sizes (soft-caps, multipliers, rotary factors) survive
+    pruning on every axis and a save / reload; head_dim stays explicit; layer_types follow the layers."""
+    from dataclasses import replace
+
+    from test_plan import fake_scores
+    from transformers import AutoModelForCausalLM
+
+    from engine.plan import Targets, make_plan, valid_values
+    from engine.prune import apply_plan
+
+    model = tiny_model(family)
+    spec = get_adapter(model).spec()
+    heads = valid_values(spec)["heads"][0]
+    hidden = valid_values(spec, Targets(heads=heads))["hidden"][-2]
+    plan = make_plan(fake_scores(model), Targets(hidden=hidden, heads=heads, ffn=spec.intermediate_size - 3,
+                                                 layers=spec.n_layers - 1))
+    pruned = apply_plan(model, replace(plan, fingerprint=""))
+    pruned.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).config
+    for cfg in (pruned.config, back):
+        for key in _KEPT_FIELDS[family]:
+            assert getattr(cfg, key) == getattr(model.config, key), key
+        assert (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim) == (hidden, heads, spec.head_dim)
+        if family.startswith("gemma"):
+            assert cfg.layer_types == [model.config.layer_types[i] for i in plan.kept_layers]
+    if family == "phi3":
+        assert back.rope_parameters["partial_rotary_factor"] == 0.5

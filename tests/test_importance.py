@@ -115,12 +115,13 @@ def _zero_v_of_head(model, layer: int, head: int) -> list[int]:
     a = get_adapter(model)
     p, hd = a.layer(layer), a.head_dim
     with torch.no_grad():
-        if a.fused_qkv:  # GPT-2 c_attn Conv1D (in, out): columns q | k | v
-            cols = slice(2 * a.hidden_size + head * hd, 2 * a.hidden_size + (head + 1) * hd)
-            p.qkv.weight[:, cols] = 0
-            p.qkv.bias[cols] = 0
-            return [head]
         g = head // a.heads_per_group
+        if a.fused_qkv:  # q | k | v output features (GPT-2's Conv1D: columns; Phi-3's Linear: rows)
+            cols = slice((a.n_heads + a.n_kv_heads + g) * hd, (a.n_heads + a.n_kv_heads + g + 1) * hd)
+            (p.qkv.weight[:, cols] if a.conv1d else p.qkv.weight[cols]).zero_()
+            if p.qkv.bias is not None:
+                p.qkv.bias[cols] = 0
+            return list(range(g * a.heads_per_group, (g + 1) * a.heads_per_group))
         p.v.weight[g * hd:(g + 1) * hd] = 0
         if p.v.bias is not None:
             p.v.bias[g * hd:(g + 1) * hd] = 0

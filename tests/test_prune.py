@@ -3,6 +3,7 @@ head merge, iterative pruning, and the trimming ops."""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import replace
 
@@ -105,6 +106,10 @@ def _zero_units(model, plan, axis: str) -> None:
         if axis == "heads":
             gone = [h for h in range(spec.n_heads) if h not in plan.heads[k]]
             _zero_inputs(p.o, [h * hd + j for h in gone for j in range(hd)])
+            if spec.qk_norm_full:  # OLMo2: q/k norms take their statistics over all heads
+                kv = plan.heads[k] if spec.n_kv_heads == spec.n_heads else range(spec.n_kv_heads)
+                _mask_norm(p.q_norm, [h * hd + j for h in plan.heads[k] for j in range(hd)])
+                _mask_norm(p.k_norm, [h * hd + j for h in kv for j in range(hd)])
         if axis == "neurons":
             _zero_inputs(p.down, [n for n in range(spec.intermediate_size) if n not in plan.neurons[k]])
     if axis == "layers":
@@ -124,20 +129,30 @@ def _mask_norms(model, kept: list[int]) -> list:
     even when it carries zeros; with this, nothing a removed channel carries can reach the output.
     """
     a = get_adapter(model)
-    idx = torch.tensor(kept)
     norms = [n for i in range(a.n_layers) for n in a.norms(i)] + [a.final_norm]
+    with torch.no_grad():  # OLMo2 has no norm before attention: removed channels must carry zeros
+        a.embed_tokens.weight[:, [c for c in range(a.hidden_size) if c not in kept]] = 0
+    return [_mask_norm(n, kept) for n in norms]
+
+
+def _mask_norm(norm: nn.Module, kept: list[int]):
+    """Make `norm` normalise over the features `kept` only and output 0 elsewhere."""
+    idx = torch.tensor(kept)
 
     def hook(mod, args, out):
         x = args[0][..., idx]
         if isinstance(mod, nn.LayerNorm):
             y = F.layer_norm(x, (len(kept),), mod.weight[idx], mod.bias[idx], mod.eps)
-        else:
-            y = mod.weight[idx] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon))
+        else:  # the family's own RMSNorm on the kept features (Gemma's multiplies by 1 + weight)
+            sub = copy.deepcopy(mod)
+            sub._forward_hooks.clear()  # this hook came along with the copy
+            sub.weight = nn.Parameter(mod.weight[idx])
+            y = sub(x)
         full = torch.zeros_like(out)
         full[..., idx] = y
         return full
 
-    return [n.register_forward_hook(hook) for n in norms]
+    return norm.register_forward_hook(hook)
 
 
 @pytest.mark.parametrize("axis", ["heads", "neurons", "channels", "layers"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2", "granite"]
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. Pruning removes heads, neurons and layers. "
@@ -61,6 +61,27 @@ _CONFIGS: dict[str, dict] = {
     # fused c_attn Conv1D, LayerNorm with bias, learned positions; head_dim = 48 / 4 = 12
     "gpt2": dict(n_embd=48, n_inner=37, n_head=4, n_layer=3, n_positions=256,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    # four norms per layer, scaled embedding; soft-caps small enough to bite; sliding / full layers
+    # alternating with a window shorter than the test sequences; GQA 4:2, head_dim 10 != 48 / 4
+    "gemma2": dict(hidden_size=48, intermediate_size=35, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=10, num_hidden_layers=4, query_pre_attn_scalar=10, sliding_window=4,
+                   attn_logit_softcapping=3.0, final_logit_softcapping=2.0, tie_word_embeddings=True),
+    # q/k norms over head_dim, per-kind rotary bases, one global layer among sliding ones; GQA 6:2
+    "gemma3_text": dict(hidden_size=42, intermediate_size=41, num_attention_heads=6, num_key_value_heads=2,
+                        head_dim=8, num_hidden_layers=4, query_pre_attn_scalar=8, sliding_window=4,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                     "sliding_attention"], tie_word_embeddings=True),
+    # fused qkv_proj and gate_up_proj, half the head rotated; GQA 6:2, hidden 40 != 6 x 8
+    "phi3": dict(hidden_size=40, intermediate_size=27, num_attention_heads=6, num_key_value_heads=2,
+                 head_dim=8, num_hidden_layers=3, tie_word_embeddings=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # norms after each sublayer only, q/k norms over the whole projection; MHA (K/V pruned with heads)
+    "olmo2": dict(hidden_size=36, intermediate_size=31, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=10, num_hidden_layers=3, tie_word_embeddings=False),
+    # Llama modules with the four multipliers away from 1; GQA 4:2
+    "granite": dict(hidden_size=44, intermediate_size=39, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=12, num_hidden_layers=3, embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.1, logits_scaling=4.0, tie_word_embeddings=True),
 }
 
 
@@ -78,7 +99,7 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     a bug that permutes or drops norm channels changes the output."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32,
-                                             attn_implementation="sdpa")
+                                             attn_implementation="eager" if family == "gemma2" else "sdpa")
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:  # norm weights / biases: away from the trivial 1 / 0

@@ -23,18 +23,20 @@ class LayerParts:
     block: nn.Module  # the whole decoder layer
     attn: nn.Module
     mlp: nn.Module
-    attn_norm: nn.Module  # input_layernorm / ln_1
-    mlp_norm: nn.Module  # post_attention_layernorm / ln_2
+    attn_norm: nn.Module | None  # input_layernorm / ln_1 (None: OLMo2 has no norm before attention)
+    mlp_norm: nn.Module | None  # post_attention_layernorm / ln_2 / Gemma's pre_feedforward_layernorm
     o: nn.Module  # o_proj / attn.c_proj: its *input* is the per-head context
-    up: nn.Module  # up_proj / c_fc
+    up: nn.Module  # up_proj / c_fc / Phi-3's fused gate_up_proj (gate rows first, then up rows)
     down: nn.Module  # down_proj / mlp.c_proj: its *input* is the neuron activation
     q: nn.Module | None = None
     k: nn.Module | None = None
     v: nn.Module | None = None
     qkv: nn.Module | None = None  # fused q|k|v projection (GPT-2's c_attn)
     gate: nn.Module | None = None
-    q_norm: nn.Module | None = None  # per-head RMSNorm over head_dim (Qwen3)
+    q_norm: nn.Module | None = None  # RMSNorm over head_dim (Qwen3, Gemma3) or the whole projection (OLMo2)
     k_norm: nn.Module | None = None
+    attn_post_norm: nn.Module | None = None  # norm of the attention output before the residual add (Gemma, OLMo2)
+    mlp_post_norm: nn.Module | None = None  # norm of the MLP output before the residual add
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,26 @@ class ArchSpec:
     o_bias: bool
     mlp_bias: bool
     norm_bias: bool  # LayerNorm with bias (GPT-2)
-    qk_norm: bool  # per-head q/k RMSNorm over head_dim (Qwen3)
+    qk_norm: bool  # q/k RMSNorm (Qwen3, Gemma3: over head_dim; OLMo2: see qk_norm_full)
     n_positions: int  # rows of a learned position embedding, 0 if none
+    # Fields below have defaults and are written only when they differ from them, so plans and
+    # scores saved before they existed still match the models they were made from.
+    norms_per_layer: int = 2  # hidden-size norms per decoder layer (Gemma: 4)
+    qk_norm_full: bool = False  # q/k norms span the whole projection, H x head_dim (OLMo2)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in _OPTIONAL_SPEC_FIELDS:
+            if d[name] == self.__dataclass_fields__[name].default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ArchSpec:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d or k not in _OPTIONAL_SPEC_FIELDS})
+
+
+_OPTIONAL_SPEC_FIELDS = ("norms_per_layer", "qk_norm_full")
 
 
 class ArchAdapter:
@@ -76,6 +89,12 @@ class ArchAdapter:
     explicit_head_dim: ClassVar[bool] = True  # config can carry head_dim != hidden / heads
     # config classes that reject hidden_size % num_attention_heads != 0 even with head_dim set
     hidden_multiple_of_heads: ClassVar[bool] = False
+    fused_gate_up: ClassVar[bool] = False  # `up` holds gate rows then up rows (Phi-3's gate_up_proj)
+    # The embedding output is multiplied by sqrt(config.hidden_size) (Gemma), so pruning the hidden
+    # size rescales the residual stream; norms multiply by (norm_weight_offset + weight).
+    scaled_embedding: ClassVar[bool] = False
+    qk_norm_full: ClassVar[bool] = False  # q_norm / k_norm span the whole q / k projection (OLMo2)
+    norm_weight_offset: ClassVar[float] = 0.0
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -151,9 +170,24 @@ class ArchAdapter:
             yield self.layer(i)
 
     def norms(self, i: int) -> list[nn.Module]:
-        """Every norm of layer i whose weight spans the hidden dimension."""
-        parts = self.layer(i)
-        return [parts.attn_norm, parts.mlp_norm]
+        """Every norm of layer i whose weight spans the hidden dimension, in the order they run."""
+        p = self.layer(i)
+        return [n for n in (p.attn_norm, p.attn_post_norm, p.mlp_norm, p.mlp_post_norm) if n is not None]
+
+    @property
+    def embedding_multiplier(self) -> float:
+        """Factor the base model applies to the embedding module's output (Granite); 1 otherwise."""
+        return 1.0
+
+    @property
+    def residual_multiplier(self) -> float:
+        """Factor on each sublayer's output before the residual add (Granite); 1 otherwise."""
+        return 1.0
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final-normed hidden states, as the model's forward makes them (lm_head, then
+        the family's logit scaling or soft-capping)."""
+        return self.lm_head(hidden)
 
     def spec(self) -> ArchSpec:
         """This model's shape as plain data (saved with scores and plans)."""
@@ -165,8 +199,9 @@ class ArchAdapter:
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, n_layers=self.n_layers, tied=self.tied,
             gated_mlp=self.gated_mlp, qkv_bias=has_bias(p.qkv or p.q), o_bias=has_bias(p.o),
-            mlp_bias=has_bias(p.up), norm_bias=has_bias(p.attn_norm), qk_norm=p.q_norm is not None,
-            n_positions=int(pos.weight.shape[0]) if pos is not None else 0,
+            mlp_bias=has_bias(p.up), norm_bias=has_bias(self.norms(0)[0]), qk_norm=p.q_norm is not None,
+            n_positions=int(pos.weight.shape[0]) if pos is not None else 0, norms_per_layer=len(self.norms(0)),
+            qk_norm_full=p.q_norm is not None and self.qk_norm_full,
         )
 
     # -- config ------------------------------------------------------------

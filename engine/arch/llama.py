@@ -1,6 +1,8 @@
-"""Adapters for the Llama family layout: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms).
+"""Adapters for the Llama family layout: llama, mistral, qwen2 (q/k/v biases), qwen3 (q/k norms),
+granite (embedding / attention / residual / logits multipliers) and olmo2 (norms after each sublayer,
+q/k norms over the whole projection).
 
-All four share HF's module names (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`...);
+All share HF's module names (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`...);
 each family is its own small class so its flags are explicit and it has its own registry entry.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 from engine.arch.base import ArchAdapter, LayerParts
@@ -71,3 +74,45 @@ class Qwen3Adapter(LlamaAdapter):
 
     model_type = "qwen3"
     hidden_multiple_of_heads = False
+
+
+@register
+class GraniteAdapter(LlamaAdapter):
+    """Granite: Llama's modules; the config's embedding, attention, residual and logits multipliers
+    do not depend on any pruned size and are kept as they are."""
+
+    model_type = "granite"
+    hidden_multiple_of_heads = False
+
+    @property
+    def embedding_multiplier(self) -> float:
+        return float(self.config.embedding_multiplier)
+
+    @property
+    def residual_multiplier(self) -> float:
+        return float(self.config.residual_multiplier)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden) / self.config.logits_scaling
+
+
+@register
+class Olmo2Adapter(LlamaAdapter):
+    """OLMo2: no norm before attention or the MLP; `post_attention_layernorm` and
+    `post_feedforward_layernorm` normalise each sublayer's output before the residual add. q_norm and
+    k_norm span the whole q / k projection, so they are trimmed with the heads (and then normalise over
+    the kept heads only)."""
+
+    model_type = "olmo2"
+    hidden_multiple_of_heads = False
+    qk_norm_full = True
+
+    def layer(self, i: int) -> LayerParts:
+        block = self.layers[i]
+        attn, mlp = block.self_attn, block.mlp
+        return LayerParts(
+            block=block, attn=attn, mlp=mlp, attn_norm=None, mlp_norm=None,
+            attn_post_norm=block.post_attention_layernorm, mlp_post_norm=block.post_feedforward_layernorm,
+            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
+            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj, q_norm=attn.q_norm, k_norm=attn.k_norm,
+        )

@@ -34,7 +34,7 @@ def lm_nll(adapter: ArchAdapter, hidden: torch.Tensor, ids: torch.Tensor) -> tor
     chunk = max(128, LOGITS_CHUNK_ELEMENTS // vocab)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk):
-        logits = adapter.lm_head(h[s:s + chunk]).float()  # (chunk, V)
+        logits = adapter.logits(h[s:s + chunk]).float()  # (chunk, V), with the family's logit scaling / capping
         total = total + F.cross_entropy(logits, target[s:s + chunk], reduction="sum")
     return total
 

@@ -1,0 +1,60 @@
+"""Gemma 2 and Gemma 3 (text): four norms per layer, a scaled embedding, soft-capping, mixed
+sliding-window / global layers.
+
+Layout facts carried here as data:
+- every layer normalises before and after attention and before and after the MLP; all four norms
+  span the hidden size, so all four count for channel importance and are trimmed with the channels;
+- norms multiply by (1 + weight);
+- the embedding output is multiplied by sqrt(config.hidden_size), so a model pruned to a smaller
+  hidden size scales its embeddings by less: engine.prune rescales the post-sublayer norms by the
+  same ratio, which scales the whole residual stream alike (the pre-norms and the final norm do not
+  see a uniform scale), keeping the outputs;
+- attention and final-logit soft-capping, query_pre_attn_scalar and the sliding window come from
+  the config and do not depend on pruned sizes; `layer_types` follows the kept layers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+from engine.arch.base import LayerParts
+from engine.arch.llama import LlamaAdapter
+from engine.arch.registry import register
+
+
+@register
+class Gemma2Adapter(LlamaAdapter):
+    model_type = "gemma2"
+    hidden_multiple_of_heads = True  # Gemma2Config validates hidden_size % num_attention_heads
+    scaled_embedding = True
+    norm_weight_offset = 1.0
+
+    def layer(self, i: int) -> LayerParts:
+        block = self.layers[i]
+        attn, mlp = block.self_attn, block.mlp
+        return LayerParts(
+            block=block, attn=attn, mlp=mlp,
+            attn_norm=block.input_layernorm, attn_post_norm=block.post_attention_layernorm,
+            mlp_norm=block.pre_feedforward_layernorm, mlp_post_norm=block.post_feedforward_layernorm,
+            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
+            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
+            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@register
+class Gemma3TextAdapter(Gemma2Adapter):
+    """Gemma 3 text models (Gemma3ForCausalLM): Gemma 2's layout plus q/k norms over head_dim and
+    per-kind rotary settings (`rope_parameters` keyed by layer type)."""
+
+    model_type = "gemma3_text"
