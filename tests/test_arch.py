@@ -219,3 +219,35 @@ def test_pruned_config_keeps_family_settings(family, tmp_path):
             assert cfg.layer_types == [model.config.layer_types[i] for i in plan.kept_layers]
     if family == "phi3":
         assert back.rope_parameters["partial_rotary_factor"] == 0.5
+
+
+def test_readme_lists_the_registry():
+    """The README's families table is the one the registry generates, and every registered family
+    has a tiny model in the conformance suites."""
+    from pathlib import Path
+
+    from tiny_models import FAMILIES
+
+    from engine.arch import supported_model_types
+    from engine.arch.registry import families_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert families_table() in readme, "README's 'Supported families' table is stale: paste families_table()"
+    assert sorted(FAMILIES) == supported_model_types()
+    for line in families_table().splitlines()[2:]:
+        assert "?" not in line.split("|")[2] and line.split("|")[4].strip(), line  # HF class and layout known
+
+
+def test_unsupported_family_fails_at_load(tmp_path):
+    """A checkpoint of an unsupported type is refused by engine.models.load, naming the supported ones."""
+    from tiny_models import tiny_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.models import load
+
+    cfg = AutoConfig.for_model("opt", hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                               vocab_size=300, word_embed_proj_dim=16)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="'opt' is not supported; supported: gemma2, .*olmo2, phi3"):
+        load(str(tmp_path), device="cpu")

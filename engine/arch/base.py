@@ -94,6 +94,7 @@ class ArchAdapter:
     # size rescales the residual stream; norms multiply by (norm_weight_offset + weight).
     scaled_embedding: ClassVar[bool] = False
     qk_norm_full: ClassVar[bool] = False  # q_norm / k_norm span the whole q / k projection (OLMo2)
+    layout: ClassVar[str] = ""  # what the engine handles for this family (the README's families table)
     norm_weight_offset: ClassVar[float] = 0.0
 
     def __init__(self, model: nn.Module):

@@ -28,6 +28,8 @@ from engine.arch.registry import register
 @register
 class Gemma2Adapter(LlamaAdapter):
     model_type = "gemma2"
+    layout = ("four norms per layer, all trimmed; embedding x sqrt(hidden) compensated; attention and "
+              "final-logit soft-capping; sliding / global layer types follow the kept layers")
     hidden_multiple_of_heads = True  # Gemma2Config validates hidden_size % num_attention_heads
     scaled_embedding = True
     norm_weight_offset = 1.0
@@ -58,3 +60,4 @@ class Gemma3TextAdapter(Gemma2Adapter):
     per-kind rotary settings (`rope_parameters` keyed by layer type)."""
 
     model_type = "gemma3_text"
+    layout = "Gemma 2's layout plus q/k norms over head_dim and per-kind rotary settings"

@@ -17,6 +17,7 @@ from engine.arch.registry import register
 @register
 class GPT2Adapter(ArchAdapter):
     model_type = "gpt2"
+    layout = "fused c_attn Conv1D, LayerNorm with bias, learned positions; hidden = heads x head_dim"
     conv1d = True
     fused_qkv = True
     gated_mlp = False

@@ -21,6 +21,7 @@ from engine.arch.registry import register
 @register
 class LlamaAdapter(ArchAdapter):
     model_type = "llama"
+    layout = "explicit head_dim; hidden a multiple of the query heads (LlamaConfig checks it)"
     # transformers' LlamaConfig validates hidden_size % num_attention_heads == 0
     hidden_multiple_of_heads = True
 
@@ -57,6 +58,7 @@ class LlamaAdapter(ArchAdapter):
 @register
 class MistralAdapter(LlamaAdapter):
     model_type = "mistral"
+    layout = "Llama layout, any hidden size"
     hidden_multiple_of_heads = False
 
 
@@ -65,6 +67,7 @@ class Qwen2Adapter(LlamaAdapter):
     """Qwen2: biases on q/k/v (trimmed with their rows), sliding-window layer types."""
 
     model_type = "qwen2"
+    layout = "biases on q/k/v (trimmed with their rows); sliding-window layer types follow the kept layers"
     hidden_multiple_of_heads = False
 
 
@@ -73,6 +76,7 @@ class Qwen3Adapter(LlamaAdapter):
     """Qwen3: RMSNorm on each head's q and k (over head_dim, so head pruning leaves it intact)."""
 
     model_type = "qwen3"
+    layout = "q/k norms over head_dim"
     hidden_multiple_of_heads = False
 
 
@@ -82,6 +86,7 @@ class GraniteAdapter(LlamaAdapter):
     do not depend on any pruned size and are kept as they are."""
 
     model_type = "granite"
+    layout = "Llama modules; embedding, attention, residual and logits multipliers kept"
     hidden_multiple_of_heads = False
 
     @property
@@ -104,6 +109,7 @@ class Olmo2Adapter(LlamaAdapter):
     the kept heads only)."""
 
     model_type = "olmo2"
+    layout = "norms after attention and the MLP only; q/k norms over the whole projection, trimmed with the heads"
     hidden_multiple_of_heads = False
     qk_norm_full = True
 

@@ -18,6 +18,7 @@ from engine.arch.registry import register
 @register
 class Phi3Adapter(LlamaAdapter):
     model_type = "phi3"
+    layout = "fused qkv_proj and gate_up_proj trimmed by slices and saved fused; partial rotary factor kept"
     fused_qkv = True
     fused_gate_up = True
     hidden_multiple_of_heads = False

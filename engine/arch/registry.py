@@ -13,8 +13,6 @@ from engine.errors import UnsupportedArchitecture  # noqa: F401  (re-exported)
 _REGISTRY: dict[str, type[ArchAdapter]] = {}
 
 
-
-
 def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
     _REGISTRY[cls.model_type] = cls
     return cls
@@ -32,6 +30,24 @@ def adapter_class(model_type: str) -> type[ArchAdapter]:
             f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
         )
     return cls
+
+
+def axes(model_type: str) -> list[str]:
+    """The axes a family prunes (in the words of the dashboard)."""
+    cls = adapter_class(model_type)
+    width = ["query heads", "MLP neurons", "embedding channels"] if cls.explicit_head_dim else \
+        ["query heads with embedding channels (hidden = heads x head_dim)", "MLP neurons"]
+    return [*width, "layers"]
+
+
+def families_table() -> str:
+    """The supported families as a Markdown table (kept equal to the README's by a test)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CLASSES
+
+    rows = ["| `model_type` | Hugging Face class | pruned axes | layout handled |", "|---|---|---|---|"]
+    for name in supported_model_types():
+        rows.append(f"| {name} | {CLASSES.get(name, '?')} | {', '.join(axes(name))} | {_REGISTRY[name].layout} |")
+    return "\n".join(rows)
 
 
 def get_adapter(model: nn.Module) -> ArchAdapter:
