@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import json
@@ -37,6 +39,7 @@ class LoadedModel:
     tokenizer: object
     spec: str
     source: str  # folder the weights were read from
+    source_dtype: torch.dtype | None = None  # the dtype the checkpoint stores its weights in
 
     @property
     def name(self) -> str:
@@ -68,19 +71,37 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("compute_dtype", default=None)
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: str | torch.dtype | None):
+    """Within the block `resolve_dtype("auto")` answers `dtype` (None or "auto": no change), so helpers that
+    pick an autocast dtype on their own (engine.evaluate) compute in what the user asked for: `--dtype
+    fp32` means fp32, not bf16 autocast on a CPU with native bf16."""
+    token = _COMPUTE_DTYPE.set(None if dtype in (None, "auto") else resolve_dtype(dtype))
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """`auto` -> bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """`auto` -> bf16 on CUDA and on CPUs with native bf16, else fp32 (or the dtype set by `compute_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    names = DTYPE_NAMES
+    if dtype == "auto" and _COMPUTE_DTYPE.get() is not None:
+        return _COMPUTE_DTYPE.get()
     if dtype == "auto":
         device = device or resolve_device("auto")
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
     if dtype not in names:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(sorted(names))}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; valid: auto, source, {', '.join(sorted(names))}")
     return names[dtype]
 
 
@@ -275,6 +296,20 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
     )
 
 
+def checkpoint_dtype(path: str, **kw) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in (its config's `dtype`; fp32 when it names none)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read the config of {path!r}: {e}") from e
+    dt = getattr(cfg, "dtype", None)
+    if isinstance(dt, str):
+        dt = DTYPE_NAMES.get(dt.replace("torch.", ""))
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
 def load(
     spec: str = "default",
     dtype: str | torch.dtype = "auto",
@@ -286,6 +321,8 @@ def load(
     """Load a causal LM and its tokenizer.
 
     spec: "default" (built-in SmolLM2-135M-Instruct), a hub id, a local HF folder or a .gguf path.
+    dtype: the dtype the weights are loaded (and computed) in: "auto" (bf16 on CUDA and native-bf16 CPUs,
+    else fp32), "source" (the dtype the checkpoint stores), or fp32 / bf16 / fp16.
     stream: keep the weights off `device` and copy each module's there only while it runs (for models
     larger than the device; see engine.importance.stream): True / "cpu" keeps them in RAM, "disk"
     reads them from the checkpoint at each forward (larger than RAM too; weights transformers must
@@ -297,8 +334,9 @@ def load(
     if stream not in (False, "cpu", "disk"):
         raise ModelLoadError(f"unknown stream mode {stream!r}; valid: cpu (weights in RAM), disk")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     path, kw = resolve_spec(spec)
+    stored = checkpoint_dtype(path, trust_remote_code=trust_remote_code, **kw)
+    dt = stored if dtype == "source" else resolve_dtype(dtype, dev)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
         if stream == "disk":
@@ -323,7 +361,7 @@ def load(
     model.eval()
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, spec=spec, source=path)
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, source=path, source_dtype=stored)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -347,7 +385,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """A short, stable identity of a model's architecture and weights (for score caches)."""
+    """A short, stable identity of a model's architecture and weights (for score caches and plans).
+
+    It does not depend on the dtype the model was loaded in: every weight is read rounded to bf16 (the
+    coarsest load dtype; an fp32 checkpoint loaded as bf16 holds exactly those values), the sampled values
+    are hashed as bf16 and the sums are taken in fp64 over the rounded values. An fp16 load is the
+    exception: fp32 -> fp16 -> bf16 rounds some values differently from fp32 -> bf16 (double rounding),
+    so a model loaded in fp16 has its own identity."""
     cfg = {k: v for k, v in model.config.to_diff_dict().items()
            if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
@@ -359,12 +403,15 @@ def fingerprint(model: torch.nn.Module) -> str:
             if p.device.type == "meta" and offloaded is not None:
                 p = offloaded[name]  # the real value (read from disk one tensor at a time for "disk")
             flat = p.detach().reshape(-1)
+            if flat.is_floating_point():
+                flat = flat.to(torch.bfloat16)
             k = min(64, flat.numel())  # evenly spaced samples, in integer arithmetic (exact for any size)
             idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
-            h.update(flat[idx].float().cpu().numpy().tobytes())
-            h.update(f"{flat.float().sum().item():.6e}".encode())
+            h.update(flat[idx.to(flat.device)].double().cpu().numpy().tobytes())
+            total = sum(float(flat[i:i + 1 << 24].double().sum()) for i in range(0, flat.numel(), 1 << 24))
+            h.update(f"{total:.6e}".encode())  # fp64 over chunks of 16M: no full fp64 copy of a large tensor
     return h.hexdigest()[:16]
 
 

@@ -45,13 +45,17 @@ class PipelineConfig:
     eval_range: tuple[float, float] = (0.6, 1.0)  # held-out documents for evaluation
     calib_samples: int = 32
     calib_seq_len: int = 256
-    targets: dict = field(default_factory=dict)  # engine.plan.Targets fields
+    targets: Targets = field(default_factory=Targets)  # a dict is accepted and converted (validated)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval_samples: int = 16
     student: str | None = None  # an already-pruned model: distill-only job
     seed: int = 0
     dtype: str = "auto"  # teacher weights; the student trains with fp32 master weights
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, dict):
+            object.__setattr__(self, "targets", Targets.from_dict(self.targets))
 
     @property
     def kind(self) -> str:
@@ -63,7 +67,8 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(distill=self.distill.to_dict(), kind=self.kind, train_range=list(self.train_range),
+        d.update(distill=self.distill.to_dict(), kind=self.kind, targets=self.targets.to_dict(),
+                 train_range=list(self.train_range),
                  eval_range=list(self.eval_range))
         return d
 
@@ -79,10 +84,8 @@ class PipelineConfig:
 
 
 def create_run(run_dir: str | Path, config: PipelineConfig, force: bool = False) -> Run:
-    """A new run folder holding this config (refuses an existing run unless force). The targets
-    are validated here, before any job starts."""
-    if config.kind == "pipeline":
-        Targets.from_dict(config.targets)
+    """A new run folder holding this config (refuses an existing run unless force); the targets
+    were validated when the config was made, before any job starts."""
     return Run.create(run_dir, config.to_dict(), force=force)
 
 
@@ -136,7 +139,7 @@ def score_stage(job: Job) -> None:
     from engine.importance import score, score_config_for
 
     cb = job.begin("score")
-    targets = Targets.from_dict(job.cfg.targets)
+    targets = job.cfg.targets
     n_layers = get_adapter(job.teacher.model).n_layers
     config = score_config_for(targets.depth_by, n_layers - (targets.layers or n_layers))
     scores, folder = score(job.teacher, job.train_src, job.cfg.calib_samples, job.cfg.calib_seq_len,
@@ -155,7 +158,7 @@ def plan_stage(job: Job) -> None:
     from engine.plan import make_plan
 
     job.begin("plan")
-    make_plan(job.scores, Targets.from_dict(job.cfg.targets)).save(job.run.path / "plan.json")
+    make_plan(job.scores, job.cfg.targets).save(job.run.path / "plan.json")
     job.done("plan")
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from engine.distill import DistillConfig
-from engine.pipeline import STAGES, PipelineConfig, create_run, execute
+from engine.jobs import execute
+from engine.pipeline import STAGES, PipelineConfig, create_run
 from engine.checkpoint import checkpoint_files
 from engine.runs import Run, RunError, prepare_resume, read_json, start_job
 
@@ -102,6 +103,25 @@ def test_pipeline_end_to_end_in_process(tmp_path, corpus, tiny_llama_pair, cache
         prepare_resume(run.path)
     with pytest.raises(RunError, match="already holds a run"):
         create_run(run.path, cfg)
+
+
+def test_block_depth_criterion_scores_what_its_plan_needs(tmp_path, corpus, tiny_llama_pair, cache):
+    """depth_by="block": the score stage computes block scores of the dropped size, so the plan stage
+    drops one contiguous block (run and prune derive the score configuration the same way)."""
+    from engine.pipeline import load_scores, plan_stage, score_stage, setup_job
+
+    cfg = PipelineConfig(model=str(tiny_llama_pair[0]), data=str(corpus), calib_samples=4, calib_seq_len=32,
+                         targets={"layers": 2, "depth_by": "block"}, eval_samples=2,
+                         distill=DistillConfig(steps=1, batch_size=2, seq_len=32))
+    run = create_run(tmp_path / "run", cfg)
+    job = setup_job(Run(run.path), lambda: False)
+    score_stage(job)
+    load_scores(job)
+    assert job.scores.meta["block_size"] == 2 and job.scores.has("block_bi")
+    plan_stage(job)
+    kept = [layer["source"] for layer in read_json(run.path / "plan.json")["layers"]]
+    dropped = sorted(set(range(4)) - set(kept))
+    assert len(dropped) == 2 and dropped[1] == dropped[0] + 1
 
 
 @pytest.mark.slow

@@ -74,6 +74,10 @@ def launch(args, config) -> int:
         barrier()
         state = execute(args.run_dir, if_busy=args.if_busy)
         return 0 if state in ("done", "cancelled") else 1
+    if args.if_busy == "refuse":  # refused before a run folder exists: nothing is left behind
+        from engine.device_lock import ensure_device_free
+
+        ensure_device_free(config.device)
     run = create_run(args.run_dir, config, force=args.force)
     if args.detach:
         pid = start_job(run.path, if_busy=args.if_busy)

@@ -5,16 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from engine.target_args import add_target_args, targets_from_args
+
 log = logging.getLogger(__name__)
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    from engine.plan import PlanError
-
-    try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise PlanError(f"--drop-layers takes comma-separated layer indices, e.g. 3,4,5; got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -25,25 +18,16 @@ def register(sub) -> None:
     p.add_argument("--scores", default=None, metavar="DIR", help="scores folder from `prunescope score`")
     p.add_argument("--model", default=None,
                    help="model the scores were computed on (default: the one named in the scores)")
-    p.add_argument("--hidden", type=int, default=None, help="target hidden size (embedding channels)")
-    p.add_argument("--ffn", type=int, default=None, help="target MLP intermediate size")
-    p.add_argument("--heads", type=int, default=None, help="target query heads (a multiple of the KV heads)")
-    p.add_argument("--layers", type=int, default=None, help="target number of layers")
-    p.add_argument("--preset", default=None, metavar="AXIS-PCT",
-                   help="targets near PCT%% of the parameters, e.g. width-75, depth-75, mlp-75, all-50")
-    p.add_argument("--depth-by", default="bi", choices=["bi", "ppl", "block", "taylor", "list"],
-                   help="which layers go: lowest BI, lowest perplexity increase, best contiguous block, "
-                        "lowest Taylor+, or --drop-layers")
-    p.add_argument("--drop-layers", default=None, metavar="I,J,...",
-                   help="source layer indices to drop (implies --depth-by list)")
-    p.add_argument("--merge-heads", action="store_true", help="residual merge of pruned query heads (Minitron); hurt SmolLM2-135M, see docs/BENCHMARKS.md")
+    add_target_args(p, preset=True)
     p.add_argument("--iterations", type=int, default=1, help="prune in T steps, rescoring between steps")
     p.add_argument("--data", default=None, help="calibration data for rescoring (default: the scores' data)")
     p.add_argument("--samples", type=int, default=None, help="calibration blocks for rescoring")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration block")
     p.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this (edited) plan exactly")
     p.add_argument("--plan-only", action="store_true", help="write OUT/plan.json and stop")
-    p.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 (default: the scores' dtype)")
+    p.add_argument("--dtype", default=None,
+                   help="auto, fp32, bf16, fp16: the dtype to load, prune and export in (default: the dtype the "
+                        "source checkpoint stores, which the export keeps)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite a different model or plan in --out")
@@ -51,14 +35,9 @@ def register(sub) -> None:
 
 
 def _targets(args, spec):
-    from engine.plan import Targets, preset_targets
+    from engine.plan import preset_targets
 
-    base = preset_targets(spec, args.preset) if args.preset else Targets()
-    drop = _int_list(args.drop_layers) if args.drop_layers is not None else None
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(base, name)  # noqa: E731
-    return Targets(hidden=pick("hidden"), ffn=pick("ffn"), heads=pick("heads"), layers=pick("layers"),
-                   depth_by="list" if drop is not None else args.depth_by, drop_layers=drop,
-                   merge_heads=args.merge_heads)
+    return targets_from_args(args, preset_targets(spec, args.preset) if args.preset else None)
 
 
 def _write_plan(plan, out: Path, force: bool, dry_run: bool = False) -> Path:
@@ -145,7 +124,7 @@ def _prune(args, plan, scores, out: Path) -> int:
     if args.iterations <= 1 and not own_plan:
         _write_plan(plan, out, args.force, dry_run=True)  # fail before the slow part
     spec = _model_spec(args, meta or {"model": plan.model})
-    loaded = load(spec, dtype=args.dtype or meta.get("dtype") or "auto", device=args.device)
+    loaded = load(spec, dtype=args.dtype or "source", device=args.device)  # the identity check ignores dtype
     want = meta.get("fingerprint") or plan.fingerprint
     if want and fingerprint(loaded.model) != want:
         raise PlanError(f"the {'scores' if scores is not None else 'plan'} came from another model than {spec!r} "
