@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.checkpoint import checkpoint_files
 from engine.distill import DistillConfig
 from engine.jobs import execute
 from engine.pipeline import STAGES, PipelineConfig, create_run
-from engine.checkpoint import checkpoint_files
 from engine.runs import Run, RunError, prepare_resume, read_json, start_job
 
 ROOT = Path(__file__).resolve().parents[1]
