@@ -157,10 +157,13 @@ def build_config(model: nn.Module, plan: Plan):
         d["max_window_layers"] = sum(1 for i in plan.kept_layers if i < d["max_window_layers"])
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and sz.layers < plan.spec.n_layers:
         log.warning("scale_attn_by_inverse_layer_idx is set: renumbered layers change their attention scale")
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
+
     try:
         config = type(model.config).from_dict(d)
-    except ValueError as e:
-        raise PlanError(f"the {model.config.model_type} config class rejects the pruned shapes: {e}") from e
+    except (ValueError, StrictDataclassError) as e:
+        why = " ".join(str(e.__cause__ or e).split())
+        raise PlanError(f"the {model.config.model_type} config class rejects the pruned shapes: {why}") from e
     for key, value in updates.items():
         if getattr(config, key, None) != value:
             raise PlanError(f"config field {key} did not round-trip ({getattr(config, key, None)} != {value})")

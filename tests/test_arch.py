@@ -251,3 +251,21 @@ def test_unsupported_family_fails_at_load(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture, match="'opt' is not supported; supported: gemma2, .*olmo2, phi3"):
         load(str(tmp_path), device="cpu")
+
+
+def test_phi3_longrope_limits_are_reported_as_plan_errors():
+    """LongRoPE Phi-3 configs check their rotary factors against hidden // heads: shapes that change it
+    are refused with the config's reason; the other axes prune."""
+    from test_plan import fake_scores
+
+    from engine.errors import PlanError
+    from engine.plan import Targets, make_plan
+    from engine.prune import apply_plan
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": [1.0] * 2,
+            "long_factor": [1.0] * 2, "original_max_position_embeddings": 64}
+    m = tiny_model("phi3", hidden_size=48, rope_parameters=rope)
+    pruned = apply_plan(m, make_plan(fake_scores(m), Targets(ffn=20, layers=2)))
+    assert pruned.config.rope_parameters["short_factor"] == [1.0] * 2
+    with pytest.raises(PlanError, match="phi3 config class rejects the pruned shapes: .*short_factor"):
+        apply_plan(m, make_plan(fake_scores(m), Targets(hidden=40)))
