@@ -173,6 +173,31 @@ def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict
             "layers": layers}
 
 
+def same_targets(a: dict, b: dict) -> bool:
+    """Targets that give the same plan (the depth criterion does not matter when no layer is dropped)."""
+    def norm(d: dict) -> dict:
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        if d.get("layers") is None and d.get("depth_by") != "list":
+            d["depth_by"] = "bi"
+        return d
+
+    return norm(a) == norm(b)
+
+
+def plan_cut(plan: dict) -> Cut:
+    """What a plan.json (as a dict, already validated) removes, from its own lists (True = pruned)."""
+    a = plan["arch"]
+    L, H, F, D = a["n_layers"], a["n_heads"], a["intermediate_size"], a["hidden_size"]
+    layers, heads, neurons, channels = np.ones(L, bool), np.ones((L, H), bool), np.ones((L, F), bool), np.ones(D, bool)
+    for e in plan["layers"]:
+        i = e["source"]
+        layers[i] = False
+        heads[i, e["heads"]] = False
+        neurons[i, e["neurons"]] = False
+    channels[plan["channels"]] = False
+    return Cut(heads, neurons, channels, layers)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def _cut(folder: str, mtime: float, targets_key: tuple) -> dict:
     tensors, meta = load_scores(folder)

@@ -72,8 +72,10 @@ def model_spec_from_env() -> str:
 
 
 def runs_root() -> Path:
-    """Where runs live: $PRUNESCOPE_RUNS, else ./runs."""
-    return Path(os.environ.get("PRUNESCOPE_RUNS") or "runs").expanduser().resolve()
+    """Where runs live: engine.runs.runs_root ($PRUNESCOPE_RUNS, else ./runs), absolute."""
+    from engine.runs import runs_root as engine_runs_root
+
+    return engine_runs_root()
 
 
 def default_data_spec() -> str:
@@ -130,6 +132,7 @@ KEYS = {
     "scores_dir": None,  # str path of the loaded scores, if any
     "score_job": None,  # str path of the running/finished scoring job folder
     "targets": None,  # dict of engine.plan.Targets fields
+    "width_multiple": None,  # hidden / MLP sizes rounded to multiples of this on Prune targets (None: default)
 }
 
 
