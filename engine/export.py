@@ -67,6 +67,7 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
         lines.append(f"- pruned: {params:,} ({_fmt(params)}, {100 * params / params_source:.1f}% of the source)")
     else:
         lines.append(f"- pruned: {params:,} ({_fmt(params)})")
+    lines.append(f"- weights stored as: {str(next(model.parameters()).dtype).replace('torch.', '')}")
     lines += ["", "## Architecture", "", "| | source | pruned |", "|---|---|---|"]
     src = plan.spec if plan else None
     for label, key in (("model_type", "model_type"), ("layers", "n_layers"), ("hidden size", "hidden_size"),
@@ -103,12 +104,22 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
 
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: Plan | None = None,
                  scores_meta: dict | None = None, source_name: str = "", force: bool = False,
-                 params_source: int | None = None, verify: bool = True) -> Path:
+                 params_source: int | None = None, verify: bool = True,
+                 dtype: str | torch.dtype | None = None) -> Path:
     """Write `model` (+ tokenizer, model card, plan) as a from_pretrained-loadable folder; returns it.
 
     With `verify` (the default) the folder is then reloaded in a fresh process and checked against
     `model` (engine.roundtrip.verify_export: logits, greedy tokens, parameters = the estimate); the
-    result goes into the folder and the model card, and a failed check raises CheckpointError."""
+    result goes into the folder and the model card, and a failed check raises CheckpointError.
+
+    dtype: the dtype the weights are stored in; None keeps the model's. The dtype rule: an export keeps
+    the source checkpoint's dtype (`LoadedModel.source_dtype`) unless the user asked for another, so
+    callers pass one of those. The model is converted in place first, so the round-trip check compares
+    what was stored."""
+    if dtype is not None:
+        from engine.models import resolve_dtype
+
+        model.to(resolve_dtype(dtype))
     out = Path(out_dir).expanduser().resolve()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]  # as save_pretrained does; keeps fingerprint stable

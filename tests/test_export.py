@@ -147,6 +147,33 @@ def test_cli_bad_targets(tiny_setup, capsys, args, message):
     assert not (tmp / "out").exists()
 
 
+def test_cli_dtype_rule(tiny_setup, capsys):
+    """The export keeps the source checkpoint's dtype unless --dtype says otherwise, and a plan made from
+    scores of a bf16 load applies to the model loaded in any dtype (its identity ignores the load dtype)."""
+    from safetensors import safe_open
+
+    folder, _, tmp = tiny_setup
+    bf16 = load(str(folder), dtype="bf16", device="cpu")
+    assert bf16.source_dtype == torch.float32 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert fingerprint(bf16.model) == fingerprint(load(str(folder), dtype="fp32", device="cpu").model)
+    sc = fake_scores(bf16.model)
+    sc.meta.update(model=str(folder), dtype="bfloat16", fingerprint=fingerprint(bf16.model))
+    sc.save(tmp / "bf16-scores")
+    assert _run(capsys, "--scores", tmp / "bf16-scores", "--ffn", 20, "--plan-only", "--out", tmp / "p")[0] == 0
+
+    def stored(out: Path) -> set[str]:
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    for argv, dtype in (([], "float32"), (["--dtype", "bf16"], "bfloat16")):
+        out = tmp / f"out-{dtype}"
+        rc, printed = _run(capsys, "--plan", tmp / "p" / "plan.json", *argv, "--out", out)  # no --scores
+        assert rc == 0, printed
+        assert stored(out) == {"F32" if dtype == "float32" else "BF16"}
+        assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+        assert f"- weights stored as: {dtype}" in (out / "README.md").read_text()
+
+
 def test_cli_scores_of_another_model(tiny_setup, capsys):
     _, scores, tmp = tiny_setup
     other = save_tiny("llama", tmp / "other", seed=3)

@@ -94,6 +94,48 @@ def test_hub_id_offline_fails_at_once(monkeypatch):
     assert m.hub_offline_reason(timeout=0.5) is not None
 
 
+def test_identity_and_source_dtype_do_not_depend_on_the_load_dtype(tmp_path):
+    path = save_tiny("llama", tmp_path / "m")
+    fp32, bf16 = load(str(path), dtype="fp32"), load(str(path), dtype="bf16")
+    assert fingerprint(fp32.model) == fingerprint(bf16.model)
+    assert fp32.source_dtype == bf16.source_dtype == torch.float32
+    assert next(load(str(path), dtype="source").model.parameters()).dtype == torch.float32
+    bf16.model.save_pretrained(tmp_path / "b")  # a checkpoint stored in bf16
+    bf16.tokenizer.save_pretrained(tmp_path / "b")
+    again = load(str(tmp_path / "b"), dtype="fp32")
+    assert again.source_dtype == torch.bfloat16 and fingerprint(again.model) == fingerprint(fp32.model)
+    assert next(load(str(tmp_path / "b"), dtype="source").model.parameters()).dtype == torch.bfloat16
+
+
+def test_dtype_means_what_it_says_for_compute(tmp_path, monkeypatch, capsys):
+    """Where "auto" would pick bf16 (simulated on a CPU without native bf16: emulated, slower, same
+    rounding), an fp32 request still computes in fp32: the perplexity equals a plain fp32 forward's."""
+    import json
+
+    import engine.models as m
+    from engine.cli import main
+    from engine.evaluate import perplexity, token_nll
+
+    monkeypatch.setattr(m, "cpu_supports_bf16", lambda: True)
+    path = save_tiny("llama", tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("The river rises in the hills and flows south to the sea through farmland.\n" * 40)
+    loaded = load(str(path), dtype="fp32", device="cpu")
+    blocks = get_blocks(DataSource.parse(str(text)), loaded.tokenizer, 4, 16)
+    with torch.no_grad():
+        exact = math.exp(token_nll(loaded.model(blocks).logits, blocks).item() / (4 * 15))
+    autocast = perplexity(loaded.model, blocks)
+    with m.compute_dtype("fp32"):
+        assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+        assert perplexity(loaded.model, blocks) == pytest.approx(exact, rel=1e-6)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert abs(autocast - exact) > 1e-6 * exact  # bf16 autocast does change the number
+    out = tmp_path / "e.json"
+    assert main(["eval", str(path), "--data", str(text), "--data-range", "0:1", "--samples", "4", "--seq-len", "16",
+                 "--dtype", "fp32", "--device", "cpu", "--batch-sizes", "none", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["model"]["ppl"] == pytest.approx(exact, rel=1e-6)
+
+
 def test_missing_builtin_package_names_install_command(monkeypatch):
     import importlib.util
 

@@ -58,6 +58,13 @@ def _folder(loaded) -> Path | None:
 
 
 def run(args) -> int:
+    from engine.models import compute_dtype
+
+    with compute_dtype(args.dtype):  # --dtype X computes in X: no bf16 autocast over an fp32 request
+        return _run(args)
+
+
+def _run(args) -> int:
     from engine.data import DataSource, get_blocks, parse_doc_range
     from engine.errors import UserError
     from engine.evaluate import evaluate_model, format_table, summary_row
