@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import charts, state
 from dashboard.common import Cut, have_scores, load_scores, user_message
+from dashboard.device_panel import device_wait_notice
 from dashboard.runs_io import wrap_command
 
 TABS = ["Attention heads", "MLP neurons", "Embedding channels", "Layers"]
@@ -171,6 +172,7 @@ def score_progress(folder: str) -> None:
     if job.get("state") in ("queued", "running"):
         frac = float(job.get("progress") or 0.0)
         st.progress(frac, text=f"Scoring: {job.get('message') or job.get('state')} ({frac:.0%})")
+        device_wait_notice(job, "score")
         if st.button("Cancel scoring", key="score_cancel", icon=":material/stop:"):
             from engine.runs import cancel
             from engine.score_job import score_job_dir

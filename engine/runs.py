@@ -49,8 +49,8 @@ CANCEL_FILE = "cancel.request"
 
 
 def runs_root() -> Path:
-    """Default root of run folders: $PRUNESCOPE_RUNS, else ./runs."""
-    return Path(os.environ.get("PRUNESCOPE_RUNS") or "runs")
+    """Default root of run folders (absolute): $PRUNESCOPE_RUNS, else ./runs."""
+    return Path(os.environ.get("PRUNESCOPE_RUNS") or "runs").expanduser().resolve()
 
 
 def pid_alive(pid: int | None) -> bool:

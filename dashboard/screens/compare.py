@@ -17,6 +17,7 @@ from dashboard.views import show_fig
 
 st.title("Compare")
 
+from dashboard.device_panel import device_wait_notice  # noqa: E402
 from engine.compare import start_compare_job  # noqa: E402
 from engine.fileio import read_json  # noqa: E402
 from engine.runs import Run, job_status, list_runs  # noqa: E402
@@ -130,6 +131,7 @@ elif job.get("state") in ("queued", "running"):
         j = job_status(out) or {}
         if j.get("state") in ("queued", "running"):
             st.progress(float(j.get("progress") or 0), text=j.get("message") or "")
+            device_wait_notice(j, "cmp")
         else:
             st.rerun(scope="app")
 
