@@ -33,10 +33,11 @@ from engine.arch import ArchSpec, get_adapter  # noqa: E402
 from engine.data import DataSource, get_blocks, load_documents, make_blocks, tokenize_documents  # noqa: E402
 from engine.importance import ScoreConfig, Scores, score  # noqa: E402
 from engine.models import LoadedModel  # noqa: E402
+from engine.paths import SHARED_WIKITEXT  # noqa: E402
 from engine.plan import Targets, estimate, make_plan, preset_targets, valid_values  # noqa: E402
 from engine.prune import apply_plan  # noqa: E402
 
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = SHARED_WIKITEXT
 OUT_DIR = ROOT / "docs" / "quality"
 GOAL = 0.75
 CALIB_DOCS = (0.0, 0.6)  # shared convention: first 60% of articles for calibration / distillation

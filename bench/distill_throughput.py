@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 from engine.distill import DistillConfig, distill, param_groups  # noqa: E402
 from engine.evaluate import autocast_ctx, token_kl  # noqa: E402
 from engine.models import count_parameters, load, resolve_dtype  # noqa: E402
+from engine.paths import SHARED_WIKITEXT  # noqa: E402
 from engine.runs import read_jsonl  # noqa: E402
 
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = SHARED_WIKITEXT
 
 
 def timed(fn, reps: int, device: torch.device) -> float:

@@ -38,8 +38,9 @@ from engine.arch import get_adapter  # noqa: E402
 from engine.data import DataSource, get_blocks  # noqa: E402
 from engine.importance import ScoreConfig, compute_scores  # noqa: E402
 from engine.models import describe, load  # noqa: E402
+from engine.paths import SHARED_WIKITEXT  # noqa: E402
 
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = SHARED_WIKITEXT
 
 
 def _rss_kib(field: str) -> int | None:

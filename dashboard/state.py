@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from engine.paths import SHARED_WIKITEXT
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,24 @@
 """End to end in a real browser: start `prunescope app` on a tiny model, compute scores, see the heads
 heatmap, move a slider and see the readout change, launch a short prune + distill, see the loss chart
-gain points, reload and still see the run. Saves a screenshot of every page into assets/."""
+gain points, reload and still see the run. Saves a screenshot of every page (into a temporary folder, or $PRUNESCOPE_SCREENSHOTS)."""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from app_process import ROOT, start_app, stop_app
+from app_process import start_app, stop_app
 from playwright.sync_api import Page, expect
 from tiny_models import _CORPUS, save_tiny
 
 pytestmark = pytest.mark.browser
-ASSETS = Path(os.environ.get("PRUNESCOPE_SCREENSHOTS") or ROOT / "assets")
+# screenshots go to a temporary folder (a test run leaves the tree clean); PRUNESCOPE_SCREENSHOTS=assets
+# refreshes the README images
+ASSETS = Path(os.environ.get("PRUNESCOPE_SCREENSHOTS") or tempfile.mkdtemp(prefix="prunescope-shots-"))
 STEPS = 200  # long enough on an idle machine for the chart to be seen growing
 
 
