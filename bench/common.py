@@ -83,7 +83,7 @@ def _snap_hidden(spec: ArchSpec, heads: int, frac: float) -> int:
 
 
 def strategies(spec: ArchSpec, goal: float = GOAL) -> list[Strategy]:
-    """The seven strategies of the issue, each at ~goal of the source parameters."""
+    """The seven pruning strategies the quality benchmark compares, each at ~goal of the source parameters."""
     pct = round(goal * 100)
     depth = preset_targets(spec, f"depth-{pct}")
     heads = valid_values(spec)["heads"]
