@@ -17,6 +17,7 @@ from pathlib import Path
 from engine.errors import RunError
 from engine.fileio import read_json, write_json
 from engine.paths import cache_dir
+from engine.procs import pid_alive
 
 
 def lock_dir() -> Path:
@@ -40,12 +41,6 @@ def device_key(device: str = "auto") -> str:
     return f"cuda{idx}" + (f"-vis{vis}" if vis else "")
 
 
-def _pid_alive(pid) -> bool:
-    from engine.runs import pid_alive
-
-    return pid_alive(pid)
-
-
 class DeviceLock:
     """An advisory `flock` on `<lock_dir>/<device>.lock`; the file also names the holder."""
 
@@ -58,7 +53,7 @@ class DeviceLock:
     def holder(self) -> dict:
         """{pid, run, since} of the live holder, or {}."""
         h = read_json(self.path) or {}
-        return h if _pid_alive(h.get("pid")) else {}
+        return h if pid_alive(h.get("pid")) else {}
 
     def try_acquire(self, run_dir: Path | None = None) -> bool:
         import fcntl
@@ -137,11 +132,11 @@ def device_jobs() -> list[dict]:
         return out
     for f in sorted(d.glob("*.lock")):
         h = read_json(f) or {}
-        if h.get("pid") and _pid_alive(h["pid"]):
+        if h.get("pid") and pid_alive(h["pid"]):
             out.append({"device": f.stem, "role": "holds", **h})
     for w in sorted(d.glob("*.waiting/*.json")):
         h = read_json(w) or {}
-        if h.get("pid") and _pid_alive(h["pid"]):
+        if h.get("pid") and pid_alive(h["pid"]):
             out.append({"device": w.parent.name[: -len(".waiting")], "role": "waits", **h})
         else:
             with contextlib.suppress(OSError):

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from engine.device_lock import ensure_device_free
 from engine.errors import Cancelled, RunError, UserError  # noqa: F401  (re-exported)
 from engine.fileio import (  # noqa: F401  (re-exported for readers of run folders)
     append_jsonl,
@@ -38,6 +39,7 @@ from engine.fileio import (  # noqa: F401  (re-exported for readers of run folde
     read_jsonl,
     write_json,
 )
+from engine.procs import pid_alive  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +53,6 @@ CANCEL_FILE = "cancel.request"
 def runs_root() -> Path:
     """Default root of run folders (absolute): $PRUNESCOPE_RUNS, else ./runs."""
     return Path(os.environ.get("PRUNESCOPE_RUNS") or "runs").expanduser().resolve()
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True when the process exists and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 # ---------------------------------------------------------------- the run folder
@@ -306,8 +291,6 @@ def start_job(run_dir: str | Path, if_busy: str = "queue", device: str | None = 
     if if_busy not in ("queue", "refuse"):
         raise RunError(f"if_busy must be 'queue' or 'refuse', got {if_busy!r}")
     if if_busy == "refuse":
-        from engine.device_lock import ensure_device_free
-
         try:
             ensure_device_free(device or run.config().get("device", "auto"))
         except RunError as e:  # nothing was started: the run says so instead of "queued" forever
