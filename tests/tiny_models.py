@@ -14,6 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2", "granite"]
 
+# mixtures of experts (engine.arch.moe; not in the adapter registry yet)
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "olmoe"]
+
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. Pruning removes heads, neurons and layers. "
     "Distillation teaches the small model from the large one. 0123456789 !?.,;:'\"()[]{}-+=*/\\ "
@@ -82,6 +85,17 @@ _CONFIGS: dict[str, dict] = {
     "granite": dict(hidden_size=44, intermediate_size=39, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=12, num_hidden_layers=3, embedding_multiplier=3.0, residual_multiplier=0.5,
                     attention_multiplier=0.1, logits_scaling=4.0, tie_word_embeddings=True),
+    # 6 experts of 13 neurons, top-2; layer 1 dense (intermediate 37): a mixed model
+    "qwen3_moe": dict(hidden_size=40, intermediate_size=37, moe_intermediate_size=13, num_experts=6,
+                      num_experts_per_tok=2, mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=10, num_hidden_layers=3, norm_topk_prob=True, tie_word_embeddings=False),
+    # 5 experts of 11 neurons (Mixtral's intermediate_size is the expert width), top-2
+    "mixtral": dict(hidden_size=36, intermediate_size=11, num_local_experts=5, num_experts_per_tok=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_hidden_layers=2,
+                    tie_word_embeddings=False),
+    # 6 experts of 9 neurons, top-3 without renormalising the top-k weights; MHA
+    "olmoe": dict(hidden_size=32, intermediate_size=9, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
+                  num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, tie_word_embeddings=False),
 }
 
 
@@ -98,8 +112,10 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random fp32 model of this family, in eval mode. Norm weights are randomised too, so that
     a bug that permutes or drops norm channels changes the output."""
     torch.manual_seed(seed)
+    # MoE: the per-expert loop ("eager"): torch's grouped matmul wants 16-byte strides, which awkward widths lack
+    kw = dict(experts_implementation="eager") if family in MOE_FAMILIES else {}
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32,
-                                             attn_implementation="eager" if family == "gemma2" else "sdpa")
+                                             attn_implementation="eager" if family == "gemma2" else "sdpa", **kw)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:  # norm weights / biases: away from the trivial 1 / 0

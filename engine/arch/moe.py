@@ -1,0 +1,81 @@
+"""Mixture-of-experts layout shared by qwen3_moe, mixtral and olmoe (transformers' fused experts).
+
+Every sparse layer's `mlp` is a block with a router `gate` (weight (E, D): one row per expert) and
+`experts` holding all experts' weights as 3-D tensors: `gate_up_proj` (E, 2F, D) with each expert's
+gate rows, then its up rows, and `down_proj` (E, D, F); F is the expert width (moe_intermediate_size,
+or Mixtral's intermediate_size). The block calls `experts(hidden (N, D), top_k_index (N, k),
+top_k_weights (N, k))`, so a hook on `experts` sees each token's chosen experts and their weights.
+
+Which layers are sparse comes from the config (Qwen3-MoE's mlp_only_layers and decoder_sparse_step);
+dense layers keep a plain MLP of config.intermediate_size. These families are not in the adapter
+registry yet: the experts axis is not wired into plans, the estimator or apply_plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# model_type -> (config field with the number of experts, config field with the expert width)
+MOE_FIELDS: dict[str, tuple[str, str]] = {
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", "intermediate_size"),
+    "olmoe": ("num_experts", "intermediate_size"),
+}
+
+
+@dataclass(frozen=True)
+class MoEParts:
+    """The modules of one sparse MLP block."""
+
+    block: nn.Module  # the sparse block (the layer's `mlp`)
+    router: nn.Module  # .weight (E, D)
+    experts: nn.Module  # .gate_up_proj (E, 2F, D), .down_proj (E, D, F)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    @property
+    def expert_ffn(self) -> int:
+        return int(self.experts.down_proj.shape[2])
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e on tokens x (n, D): (neuron activations act(gate) * up (n, F), output (n, D))."""
+        from torch.nn import functional as F
+
+        gate, up = F.linear(x, self.experts.gate_up_proj[e]).chunk(2, dim=-1)  # (n, F) each
+        h = self.experts.act_fn(gate) * up
+        return h, F.linear(h, self.experts.down_proj[e])
+
+
+def n_experts(config) -> int:
+    return int(getattr(config, MOE_FIELDS[config.model_type][0]))
+
+
+def expert_ffn(config) -> int:
+    return int(getattr(config, MOE_FIELDS[config.model_type][1]))
+
+
+def sparse_layers(config) -> list[bool]:
+    """Per layer: does it hold experts (True) or a dense MLP (False)?"""
+    n = int(config.num_hidden_layers)
+    if config.model_type != "qwen3_moe":
+        return [True] * n
+    only = set(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    return [i not in only and n_experts(config) > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def moe_parts(model: nn.Module, i: int) -> MoEParts | None:
+    """The experts of layer i of a Hugging Face MoE causal LM, None for a dense layer."""
+    if model.config.model_type not in MOE_FIELDS:
+        raise ValueError(f"{model.config.model_type} is not a mixture of experts; known: {', '.join(MOE_FIELDS)}")
+    if not sparse_layers(model.config)[i]:
+        return None
+    mlp = model.model.layers[i].mlp
+    return MoEParts(block=mlp, router=mlp.gate, experts=mlp.experts)
