@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,96 @@ def test_search_cli_writes_candidates_and_status_reads_it(search_inputs, tmp_pat
     with pytest.raises(SystemExit):
         main(["search", "--params", "0.7", "--out", str(tmp_path / "x"), "--round", "5"])
     assert main(["search", "--params", "0.7", "--axes", "width", "--out", str(tmp_path / "y")]) == 2
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def test_quality_map_pareto_and_tournament_chart():
+    from dashboard.preview import pareto_front, quality_map, tournament_chart
+
+    pts = [{"key": "a", "params": 10, "kl": 0.5, "ppl": 9.0, "kind": "depth", "sizes": {}},
+           {"key": "b", "params": 12, "kl": 0.3, "ppl": 8.0, "kind": "width", "sizes": {}},
+           {"key": "c", "params": 13, "kl": 0.4, "ppl": 7.0, "kind": "mixed", "sizes": {}},
+           {"key": "d", "params": 15, "kl": 0.1, "ppl": 7.5, "kind": "width", "sizes": {}}]
+    assert [p["key"] for p in pareto_front(pts)] == ["a", "b", "d"]
+    assert [p["key"] for p in pareto_front(pts, "ppl")] == ["a", "b", "c"]
+    fig = quality_map(pts, [{"name": "run1", "params": 11, "kl": 0.05, "ppl": 6.0}], source_params=20)
+    names = [t.name for t in fig.data]
+    assert names == ["depth", "width", "mixed", "Pareto frontier", "distilled runs"]
+    assert fig.layout.yaxis.type == "log" and list(fig.data[1].customdata[1]) == [3, 75.0]
+    assert quality_map(pts, y="ppl").layout.yaxis.type == "linear"
+    rows = [{"step": 1, "candidate": "x", "loss": 1.0}, {"step": 2, "candidate": "x", "loss": 0.5},
+            {"eval": True, "step": 0, "candidate": "x", "kl": 0.4}, {"eval": True, "step": 2, "candidate": "y", "kl": 0.2},
+            {"eval": True, "step": 2, "ranking": ["y", "x"], "kendall_tau": None}]
+    fig = tournament_chart(rows)
+    assert [(t.name, list(t.x)) for t in fig.data] == [("x", [1, 2]), ("x", [0]), ("y", []), ("y", [2])]
+
+
+@pytest.fixture(scope="module")
+def dash_env(tmp_path_factory, search_inputs):
+    """A finished search and a preview of Targets(ffn=20) in fresh runs / cache folders."""
+    from engine.importance import ScoreConfig, compute_scores
+    from engine.models import load
+    from engine.runs import Run
+    from engine.search.job import create_search, preview_job, search_job
+    from engine.search.store import PreviewConfig
+
+    root = tmp_path_factory.mktemp("dash")
+    model, _ = search_inputs
+    data = _articles(root / "data.txt", n=60)
+    mp = pytest.MonkeyPatch()
+    for k, v in {"PRUNESCOPE_MODEL": str(model), "PRUNESCOPE_DATA": str(data), "PRUNESCOPE_RUNS": str(root / "runs"),
+                 "PRUNESCOPE_CACHE": str(root / "cache"), "PRUNESCOPE_LOCKS": str(root / "locks"),
+                 "PRUNESCOPE_DEVICE": "cpu"}.items():
+        mp.setenv(k, v)
+    loaded = load(str(model), dtype="fp32", device="cpu")
+    scores = compute_scores(loaded.model, random_ids(4, 32), ScoreConfig())
+    scores.save(root / "scores")
+    targets = Targets(ffn=20).to_dict()
+    pc = PreviewConfig(model=str(model), scores=str(root / "scores"), targets=targets, data=str(data),
+                       eval_range=(0.6, 1.0), eval_samples=8, eval_seq_len=256, device="cpu")
+    Run.create(root / "runs" / "previews" / "p", pc.to_dict())
+    hit = preview_job(Run.open(root / "runs" / "previews" / "p"), lambda: False)
+    cfg = _config(model, data)
+    create_search(root / "runs" / "search-1", cfg)
+    search_job(Run.open(root / "runs" / "search-1"), lambda: False)
+    yield {"root": root, "targets": targets, "hit": hit}
+    mp.undo()
+
+
+def _app(page: str, **session):
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import state
+
+    state.prefs_file().unlink(missing_ok=True)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=90)
+    for k, v in session.items():
+        at.session_state[k] = v
+    at.run()
+    at.switch_page(f"screens/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_targets_page_shows_the_stored_preview_and_the_map(dash_env):
+    at = _app("targets", scores_dir=str(dash_env["root"] / "scores"), targets=dash_env["targets"])
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["One-shot KL"] == f"{dash_env['hit']['kl']:.4f}"
+    assert metrics["Perplexity"] == f"{dash_env['hit']['ppl']:.2f}"
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    maps = [c for c in charts if any(t.get("name") == "Pareto frontier" or t.get("name") in ("depth", "width", "mixed")
+                                     for t in c["data"])]
+    assert maps and maps[0]["layout"]["yaxis"]["type"] == "log", [[t.get("name") for t in c["data"]] for c in charts]
+
+
+def test_search_page_shows_map_table_and_tournament(dash_env):
+    at = _app("search")
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    names = [{t.get("name") for t in c["data"]} for c in charts]
+    assert any(n & {"depth", "width", "mixed"} for n in names)  # the candidates' map
+    assert any(len(c["data"]) >= 4 and c["layout"].get("yaxis2") for c in charts)  # the tournament's two panels
+    assert at.dataframe and len(at.dataframe[0].value) >= 3
+    assert any("Winner:" in s.value for s in at.success)
+    assert any(m.label.startswith("Rank stability") for m in at.metric)
