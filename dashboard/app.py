@@ -28,6 +28,7 @@ PAGES = [
     st.Page(HERE / "targets.py", title="Prune targets", icon=":material/tune:", url_path="targets"),
     st.Page(HERE / "distill.py", title="Distill", icon=":material/school:", url_path="distill"),
     st.Page(HERE / "compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page(HERE / "search.py", title="Search", icon=":material/travel_explore:", url_path="search"),
     st.Page(HERE / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ]
 page = st.navigation(PAGES)
