@@ -23,13 +23,16 @@ state.init()
 
 HERE = Path(__file__).parent / "screens"
 PAGES = [
-    st.Page(HERE / "model.py", title="Model and data", icon=":material/memory:", url_path="model", default=True),
+    # the default page is served at "/"; its url_path only has to be unique. /model reaches the same page
+    # through the hidden alias at the end (a default page is not served at its own url_path).
+    st.Page(HERE / "model.py", title="Model and data", icon=":material/memory:", url_path="home", default=True),
     st.Page(HERE / "importance.py", title="Importance", icon=":material/grid_on:", url_path="importance"),
     st.Page(HERE / "targets.py", title="Prune targets", icon=":material/tune:", url_path="targets"),
     st.Page(HERE / "distill.py", title="Distill", icon=":material/school:", url_path="distill"),
     st.Page(HERE / "compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page(HERE / "search.py", title="Search", icon=":material/travel_explore:", url_path="search"),
     st.Page(HERE / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
+    st.Page(HERE / "model.py", title="Model and data", icon=":material/memory:", url_path="model", visibility="hidden"),
 ]
 page = st.navigation(PAGES)
 try:

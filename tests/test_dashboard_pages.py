@@ -253,6 +253,105 @@ def test_targets_presets_and_depth(scored, env):
     assert metrics(at)["Of the original"] == "100.00%"
 
 
+def test_targets_width_rounding(scored, env):
+    """The tiny model's MLP (37) is no multiple of 8: rounding starts at 1; at 8 the sliders and presets follow it."""
+    at = app("targets")
+    assert at.session_state["t_round"] == 1
+    at.session_state["t_round"] = 8
+    at.run()
+    assert at.select_slider(key="t_ffn").options == ["8", "16", "24", "32", "37"]  # multiples of 8, and the source
+    at.button(key="preset_width-75").click().run()
+    t = at.session_state["targets"]
+    assert t["ffn"] is not None and t["ffn"] % 8 == 0 and (t["hidden"] is None or t["hidden"] % 8 == 0), t
+    assert at.session_state["width_multiple"] == 8
+    again = app("targets", fresh=False)  # the choice survives a reload
+    assert again.session_state["t_round"] == 8
+    again.session_state["t_round"] = 1
+    again.run()
+
+
+def test_pick_layers_by_hand_starts_from_the_criterion(scored, env):
+    at = app("targets")
+    at.button(key="preset_depth-75").click().run()  # BI drops 1 of 4 layers
+    bands = charts(open_tab(at, "tgt", "Layers"))["layers"]["layout"]["shapes"]
+    by_bi = [int(round((b["x0"] + b["x1"]) / 2)) for b in bands]
+    assert len(by_bi) == 1
+    at.radio(key="t_depth_by").set_value("list").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.multiselect(key="t_drop").value == by_bi
+    assert at.session_state["targets"]["drop_layers"] == by_bi and metrics(at)["Of the original"] != "100.00%"
+    at.multiselect(key="t_drop").set_value([]).run()  # nothing to drop is a state, not an error
+    assert not at.error and metrics(at)["Of the original"] == "100.00%"
+    at.button(key="preset_none").click().run()
+
+
+def _plan_file(env, folder: Path, name: str, edit=None) -> Path:
+    from engine.importance import Scores
+    from engine.plan import Targets, make_plan
+
+    d = make_plan(Scores.load(folder), Targets(ffn=20, heads=4)).to_dict()
+    if edit:
+        edit(d)
+    path = env["root"] / "plans" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_targets_open_a_plan_and_launch_it(scored, env):
+    """An edited plan.json opened on Prune targets fills the sliders, its own kept units are drawn, and the run
+    launched from Distill applies it as written."""
+    folder = next((env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")).parent
+
+    def swap_neuron(d):  # keep a neuron the scores would prune instead of one they keep
+        kept = d["layers"][0]["neurons"]
+        d["layers"][0]["neurons"] = sorted(kept[1:] + [next(i for i in range(37) if i not in kept)])
+
+    path = _plan_file(env, folder, "edited.json", swap_neuron)
+    edited = json.loads(path.read_text())
+    at = app("targets")
+    at.text_input(key="plan_open_path").set_value(str(path))
+    at.button(key="plan_open").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["t_ffn"] == 20 and at.session_state["t_heads"] == 4
+    assert any("Plan opened from" in s.value for s in at.success)
+    ov = array(charts(open_tab(at, "tgt", "MLP neurons"))["neurons"]["data"][1]["z"])
+    assert ov.shape == (4, 37)  # unsorted view below: the overlay follows the plan's lists
+    at.session_state["tgt_sort"] = False
+    ov = array(charts(at.run())["neurons"]["data"][1]["z"])
+    assert list(np.flatnonzero(ov[0] == 0)) == edited["layers"][0]["neurons"]
+    at.switch_page("screens/distill.py").run()
+    at.session_state["d_show_form"] = True
+    at.run()
+    assert any("opened from" in c.value for c in at.caption)
+    for key, value in (("d_steps", 2), ("d_batch", 2), ("d_seq", 32), ("d_eval_every", 2), ("d_eval_samples", 2)):
+        at.number_input(key=key).set_value(value)
+    at.button(key="d_launch").click().run()
+    run_id = at.query_params["run"]
+    wait(at, lambda a: metrics(a).get("State") in ("done", "failed", "cancelled", "stale"), timeout=240)
+    assert metrics(at)["State"] == "done", [e.value for e in at.error]
+    used = json.loads((env["root"] / "runs" / run_id / "plan.json").read_text())
+    assert used["layers"][0]["neurons"] == edited["layers"][0]["neurons"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(layers=[0, 1, 2]), "plan field 'layers[0]' must be an object like"),
+    (lambda d: d["arch"].update(vocab_size=12345), "is for another model"),
+    (lambda d: d.update(fingerprint="0" * 16), "was made from scores of another model"),
+    (lambda d: d["layers"][0].update(heads=[5, 1]), "indices must be sorted ascending"),
+])
+def test_targets_open_a_bad_plan_says_what_is_wrong(scored, env, edit, message):
+    folder = next((env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")).parent
+    path = _plan_file(env, folder, "bad.json", edit)
+    at = app("targets")
+    at.text_input(key="plan_open_path").set_value(str(path))
+    at.button(key="plan_open").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and message in errors[0] and "Error:" not in errors[0], errors
+    assert "loaded_plan" not in at.session_state
+
+
 # ---------------------------------------------------------------- Distill, Runs, Compare
 
 
@@ -316,8 +415,36 @@ def test_distill_unknown_run_is_explained(env):
 
 
 def test_distill_without_targets_asks_for_them(env):
-    at = app("distill")
-    assert "No pruning targets" in at.warning[0].value
+    at = app("distill", d_show_form=True)  # the launch form (not the model's last run)
+    assert any("No pruning targets" in w.value for w in at.warning)
+
+
+def test_distill_from_the_sidebar_shows_this_models_last_run(finished_run, env):
+    """Opened without a run in the URL, Distill shows the running (or last) run of the model, not a form that
+    would queue a second run; 'New run' shows the form."""
+    _, run_id = finished_run
+    at = app("distill", targets={"ffn": 20, "depth_by": "bi"})
+    assert at.query_params["run"] == run_id and metrics(at)["State"] == "done"
+    assert metrics(at)["ETA (distillation)"] == "–"  # no ETA for a run that is not running
+    assert "d_launch" not in [b.key for b in at.button]
+    at.button(key="d_new").click().run()
+    assert "run" not in at.query_params and [b for b in at.button if b.key == "d_launch"]
+
+
+def test_sidebar_data_comes_from_the_scores_and_run_ids_are_checked(finished_run, scored, env):
+    _, run_id = finished_run
+    folder = next((env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")).parent
+    meta = json.loads((folder / "scores.json").read_text())
+    at = app("targets", scores_dir=str(folder), samples=meta["n_samples"] + 8)
+    side = [c.value for c in at.sidebar.caption]
+    data = next(c for c in side if c.startswith("Data:"))
+    assert f"{meta['n_samples']} × {meta['seq_len']} tokens (scores)" in data
+    assert f"next scoring: {meta['n_samples'] + 8} × " in data
+    for rid, shown in (("no-such-run", False), ("../etc", False), (run_id, True)):
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.query_params["run"] = rid
+        at.run()
+        assert any(rid in c.value for c in at.sidebar.caption) is shown, rid
 
 
 def test_runs_page(finished_run, env):
@@ -356,9 +483,15 @@ def test_compare_page(finished_run, env):
     assert not at.exception
     text = "\n".join(m.value for m in at.markdown)
     assert "Teacher" in text and "Student" in text and "Held-out perplexity" in text
+    note = " ".join(w.value for w in at.warning)  # 6 steps of 2 x 32 tokens: a demo, and it says so
+    assert "distilled for **6 steps** of 2 × 32 tokens = **384 tokens**" in note and "short demo" in note
+    assert any("lower is better" in c.value for c in at.caption)
     at.button(key="cmp_go").click().run()
     wait(at, lambda a: "Decode tokens/s" in metrics(a))
     assert len([m for m in at.metric if m.label == "Decode tokens/s"]) == 2
+    captions = [c.value for c in at.caption]  # the quality numbers and their meaning beside the answers
+    assert any(c.startswith("Held-out perplexity **") and "lower is better" in c for c in captions)
+    assert any(c.startswith("KL to the teacher **") and "nats per token" in c for c in captions)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])

@@ -18,9 +18,56 @@ STAGE_ICONS = {"done": ":material/check_circle:", "running": ":material/progress
 st.title("Distill")
 
 
+def latest_run() -> dict | None:
+    """The running (else queued, else newest) prune + distill run of the session's model, if any."""
+    from engine.runs import list_runs
+
+    mine = [r for r in list_runs(state.runs_root()) if r["config"].get("model") == state.get("model")
+            and r["config"].get("kind", "pipeline") in ("pipeline", "distill")]
+    for wanted in ("running", "queued"):
+        live = [r for r in mine if r["status"].get("effective") == wanted]
+        if live:
+            return live[0]
+    return mine[0] if mine else None
+
+
+def loaded_plan(targets: dict) -> dict | None:
+    """The plan opened on Prune targets, while the session's targets are still its own."""
+    from dashboard.common import same_targets
+
+    loaded = st.session_state.get("loaded_plan")
+    return loaded if loaded and same_targets(loaded["plan"]["targets"], targets) else None
+
+
+def launch(targets: dict, cfg, plan: dict | None) -> str:
+    """Create the run folder and start it; an opened plan is written into it and applied as written."""
+    run_id = runs_io.new_run_id(state.get("model"), targets)
+    if plan is None:
+        runs_io.launch(run_id, cfg)
+        return run_id
+    from engine.pipeline import create_run
+    from engine.plan import Plan
+    from engine.runs import start_job
+
+    path = runs_io.run_dir(run_id)
+    run = create_run(path, cfg)
+    Plan.from_dict(plan["plan"]).save(path / "plan.json")
+    run.finish_stage("plan", opened_from=plan["name"])  # the pipeline applies this plan instead of making one
+    start_job(path)
+    return run_id
+
+
 def launch_form() -> None:
     """Knobs of the prune + distill job and the launch button."""
     targets = state.get("targets") or {}
+    active = latest_run()
+    if active and active["status"].get("effective") in ("queued", "running"):
+        st.warning(f"Run **{active['name']}** is {active['status']['effective']}: a new run waits for it to finish "
+                   "(one job uses the device at a time).")
+        if st.button(f"Back to run {active['name']}", key="d_back", icon=":material/arrow_back:"):
+            st.session_state.pop("d_show_form", None)
+            st.query_params["run"] = active["name"]
+            st.rerun()
     picked = {k: targets.get(k) for k in ("hidden", "ffn", "heads", "layers") if targets.get(k) is not None}
     if targets.get("depth_by") == "list" and targets.get("drop_layers"):
         picked["drop layers"] = ", ".join(map(str, targets["drop_layers"]))
@@ -30,6 +77,10 @@ def launch_form() -> None:
         return
     st.markdown("**Prune to** " + " · ".join(f"{k} **{v}**" for k, v in picked.items())
                 + f" (layers chosen by {targets.get('depth_by', 'bi')})")
+    plan = loaded_plan(targets)
+    if plan:
+        st.caption(f"Plan: opened from `{plan['name']}`; its kept heads, neurons, channels and layers are applied "
+                   "as written.")
     d = state.defaults()
     st.caption(f"Defaults for this machine ({'GPU' if d.device == 'cuda' else 'CPU'}): "
                f"{d.steps} steps of {d.batch} × {d.train_seq_len} tokens"
@@ -53,11 +104,11 @@ def launch_form() -> None:
         try:
             cfg = runs_io.make_config(targets, int(steps), int(batch), int(seq_len), float(lr), int(eval_every),
                                       int(eval_samples), kl, ce, hid, temp)
-            run_id = runs_io.new_run_id(state.get("model"), targets)
-            runs_io.launch(run_id, cfg)
+            run_id = launch(targets, cfg, plan)
         except Exception as e:  # noqa: BLE001 - plain message, nothing written is lost
             st.error(f"Could not start the run: {user_message(e)}")
             return
+        st.session_state.pop("d_show_form", None)
         st.query_params["run"] = run_id
         st.rerun()
 
@@ -92,7 +143,8 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
     c[1].metric("Stage", status.get("stage") or "–")
     c[2].metric("Step", f"{last.get('step', 0)} / {total}")
     c[3].metric("Tokens/s", f"{last['tokens_per_s']:,.0f}" if last.get("tokens_per_s") else "–")
-    c[4].metric("ETA (distillation)", runs_io.fmt_duration(runs_io.eta_seconds(status, rows, total)))
+    eta = runs_io.eta_seconds(status, rows, total) if eff == "running" else None  # none for queued/ended runs
+    c[4].metric("ETA (distillation)", runs_io.fmt_duration(eta))
     st.progress(float(status.get("progress") or 0.0), text=f"{status.get('stage') or ''}: {status.get('message') or ''}")
     from engine.pipeline import DISTILL_STAGES, STAGES
 
@@ -106,8 +158,11 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
     left, right = st.columns(2)
     with left:
         show_fig(train_charts.loss_chart(rows, smoothing, log_y, x), "loss_chart")
+        st.caption(train_charts.loss_explanation(cfg.get("distill")))
     with right:
         show_fig(train_charts.ppl_chart(rows, teacher, x, summary.get("ppl_one_shot")), "ppl_chart")
+        st.caption("Perplexity of the student on held-out documents (never trained on): exp of the mean next-token "
+                   "loss; lower is better, the teacher's is the floor to aim for.")
     if eff == "done":
         s = summary
         c = st.columns(4)
@@ -154,6 +209,7 @@ def run_view(run_id: str) -> None:
     except Exception as e:  # noqa: BLE001
         st.error(f"There is no run {run_id!r} in {state.runs_root()}: {user_message(e)}")
         if st.button("Start a new run", key="d_new_missing"):
+            st.session_state["d_show_form"] = True
             del st.query_params["run"]
             st.rerun()
         return
@@ -161,6 +217,7 @@ def run_view(run_id: str) -> None:
     top = st.columns([4, 1, 1])
     top[0].markdown(f"Run **{run_id}** · `{path}`")
     if top[1].button("New run", key="d_new", icon=":material/add:"):
+        st.session_state["d_show_form"] = True
         del st.query_params["run"]
         st.rerun()
     top[2].page_link("screens/runs.py", label="All runs", icon=":material/folder_open:")
@@ -173,6 +230,10 @@ def run_view(run_id: str) -> None:
 
 
 run = st.query_params.get("run")
+if not run and not st.session_state.get("d_show_form"):  # opened from the sidebar: this model's current run
+    found = latest_run()
+    if found:
+        run = st.query_params["run"] = found["name"]
 if run:
     run_view(run)
 else:
