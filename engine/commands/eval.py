@@ -67,9 +67,10 @@ def run(args) -> int:
 def _run(args) -> int:
     from engine.data import DataSource, get_blocks, parse_doc_range
     from engine.errors import UserError
-    from engine.evaluate import evaluate_model, format_table, summary_row
+    from engine.evaluate import evaluate_model, format_table, model_device, summary_row
     from engine.fileio import atomic_write_text
     from engine.models import load
+    from engine.resources import check_speed_test, preflight
 
     if args.json and Path(args.json).exists() and not getattr(args, "force", False):
         raise UserError(f"{args.json} already exists; pass --force to overwrite it, or choose another --json file")
@@ -81,8 +82,14 @@ def _run(args) -> int:
                             f"got {getattr(args, name)}")
     if args.new_tokens < 0:
         raise UserError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+    # sizes first (seq-len within the model's positions, peak memory; a smaller batch gives the same results)
+    args.batch_size = preflight(args.model, kind="eval", batch=args.batch_size, seq_len=args.seq_len,
+                                dtype=args.dtype, device=args.device, teacher=args.teacher, adjust_batch=True,
+                                batch_flag="--batch-size")
     source = DataSource.parse(args.data, column=args.text_column, docs=docs)
     loaded = load(args.model, dtype=args.dtype, device=args.device)
+    check_speed_test(loaded.model.config, sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     device=model_device(loaded.model), weights=False)
     teacher = load(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
     if teacher is not None:
         v_s, v_t = loaded.model.config.vocab_size, teacher.model.config.vocab_size

@@ -87,10 +87,15 @@ def run(args) -> int:
     from engine.data import DataSource, parse_doc_range
     from engine.importance import ScoreConfig, ScoreError, score
     from engine.models import load
+    from engine.resources import preflight
 
+    # sizes first (seq-len within the model's positions, peak memory; a smaller batch gives the same scores)
+    batch = preflight(args.model, kind="score", batch=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                      device=args.device, adjust_batch=True, depth_ppl=args.depth_ppl or args.block_ppl,
+                      taylor=args.taylor, weights=not args.stream, batch_flag="--batch-size")
     source = DataSource.parse(args.data, column=args.text_column, docs=parse_doc_range(args.data_range))
     config = ScoreConfig(aggregation=args.aggregation, depth_ppl=args.depth_ppl, block_size=args.blocks,
-                         block_ppl=args.block_ppl, taylor=args.taylor, batch_size=args.batch_size)
+                         block_ppl=args.block_ppl, taylor=args.taylor, batch_size=batch)
     if args.stream and args.taylor:  # refused before loading (score() would refuse it too)
         raise ScoreError("--taylor needs every layer's gradients at once, which --stream cannot keep on the "
                          "device; drop one of them")
