@@ -388,3 +388,41 @@ def test_search_page_shows_map_table_and_tournament(dash_env):
     assert at.dataframe and len(at.dataframe[0].value) >= 3
     assert any("Winner:" in s.value for s in at.success)
     assert any(m.label.startswith("Rank stability") for m in at.metric)
+
+
+def test_search_job_resumes_after_sigkill_with_nothing_lost(search_inputs, tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+    from dataclasses import replace
+
+    from engine.fileio import read_json, read_jsonl
+    from engine.jobs import execute
+    from engine.runs import Run, prepare_resume, start_job
+    from engine.search.job import create_search, search_job
+
+    model, data = search_inputs
+    cfg = _config(model, data)
+    cfg = replace(cfg, distill=replace(cfg.distill, steps=40, eval_every=4, checkpoint_every=2))
+    monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache-ref"))
+    create_search(tmp_path / "ref", cfg)
+    search_job(Run.open(tmp_path / "ref"), lambda: False)
+
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    run = create_search(tmp_path / "killed", cfg)
+    pid = start_job(run.path)
+    deadline = time.time() + 120
+    while (read_json(run.path / "tournament" / "state.json") or {}).get("step", 0) < 4:
+        assert time.time() < deadline and Run(run.path).status()["effective"] in ("queued", "running"), \
+            (run.path / "job.log").read_text()[-2000:]
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    step = read_json(run.path / "tournament" / "state.json")["step"]
+    assert 4 <= step < 40 and Run(run.path).status()["effective"] == "stale"
+    assert execute(prepare_resume(run.path).path) == "done"
+    assert Run(run.path).status()["state"] == "done"
+    names = [r["name"] for r in read_jsonl(run.path / "candidates.jsonl")]
+    assert len(names) == len(set(names))
+    assert _outcome(run.path) == _outcome(tmp_path / "ref")
