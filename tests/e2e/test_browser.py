@@ -163,3 +163,15 @@ def test_full_flow(page: Page, app_url: str):
     expect(page.get_by_text("prunescope run", exact=False).first).to_be_visible()
     shot(page, "runs")
     assert time.time() - t0 < 180, f"the browser flow took {time.time() - t0:.0f}s"
+
+
+@pytest.mark.parametrize("path, title", [("/model", "Model and data"), ("/", "Model and data"),
+                                         ("/targets", "Prune targets"), ("/distill", "Distill")])
+def test_deep_links_open_their_page(page: Page, app_url: str, path: str, title: str):
+    """A link to a page (a bookmark, a shared URL) opens that page, including /model, the default one."""
+    page.goto(app_url + path)
+    idle(page)
+    expect(page.get_by_role("heading", name=title).first).to_be_visible()
+    assert page.get_by_text("Page not found").count() == 0
+    nav_link = page.locator("[data-testid=stSidebarNav]").get_by_text("Model and data", exact=True)
+    assert nav_link.count() == 1  # the /model alias is not a second menu entry
