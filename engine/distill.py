@@ -52,6 +52,7 @@ from engine.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from engine.errors import UserError
 from engine.evaluate import autocast_ctx, evaluate_student
 from engine.models import resolve_dtype
 from engine.parallel import strategy_for_launch
@@ -62,6 +63,7 @@ from engine.training import (  # noqa: F401  (DataOrder, lr_lambda, param_groups
     DistillConfig,
     LayerTap,
     Progress,
+    add_lora,
     distill_loss,
     lr_lambda,
     param_groups,
@@ -109,7 +111,8 @@ class DistillRecipe:
         self._restore(state)
         self.module, self.optimizer = par.wrap(self.module, self.optimizer)
         self.raw = par.unwrap(self.module)
-        self.teacher.to(par.device)
+        if self.teacher is not None:
+            self.teacher.to(par.device)
         par.barrier()  # rank 0 has cleaned the run folder
         self.run = Run(self.run_dir)
         self.order = DataOrder(self.train_blocks.shape[0], self.G, cfg.seed)
@@ -126,20 +129,27 @@ class DistillRecipe:
         return found[1] if found else load_checkpoint(Path(name))
 
     def _build_module(self, state: dict | None) -> Distillable:
-        """fp32 master weights for the student (a sharded copy under FSDP), frozen teacher, layer taps."""
+        """fp32 master weights for the student (a sharded copy under FSDP; LoRA adapters for the
+        lora method), frozen teacher, layer taps for the hidden-state loss."""
         cfg, par = self.cfg, self.par
-        self.teacher.eval().requires_grad_(False)
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
         self.student.float().train()
         n_s = len(get_adapter(self.student).layers)
         taps: list[int] = []
         self.t_tap = None
-        if cfg.hidden_weight:
+        if cfg.loss_weights()["hidden_loss"]:
             layer_map = list(cfg.layer_map) if cfg.layer_map is not None else list(range(n_s))
             if len(layer_map) != n_s:
                 raise ValueError(f"layer_map has {len(layer_map)} entries; the student has {n_s} layers")
             taps, self.t_tap = list(range(n_s)), LayerTap(self.teacher, layer_map)
+        if cfg.method == "lora" and par.sharded:
+            raise UserError("LoRA trains in one process or under DDP; FSDP shards full models only")
         trainee = copy.deepcopy(self.student.to("cpu")) if par.sharded else self.student.to(par.device)
-        module = Distillable(trainee, taps, int(self.teacher.config.hidden_size), self.kept_channels)
+        if cfg.method == "lora":
+            trainee = add_lora(trainee, cfg)
+        t_hidden = int(self.teacher.config.hidden_size) if self.teacher is not None else 0
+        module = Distillable(trainee, taps, t_hidden, self.kept_channels)
         if state is not None:
             module.load_state_dict(state["model"])
         if par.sharded:
@@ -209,8 +219,10 @@ class DistillRecipe:
 
     def _micro_batch_loss(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher forward (no grad), student forward, the weighted loss terms of one micro-batch."""
-        with torch.no_grad(), autocast_ctx(self.par.device, self.amp):
-            t_logits = self.teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        t_logits = None
+        if self.cfg.needs_teacher:
+            with torch.no_grad(), autocast_ctx(self.par.device, self.amp):
+                t_logits = self.teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
         t_hidden = self.t_tap.take() if self.t_tap else []
         with autocast_ctx(self.par.device, self.amp):
             s_logits, s_hidden = self.module(ids)
@@ -225,7 +237,7 @@ class DistillRecipe:
         if par.main or par.sharded:
             model = _ViaRoot(self.module) if par.sharded else self.raw.student
             r = evaluate_student(self.teacher, model, self.eval_blocks, self.cfg.eval_batch_size,
-                                 self.cfg.temperature)
+                                 self.cfg.temperature)  # teacher None (cpt without one): no KL
             row.update(ppl=r["ppl"], kl=r["kl"], elapsed_s=round(self.elapsed, 3))
             if self.first_eval is None:
                 row["teacher_ppl"] = r["teacher_ppl"]
@@ -278,15 +290,22 @@ class DistillRecipe:
             self._cleanup()
 
     def finish(self, done: int) -> dict:
-        """The trained weights back into the caller's student (every rank); the run's summary."""
+        """The trained weights back into the caller's student (every rank; LoRA adapters saved to
+        run_dir/adapter and merged in); the run's summary."""
         if self.par.sharded:
             full = self.par.full_model_state(self.module, everywhere=True)
             self.student.load_state_dict({k[len("student."):]: v for k, v in full.items()
                                           if k.startswith("student.")})
             self.student.to(self.par.device)
+        elif self.cfg.method == "lora":
+            peft_model = self.raw.student
+            if self.par.main and not self.stopped:
+                peft_model.save_pretrained(self.run_dir / "adapter")  # adapter_model.safetensors + config
+            peft_model.merge_and_unload()  # the caller's student, with the adapters merged in
         return {"steps": done, "total_steps": self.total, "stopped": self.stopped,
                 "tokens": done * self.G * self.cfg.seq_len, "elapsed_s": self.elapsed,
-                "first_eval": self.first_eval, "last_eval": self.last_eval, "parallel": self.par.name}
+                "first_eval": self.first_eval, "last_eval": self.last_eval, "parallel": self.par.name,
+                "method": self.cfg.method}
 
     def _log(self, row: dict) -> None:
         if self.par.main:

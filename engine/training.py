@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 
 
+METHODS = ("kd", "cpt", "lora")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Everything that defines a distillation run (saved in checkpoints and config.json).
@@ -67,6 +70,12 @@ class DistillConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     dtype: str = "auto"  # autocast dtype: auto (bf16 where native), bf16, fp32
+    method: str = "kd"  # kd: distillation | cpt: continued pretraining (CE only) | lora: LoRA adapters
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # module names; None: every linear layer of the blocks
+    lora_loss: str = "kd"  # what LoRA trains on: the kd terms, or ce (next-token cross-entropy)
 
     def __post_init__(self) -> None:
         bad = [n for n in ("batch_size", "grad_accum", "seq_len", "eval_every", "checkpoint_every")
@@ -79,6 +88,30 @@ class DistillConfig:
             raise ValueError("DistillConfig: temperature and lr must be > 0")
         if self.layer_map is not None and not isinstance(self.layer_map, tuple):
             object.__setattr__(self, "layer_map", tuple(int(i) for i in self.layer_map))
+        if self.lora_targets is not None and not isinstance(self.lora_targets, tuple):
+            object.__setattr__(self, "lora_targets", tuple(str(n) for n in self.lora_targets))
+        if self.method not in METHODS:
+            raise ValueError(f"DistillConfig: method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.lora_loss not in ("kd", "ce"):
+            raise ValueError(f"DistillConfig: lora_loss must be kd or ce; got {self.lora_loss!r}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("DistillConfig: lora_rank must be >= 1, lora_alpha > 0, 0 <= lora_dropout < 1")
+        if not any(self.loss_weights().values()):
+            raise ValueError("DistillConfig: every loss weight is 0; give kl_weight, ce_weight or hidden_weight")
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss term under this method: cpt (and LoRA on ce) train on next-token
+        cross-entropy alone; kd and LoRA on kd on the distillation terms (hidden states: kd only)."""
+        if self.method == "cpt" or (self.method == "lora" and self.lora_loss == "ce"):
+            return {"kl_loss": 0.0, "ce_loss": 1.0, "hidden_loss": 0.0}
+        hidden = self.hidden_weight if self.method == "kd" else 0.0
+        return {"kl_loss": self.kl_weight, "ce_loss": self.ce_weight, "hidden_loss": hidden}
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training runs the teacher at all (evaluation may still use it for KL)."""
+        w = self.loss_weights()
+        return bool(w["kl_loss"] or w["hidden_loss"])
 
     def global_batch(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -92,14 +125,16 @@ class DistillConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layer_map"] = list(self.layer_map) if self.layer_map is not None else None
+        d["lora_targets"] = list(self.lora_targets) if self.lora_targets is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        if kw.get("layer_map") is not None:
-            kw["layer_map"] = tuple(kw["layer_map"])
+        for k in ("layer_map", "lora_targets"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
         return cls(**kw)
 
 
@@ -186,23 +221,42 @@ class Distillable(nn.Module):
         return logits, hidden
 
 
-def distill_loss(t_logits: torch.Tensor, s_logits: torch.Tensor, ids: torch.Tensor, cfg: DistillConfig,
-               t_hidden: list[torch.Tensor], s_hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def distill_loss(t_logits: torch.Tensor | None, s_logits: torch.Tensor, ids: torch.Tensor, cfg: DistillConfig,
+                 t_hidden: list[torch.Tensor], s_hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weighted loss terms of one micro-batch (fp32 scalars) and their sum under "loss"."""
     tau = cfg.temperature
+    weights = cfg.loss_weights()
     terms: dict[str, torch.Tensor] = {}
-    if cfg.kl_weight:
+    if weights["kl_loss"]:
         terms["kl_loss"] = token_kl(t_logits, s_logits, tau) * (tau * tau) / ids.numel()
-    if cfg.ce_weight:
+    if weights["ce_loss"]:
         terms["ce_loss"] = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    if cfg.hidden_weight and s_hidden:
+    if weights["hidden_loss"] and s_hidden:
         # per-sequence NMSE, then the mean: the same value however a batch is split across ranks
         nmse = [(s.float() - t.float()).pow(2).mean((1, 2)) / t.float().pow(2).mean((1, 2)).clamp_min(1e-8)
                 for s, t in zip(s_hidden, t_hidden, strict=True)]  # each (B,)
         terms["hidden_loss"] = torch.stack(nmse).mean()
-    weights = {"kl_loss": cfg.kl_weight, "ce_loss": cfg.ce_weight, "hidden_loss": cfg.hidden_weight}
     terms["loss"] = sum(weights[k] * v for k, v in terms.items())
     return terms
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """The default LoRA targets: the names of every linear layer inside the decoder blocks
+    (q/k/v/o and gate/up/down for Llama-like models; c_attn/c_proj/c_fc for GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for layer in get_adapter(model).layers
+                   for name, m in layer.named_modules() if isinstance(m, nn.Linear | Conv1D)})
+
+
+def add_lora(model: nn.Module, cfg: DistillConfig) -> nn.Module:
+    """`model` with LoRA adapters (peft) on cfg.lora_targets; its own weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg.lora_targets or lora_targets(model))
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", fan_in_fan_out=model.config.model_type == "gpt2")
+    return get_peft_model(model, lcfg)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
