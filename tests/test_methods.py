@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
+from peft import PeftModel
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 from engine.distill import DistillConfig, distill
+from engine.export import export_model
 from engine.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +95,6 @@ def test_resume_after_cancel_matches_uninterrupted_run(tmp_path, data, name):
 def test_lora_merges_into_a_plain_checkpoint(tmp_path, data):
     """The adapter model's logits = the merged student's = the exported folder's, loaded with plain
     transformers in a process where peft cannot be imported; the adapter is saved beside it."""
-    from engine.export import export_model
-    from tiny_models import tiny_tokenizer
-
     cfg = METHODS["lora-kd"]
     student = tiny_model("llama", 1)
     before = copy.deepcopy(student.state_dict())
@@ -104,8 +103,6 @@ def test_lora_merges_into_a_plain_checkpoint(tmp_path, data):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert type(student).__name__ == "LlamaForCausalLM" and not any("lora" in k for k in student.state_dict())
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())  # adapters merged in
-
-    from peft import PeftModel
 
     with_adapter = PeftModel.from_pretrained(tiny_model("llama", 1), adapter)
     ids = random_ids(2, 32, seed=9)
