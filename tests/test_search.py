@@ -426,3 +426,9 @@ def test_search_job_resumes_after_sigkill_with_nothing_lost(search_inputs, tmp_p
     names = [r["name"] for r in read_jsonl(run.path / "candidates.jsonl")]
     assert len(names) == len(set(names))
     assert _outcome(run.path) == _outcome(tmp_path / "ref")
+
+
+def test_runs_page_lists_the_search(dash_env):
+    at = _app("runs")
+    text = json.dumps([str(e.value) for e in at.dataframe] + [m.value for m in at.markdown])
+    assert "search-1" in text

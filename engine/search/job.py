@@ -297,7 +297,7 @@ def _truncate_metrics(run, step: int) -> None:
 def _tournament(run, st: _Stages, loaded, scores, spec, space, rows: list[dict], side, cfg: SearchConfig,
                 train_src) -> dict:
     """Distill the top K one-shot candidates side by side (resumes from tournament/)."""
-    from engine.search.tournament import STATE_FILE, Tournament
+    from engine.search.tournament import STATE_FILE, Tournament, schedule
 
     result = read_json(run.path / "tournament.json")
     if run.stage_done("tournament") and result:
@@ -306,7 +306,7 @@ def _tournament(run, st: _Stages, loaded, scores, spec, space, rows: list[dict],
     top = [r["name"] for r in sorted(rows, key=lambda r: (r["kl"], r["name"]))[:cfg.top]]
     students = {name: _student(loaded.model, scores, spec, space, name)[0] for name in top}
     d = cfg.distill
-    n_train = d.total_steps() * d.global_batch() * (2 if cfg.halving else 1)
+    n_train = schedule(len(top), d.total_steps(), cfg.halving)[-1][0] * d.global_batch()  # steps of the longest
     train = _blocks(train_src, loaded.tokenizer, max(n_train, 1), d.seq_len, cfg.seed, loaded.model)
     folder = run.path / "tournament"
     state = read_json(folder / STATE_FILE)
