@@ -88,7 +88,7 @@ def verify_export(folder: str | Path, student: torch.nn.Module, expected_params:
                    "tokens": torch.tensor(ref_tokens, dtype=torch.long)}, str(ref))
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "engine.roundtrip", str(folder), "--reference", str(ref), "--out", str(out),
-               "--device", str(dev), "--tolerance", repr(_tolerance(dtype)),
+               "--device", str(dev), "--dtype", str(dtype).replace("torch.", ""), "--tolerance", repr(_tolerance(dtype)),
                "--expected-params", str(expected_params)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -160,11 +160,14 @@ def read_result(folder: str | Path) -> dict | None:
 # ---------------------------------------------------------------- the fresh process
 
 
-def check_folder(folder: Path, ref: dict, device: str, tol: float, expected_params: int) -> dict:
-    """Runs in the fresh process: reload, compare logits, generate, count parameters."""
+def check_folder(folder: Path, ref: dict, device: str, tol: float, expected_params: int,
+                 dtype: str = "float32") -> dict:
+    """Runs in the fresh process: reload (in the in-memory model's dtype), compare logits, generate,
+    count parameters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False,
+                                                 dtype=getattr(torch, dtype)).to(device).eval()
     ids = ref["ids"].to(device)
     with torch.inference_mode():
         logits = model(ids).logits.float().cpu()
@@ -200,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", required=True, help="safetensors with ids, logits, tokens")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(REL_TOL))
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--expected-params", type=int, required=True)
     a = p.parse_args(argv)
     from safetensors.torch import load_file
 
     try:
-        r = check_folder(Path(a.folder), load_file(a.reference), a.device, a.tolerance, a.expected_params)
+        r = check_folder(Path(a.folder), load_file(a.reference), a.device, a.tolerance, a.expected_params,
+                         a.dtype)
     except Exception as e:  # noqa: BLE001 - any failure to load or run is the check's answer
         r = {"passed": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     write_json(Path(a.out), r)

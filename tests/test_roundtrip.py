@@ -99,3 +99,10 @@ def test_dashboard_badge_reads_the_recorded_result(tmp_path):
     failed = roundtrip_summary({"passed": False, "reason": "logits differ by 3 (tolerance 0.001)"})
     assert failed[:2] == ("Round trip failed", "red") and "logits differ by 3" in failed[2]
     assert roundtrip_summary(None) is None
+
+
+def test_bf16_export_is_checked_in_bf16(tmp_path):
+    pruned, plan = _pruned("llama", "mlp-60")
+    out = export_model(pruned, tiny_tokenizer(), tmp_path / "out", plan=plan, dtype=torch.bfloat16)
+    r = read_result(out)
+    assert r["passed"] and r["dtype"] == "bfloat16" and r["tolerance"] == 2e-2, r
