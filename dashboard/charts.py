@@ -231,7 +231,8 @@ def channels_bar(channels: np.ndarray, removed: np.ndarray | None = None) -> go.
                       xaxis=dict(title=dict(text="channel rank (most important first)")),
                       yaxis=dict(title=dict(text="importance")),
                       yaxis2=_right_axis("cumulative share of importance", range=[0, 100.5], autorange=False,
-                                         tickvals=[0, 25, 50, 75, 100], ticksuffix="%"))
+                                         tickvals=[0, 25, 50, 75, 100],
+                                         ticktext=["0%", "25%", "50%", "75%", "100%"]))
     return _layout(fig, "Embedding channels, sorted", height=360)
 
 
