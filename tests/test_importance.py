@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -185,6 +186,57 @@ def test_cached_prefix_sweep_equals_naive_removal(family):
     assert {"width_bi", "depth_ppl", "block_ppl", "total"} <= set(s.meta["timings"])
 
 
+def test_depth_samples_sweep_the_first_samples_and_width_is_skippable():
+    model = tiny_model("llama")
+    ids = random_ids(5, T)
+    cfg = ScoreConfig(depth_ppl=True, block_size=2, block_ppl=True, batch_size=2)
+    full = compute_scores(model, ids, cfg)
+    part = compute_scores(model, ids, dataclasses.replace(cfg, depth_samples=3))
+    first3 = compute_scores(model, ids[:3], cfg)
+    for k in ("heads", "neurons", "channels", "bi", "block_bi"):  # width + BI still use all five samples
+        close(part[k], full[k])
+    for k in ("ppl_increase", "block_ppl_increase"):  # the sweeps use the first three
+        close(part[k], first3[k])
+    assert part.meta["depth_samples"] == 3 and full.meta["depth_samples"] == 5
+    assert part.meta["base_ppl"] == pytest.approx(first3.meta["base_ppl"], rel=1e-6)
+    only = compute_scores(model, ids, dataclasses.replace(cfg, depth_samples=3), width=False)
+    assert set(only.tensors) == {"ppl_increase", "block_ppl_increase"} and "width_bi" not in only.meta["timings"]
+    close(only["ppl_increase"], part["ppl_increase"])
+    with pytest.raises(ScoreError, match="depth samples must be >= 1"):
+        compute_scores(model, ids, dataclasses.replace(cfg, depth_samples=0))
+
+
+def test_sweep_cost_formula_counts_the_passes_actually_run():
+    """sweep_layer_passes is the number of decoder-layer and lm_head passes per sample the sweep runs."""
+    from engine.importance.sweep import estimate_sweep_seconds, sweep_layer_passes
+
+    model = tiny_model("mistral")
+    a = get_adapter(model)
+    L, D = a.n_layers, 3
+    rows = {"layer": 0, "head": 0}
+
+    def count(kind):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            rows[kind] += x.shape[0] if x.dim() == 3 else x.shape[0] / (T - 1)  # lm_head gets (m * (T-1), D)
+        return hook
+
+    handles = [layer.register_forward_hook(count("layer"), with_kwargs=True) for layer in a.layers]
+    handles.append(a.lm_head.register_forward_hook(count("head"), with_kwargs=True))
+    try:
+        compute_scores(model, random_ids(4, T), ScoreConfig(depth_ppl=True, block_size=2, block_ppl=True,
+                                                            depth_samples=D, batch_size=2), width=False)
+    finally:
+        for h in handles:
+            h.remove()
+    layers, heads = sweep_layer_passes(L, 0.0, True, 2, True), sweep_layer_passes(L, 1.0, True, 2, True)
+    assert rows["layer"] == layers * D and rows["head"] == pytest.approx((heads - layers) * D)
+    arch = a.spec().to_dict()
+    assert estimate_sweep_seconds(0.5, arch, D, block_size=2, block_ppl=True) == pytest.approx(
+        0.5 * D * sweep_layer_passes(L, arch["vocab_size"] * 40 / (40 * 8 * (2 * 6 + 2 * 3) + 3 * 40 * 29),
+                                     True, 2, True))
+
+
 def test_taylor_matches_bruteforce_and_leaves_model_untouched():
     model = tiny_model("qwen2")
     a = get_adapter(model)
@@ -255,7 +307,7 @@ def test_score_caches_reuses_extends_and_refuses(tiny_setup, tmp_path, monkeypat
     loaded, source, _, _ = tiny_setup
     calls: list[ScoreConfig] = []
     real = cache.compute_scores
-    monkeypatch.setattr(cache, "compute_scores", lambda m, b, c, progress=None: calls.append(c) or real(m, b, c, progress))
+    monkeypatch.setattr(cache, "compute_scores", lambda m, b, c, progress=None, **kw: calls.append(c) or real(m, b, c, progress, **kw))
     s1, folder = score(loaded, source, 4, 16, config=ScoreConfig(depth_ppl=True))
     assert folder.parent.name == "scores" and s1.meta["reused"] == "none" and len(calls) == 1
     assert s1.meta["cache_key"] == folder.name and s1.meta["fingerprint"] and s1.meta["data_source"]["kind"] == "file"
@@ -313,6 +365,40 @@ def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(tiny_s
     assert main(["prune", "--scores", str(folder), "--ffn", "20", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_add_depth_scores_keeps_the_width_scores(tiny_setup, tmp_path, monkeypatch):
+    import engine.importance.cache as cache
+    from engine.data import get_blocks
+    from engine.importance import add_depth_scores
+
+    loaded, source, _, _ = tiny_setup
+    folder = tmp_path / "scores"
+    first, _ = score(loaded, source, 4, 16, config=ScoreConfig(block_size=2), out_dir=folder)
+    widths = {k: v.clone() for k, v in first.tensors.items()}
+    calls: list[bool] = []
+    real = cache.compute_scores
+    monkeypatch.setattr(cache, "compute_scores", lambda m, b, c, progress=None, width=True: calls.append(width)
+                        or real(m, b, c, progress, width))
+    steps: list[tuple[float, str]] = []
+    added = add_depth_scores(folder, loaded, depth_samples=2, block_ppl=True, progress=lambda f, m: steps.append((f, m)))
+    assert calls == [False] and added.meta["reused"] == "partial" and steps[-1][0] == 1.0
+    on_disk = Scores.load(folder)
+    for k, v in widths.items():  # not recomputed: the very same numbers
+        assert torch.equal(on_disk[k], v), k
+    blocks = get_blocks(source, loaded.tokenizer, 4, 16)
+    ref = compute_scores(loaded.model, blocks[:2], ScoreConfig(depth_ppl=True, block_size=2, block_ppl=True))
+    close(on_disk["ppl_increase"], ref["ppl_increase"])
+    close(on_disk["block_ppl_increase"], ref["block_ppl_increase"])
+    assert on_disk.meta["depth_samples"] == 2 and on_disk.meta["timings"]["width_bi"] == first.meta["timings"]["width_bi"]
+    assert on_disk.meta["spearman_bi_ppl"] == pytest.approx(spearman(on_disk["bi"], on_disk["ppl_increase"]))
+    assert add_depth_scores(folder, loaded, depth_samples=2).meta["reused"] == "all" and len(calls) == 1
+    three = add_depth_scores(folder, loaded, depth_samples=3)  # another sample count replaces the sweep
+    assert three.meta["depth_samples"] == 3 and not three.has("block_ppl_increase") and calls[-1] is False
+    with pytest.raises(ScoreError, match="no block scores"):
+        add_depth_scores(score(loaded, source, 4, 16, out_dir=tmp_path / "plain")[1], loaded, block_ppl=True)
+    one = add_depth_scores(folder, depth_samples=1, device="cpu")  # the model loaded from the scores' record
+    assert one.meta["depth_samples"] == 1 and torch.equal(one["heads"], widths["heads"])
 
 
 def test_cli_end_to_end(tiny_setup, tmp_path, capsys):

@@ -11,7 +11,8 @@ import importlib
 _WHERE = {
     "AGGREGATIONS": "aggregate", "spearman": "aggregate",
     "ScoreConfig": "api", "compute_scores": "api", "score_config_for": "api",
-    "cache_key": "cache", "score": "cache",
+    "cache_key": "cache", "score": "cache", "add_depth_scores": "cache",
+    "estimate_sweep_seconds": "sweep", "default_depth_samples": "sweep",
     "ScoreError": "scores", "Scores": "scores",
 }
 

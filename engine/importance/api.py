@@ -27,6 +27,7 @@ from engine.importance.aggregate import DEFAULT_AGGREGATION, parse_aggregation, 
 from engine.importance.depth import lm_nll, removal_nll
 from engine.importance.scores import ScoreError, Scores
 from engine.importance.stream import execution_device, stream_info
+from engine.importance.sweep import format_seconds, lm_head_layers
 from engine.importance.taylor import taylor_scores
 from engine.importance.width import WidthCollector
 
@@ -46,11 +47,14 @@ class ScoreConfig:
     block_ppl: bool = False  # also ppl with each block removed
     taylor: bool = False
     batch_size: int = 8
+    depth_samples: int | None = None  # calibration samples the perplexity sweeps use (the first ones); None: all
 
     def validate(self, n_layers: int) -> None:
         parse_aggregation(self.aggregation)
         if self.batch_size < 1:
             raise ScoreError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.depth_samples is not None and self.depth_samples < 1:
+            raise ScoreError(f"depth samples must be >= 1 (or None for all), got {self.depth_samples}")
         if self.block_size is not None and not 1 <= self.block_size <= n_layers:
             raise ScoreError(f"block size must be between 1 and the model's {n_layers} layers, "
                              f"got {self.block_size}")
@@ -69,14 +73,18 @@ def score_config_for(depth_by: str, drop: int, base: ScoreConfig | None = None) 
 
 
 class _Meter:
-    """Maps work units to a 0..1 progress fraction for the callback."""
+    """Maps work units (layer passes) to a 0..1 progress fraction, and an ETA, for the callback."""
 
     def __init__(self, total: float, progress: Progress | None):
         self.total, self.done, self.progress = max(total, 1e-9), 0.0, progress
+        self.t0 = time.perf_counter()
 
     def step(self, units: float, message: str) -> None:
         self.done += units
         if self.progress is not None:
+            elapsed = time.perf_counter() - self.t0
+            if self.done < self.total and elapsed > 1.0:
+                message += f" · about {format_seconds(elapsed * (self.total - self.done) / self.done)} left"
             self.progress(min(1.0, self.done / self.total), message)
 
 
@@ -95,12 +103,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sweep_batch(adapter, ids: torch.Tensor, final_hidden: torch.Tensor, captured: list[torch.Tensor],
+                 config: ScoreConfig, sums: dict, timings: dict, meter: _Meter, units: dict, msg: str) -> None:
+    """Base NLL and the layer / block removal sweeps of one batch (ids (m, T), captured layer inputs)."""
+    L, n, m = adapter.n_layers, config.block_size, ids.shape[0]
+    t0 = time.perf_counter()
+    sums["base"] += lm_nll(adapter, final_hidden, ids).item()
+    timings["base_ppl"] = timings.get("base_ppl", 0.0) + time.perf_counter() - t0
+    meter.step(units["base"] * m, f"base perplexity, {msg}")
+    head = units["base"]
+    if config.depth_ppl:
+        t0 = time.perf_counter()
+        sums["layer"] += removal_nll(adapter, ids, captured, 1, on_step=lambda i: meter.step(
+            (L - 1 - i + head) * m, f"perplexity without layer {i}, {msg}"))
+        timings["depth_ppl"] = timings.get("depth_ppl", 0.0) + time.perf_counter() - t0
+    if config.block_ppl:
+        t0 = time.perf_counter()
+        sums["block"] += removal_nll(adapter, ids, captured, n, on_step=lambda b: meter.step(
+            (L - b - n + head) * m, f"perplexity without layers {b}..{b + n - 1}, {msg}"))
+        timings["block_ppl"] = timings.get("block_ppl", 0.0) + time.perf_counter() - t0
+
+
 def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreConfig = ScoreConfig(),
-                   progress: Progress | None = None) -> Scores:
+                   progress: Progress | None = None, width: bool = True) -> Scores:
     """Every importance score of `model` on calibration `blocks` (N, T) token ids; nothing written.
 
     Works on any model an adapter supports, pruned or not (widths are read from the activations).
-    `progress(fraction, message)` is called as work completes.
+    The perplexity sweeps use the first `config.depth_samples` blocks (all when None). `width=False`
+    skips the width + BI statistics and computes only the sweeps / Taylor+ asked for (to add them to
+    existing scores). `progress(fraction, message)` is called as work completes, with an ETA.
     """
     adapter = get_adapter(model)
     L = adapter.n_layers
@@ -113,17 +144,19 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     n = config.block_size
     device = execution_device(model)  # not `meta`, where a streamed model's weights rest between forwards
     bs = config.batch_size
-    n_batches = math.ceil(N / bs)
     need_ppl = config.depth_ppl or config.block_ppl
-    n_blocks = L - n + 1 if n else 0
-    # progress units ~ layer passes (an lm_head pass counted as one layer)
-    per_batch = L + (1 if need_ppl else 0) + (L * (L + 1) / 2 if config.depth_ppl else 0) \
-        + (sum(L - b - n + 1 for b in range(n_blocks)) if config.block_ppl else 0)
-    meter = _Meter(per_batch * n_batches + (3 * L * n_batches if config.taylor else 0), progress)
-    timings = {"width_bi": 0.0}
-    base_nll, nll_removed, nll_block = 0.0, torch.zeros(L, dtype=torch.float64), None
-    if config.block_ppl:
-        nll_block = torch.zeros(n_blocks, dtype=torch.float64)
+    D = min(config.depth_samples or N, N) if need_ppl else 0  # samples the sweeps run on
+    rows = N if width else D  # samples that go through the (capturing) forward pass
+    n_batches = math.ceil(rows / bs)
+    head = lm_head_layers(adapter.spec().to_dict())  # progress units: layer passes per sample
+    units = {"forward": L, "base": head, "layer": L * (L - 1) / 2 + L * head,
+             "block": sum(L - b - n for b in range(L - n + 1)) + (L - n + 1) * head if n else 0.0}
+    total = rows * L + D * (head + (units["layer"] if config.depth_ppl else 0)
+                            + (units["block"] if config.block_ppl else 0))
+    meter = _Meter(total + (3 * L * N if config.taylor else 0), progress)
+    timings: dict[str, float] = {"width_bi": 0.0} if width else {}
+    sums = {"base": 0.0, "layer": torch.zeros(L, dtype=torch.float64),
+            "block": torch.zeros(L - n + 1, dtype=torch.float64) if n else None}
     was_training = model.training
     model.eval()
     t_start = time.perf_counter()
@@ -131,52 +164,44 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     try:
         with torch.no_grad(), collector:
             for k in range(n_batches):
-                ids = blocks[k * bs:(k + 1) * bs].to(device)  # (b, T)
+                ids = blocks[k * bs:min((k + 1) * bs, rows)].to(device)  # (b, T)
+                m = max(0, min(D - k * bs, ids.shape[0]))  # rows of this batch the sweeps use
                 msg = f"batch {k + 1}/{n_batches}"
                 t0 = time.perf_counter()
-                collector.enabled = True
+                collector.enabled, collector.capture = True, m > 0
                 collector.count_tokens(ids)
                 out = adapter.base_model(input_ids=ids, use_cache=False)
                 collector.enabled = False
                 _sync(device)
-                timings["width_bi"] += time.perf_counter() - t0
-                meter.step(L, f"width + BI pass, {msg}")
-                if need_ppl:
-                    t0 = time.perf_counter()
-                    base_nll += lm_nll(adapter, out.last_hidden_state, ids).item()
-                    timings["base_ppl"] = timings.get("base_ppl", 0.0) + time.perf_counter() - t0
-                    meter.step(1, f"base perplexity, {msg}")
+                timings["width_bi" if width else "capture"] = timings.get(
+                    "width_bi" if width else "capture", 0.0) + time.perf_counter() - t0
+                meter.step(L * ids.shape[0], f"{'width + BI' if width else 'capture'} pass, {msg}")
+                if m:
+                    _sweep_batch(adapter, ids[:m], out.last_hidden_state[:m],
+                                 [c[:m] for c in collector.captured], config, sums, timings, meter, units, msg)
                 del out
-                if config.depth_ppl:
-                    t0 = time.perf_counter()
-                    nll_removed += removal_nll(adapter, ids, collector.captured, 1, on_step=lambda i, m=msg: meter.step(
-                        L - i, f"perplexity without layer {i}, {m}"))
-                    timings["depth_ppl"] = timings.get("depth_ppl", 0.0) + time.perf_counter() - t0
-                if config.block_ppl:
-                    t0 = time.perf_counter()
-                    nll_block += removal_nll(adapter, ids, collector.captured, n, on_step=lambda b, m=msg: meter.step(
-                        L - b - n + 1, f"perplexity without layers {b}..{b + n - 1}, {m}"))
-                    timings["block_ppl"] = timings.get("block_ppl", 0.0) + time.perf_counter() - t0
                 collector.clear_batch()
-        tensors = collector.result()
+        tensors = collector.result() if width else {}
         if config.taylor:
             t0 = time.perf_counter()
             tensors["taylor"] = taylor_scores(adapter, blocks, bs, on_batch=lambda k: meter.step(
-                3 * L, f"Taylor+ gradients, batch {k + 1}/{n_batches}"))
+                3 * L * bs, f"Taylor+ gradients, batch {k + 1}/{math.ceil(N / bs)}"))
             _sync(device)
             timings["taylor"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
 
-    n_pred = N * (T - 1)
+    n_pred = D * (T - 1)
     meta: dict = {}
     if need_ppl:
-        meta["base_ppl"] = math.exp(base_nll / n_pred)
+        meta["base_ppl"] = math.exp(sums["base"] / n_pred)
+        meta["depth_samples"] = D
     if config.depth_ppl:
-        tensors["ppl_increase"] = (torch.exp(nll_removed / n_pred) - meta["base_ppl"]).float()
-        meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
+        tensors["ppl_increase"] = (torch.exp(sums["layer"] / n_pred) - meta["base_ppl"]).float()
+        if "bi" in tensors:
+            meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
     if config.block_ppl:
-        tensors["block_ppl_increase"] = (torch.exp(nll_block / n_pred) - meta["base_ppl"]).float()
+        tensors["block_ppl_increase"] = (torch.exp(sums["block"] / n_pred) - meta["base_ppl"]).float()
     timings["total"] = time.perf_counter() - t_start
     p = next(model.parameters())
     spec = adapter.spec()

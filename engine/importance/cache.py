@@ -73,13 +73,22 @@ def _differences(cached: dict, inputs: dict) -> list[str]:
     return out
 
 
+def _depth_samples(config: ScoreConfig, n_samples: int) -> int:
+    """The calibration samples a sweep asked for by `config` runs on."""
+    return min(config.depth_samples or n_samples, n_samples)
+
+
 def _missing(cached: Scores, config: ScoreConfig) -> ScoreConfig | None:
-    """The optional parts the cached scores lack (None if they hold everything asked for)."""
+    """The optional parts the cached scores lack (None if they hold everything asked for). Perplexity
+    sweeps made on another number of samples count as missing."""
+    n_samples = int(cached.meta.get("n_samples") or 0)
+    # sweeps saved before depth_samples was recorded ran on every sample
+    same_d = int(cached.meta.get("depth_samples") or n_samples) == _depth_samples(config, n_samples)
     need_blocks = config.block_size is not None and (
         cached.meta.get("block_size") != config.block_size or not cached.has("block_bi")
-        or (config.block_ppl and not cached.has("block_ppl_increase")))
+        or (config.block_ppl and not (cached.has("block_ppl_increase") and same_d)))
     miss = dataclasses.replace(
-        config, depth_ppl=config.depth_ppl and not cached.has("ppl_increase"),
+        config, depth_ppl=config.depth_ppl and not (cached.has("ppl_increase") and same_d),
         taylor=config.taylor and not cached.has("taylor"),
         block_size=config.block_size if need_blocks else None,
         block_ppl=config.block_ppl and need_blocks)
@@ -88,9 +97,21 @@ def _missing(cached: Scores, config: ScoreConfig) -> ScoreConfig | None:
     return miss
 
 
+def _needs_width(cached: Scores | None, todo: ScoreConfig) -> bool:
+    """Whether the width + BI pass must run: no scores yet, or block BI of a new block size."""
+    if cached is None:
+        return True
+    return bool(todo.block_size) and not (cached.has("block_bi") and cached.meta.get("block_size") == todo.block_size)
+
+
 def _merge(cached: Scores, new: Scores) -> Scores:
-    """Cached optional tensors not recomputed are kept; recomputed ones replace them."""
-    tensors = {**cached.tensors, **new.tensors}
+    """Cached optional tensors not recomputed are kept; recomputed ones replace them. Cached perplexity
+    sweeps over another number of samples than the new ones are dropped (their base ppl differs)."""
+    stale = new.meta.get("depth_samples") is not None and \
+        (cached.meta.get("depth_samples") or cached.meta.get("n_samples")) != new.meta["depth_samples"]
+    kept = {k: v for k, v in cached.tensors.items()
+            if not (stale and k in ("ppl_increase", "block_ppl_increase") and k not in new.tensors)}
+    tensors = {**kept, **new.tensors}
     meta = {**cached.meta, **{k: v for k, v in new.meta.items() if v is not None}}
     meta["timings"] = {**cached.meta.get("timings", {}), **new.meta.get("timings", {})}
     if "ppl_increase" in tensors:
@@ -151,7 +172,7 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
                         progress=(lambda f, m: progress(0.05 * f, m)) if progress else None)
     t_data = time.perf_counter() - t0
     inner = (lambda f, m: progress(0.05 + 0.95 * f, m)) if progress else None
-    new = compute_scores(loaded.model, blocks, todo, progress=inner)
+    new = compute_scores(loaded.model, blocks, todo, progress=inner, width=_needs_width(cached, todo))
     new.meta["timings"]["data"] = round(t_data, 4)
     new.meta.update(inputs)
     new.meta.update({"cache_key": key, "model": loaded.name, "data": source.label})
@@ -164,3 +185,48 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
     result.meta["reused"] = "partial" if cached is not None else "none"
     log.info("scores written to %s", folder)
     return result, folder
+
+
+def model_spec_of(meta: dict) -> str:
+    """The model spec to load for a scores file (the built-in model is recorded by its name)."""
+    from engine.models import BUILTIN_NAME
+
+    name = meta.get("model") or "default"
+    return "default" if name == BUILTIN_NAME else str(name)
+
+
+def add_depth_scores(folder: str | Path, loaded: LoadedModel | None = None, depth_samples: int | None = None,
+                     block_size: int | None = None, block_ppl: bool = False, device: str = "auto",
+                     progress: Progress | None = None) -> Scores:
+    """Add the per-layer perplexity sweep (and, with `block_ppl`, the block sweep) to the scores in `folder`,
+    on the data, samples, seed and dtype recorded there, without recomputing the width scores.
+
+    loaded: the scored model (None: loaded from the spec and dtype in the scores, on `device`).
+    depth_samples: calibration samples for the sweep, the first ones (None: all on a GPU, at most 8 on a
+    CPU; see engine.importance.sweep). block_size: for the block sweep, default the scores' own.
+    Returns the merged scores (also written to `folder`; meta["reused"] says what was computed).
+    """
+    from engine.importance.stream import execution_device
+    from engine.importance.sweep import default_depth_samples
+    from engine.models import load
+
+    folder = Path(folder)
+    meta = Scores.load(folder).meta  # verified: a damaged folder is a ScoreError here
+    if loaded is None:
+        loaded = load(model_spec_of(meta), dtype=meta.get("dtype") or "auto", device=device)
+    d = dict(meta.get("data_source") or {})
+    if not d or not meta.get("n_samples") or not meta.get("seq_len"):
+        raise ScoreError(f"{folder} does not record its data source and sizes; rescore with `prunescope score`")
+    d["docs"] = tuple(d.get("docs", (0.0, 1.0)))
+    n, t = int(meta["n_samples"]), int(meta["seq_len"])
+    if depth_samples is None:
+        depth_samples = default_depth_samples(n, execution_device(loaded.model).type)
+    block_size = block_size or (meta.get("block_size") if block_ppl else None)
+    if block_ppl and not block_size:
+        raise ScoreError(f"{folder} has no block scores: give a block size for the block perplexity sweep")
+    config = ScoreConfig(aggregation=meta.get("aggregation") or ScoreConfig.aggregation, depth_ppl=True,
+                         block_size=block_size, block_ppl=block_ppl, depth_samples=depth_samples,
+                         batch_size=int((meta.get("config") or {}).get("batch_size") or ScoreConfig.batch_size))
+    scores, _ = score(loaded, DataSource(**d), n, t, seed=int(meta.get("seed") or 0), config=config,
+                      out_dir=folder, progress=progress)
+    return scores
