@@ -11,6 +11,7 @@ It runs as the "pipeline" and "distill" kinds of job (engine.jobs).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +53,8 @@ class PipelineConfig:
     seed: int = 0
     dtype: str = "auto"  # teacher weights; the student trains with fp32 master weights
     device: str = "auto"
+    teacher_correction_tokens: int = 0  # > 0: first fine-tune the teacher on the training data (CE)
+    teacher_correction_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, dict):
@@ -63,7 +66,15 @@ class PipelineConfig:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return DISTILL_STAGES if self.student else STAGES
+        first = ("correct_teacher",) if self.teacher_correction_tokens else ()
+        return first + (DISTILL_STAGES if self.student else STAGES)
+
+    @property
+    def loads_teacher(self) -> bool:
+        """Whether the job needs the teacher at all: a distill-only job whose method never runs it
+        (cpt, LoRA on ce) on file data does not load it (evaluations then report no KL)."""
+        return (self.kind == "pipeline" or self.distill.needs_teacher or self.teacher_correction_tokens > 0
+                or self.data.startswith("generated"))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -101,7 +112,8 @@ class Job:
     stop: Callable[[], bool]
     main: bool  # rank 0 under torchrun: it scores, plans, evaluates, exports and writes the folder
     summary: dict
-    teacher: Any = None  # engine.models.LoadedModel
+    teacher: Any = None  # engine.models.LoadedModel (None when the job does not need it)
+    tokenizer: Any = None
     train_src: DataSource | None = None
     eval_src: DataSource | None = None
     dcfg: DistillConfig | None = None
@@ -132,6 +144,41 @@ class Job:
 
 
 # ---------------------------------------------------------------- the stages
+
+
+def correct_teacher_stage(job: Job) -> None:
+    """Teacher correction (Minitron in practice): fine-tune a copy of the teacher on the training
+    data with next-token cross-entropy, keep it in the run folder (teacher_corrected/), and use it
+    for every later stage. Resumable like distillation; a finished correction is loaded, not redone."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.evaluate import evaluate_student
+
+    folder = job.run.path / "teacher_corrected"
+    if job.run.stage_done("correct_teacher") and folder.is_dir():
+        corrected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        cb = job.begin("correct_teacher", "fine-tuning the teacher on the training data")
+        before = evaluate_student(None, job.teacher.model, job.eval_blocks, job.dcfg.eval_batch_size)["ppl"]
+        ccfg = replace(job.dcfg, method="cpt", tokens=job.cfg.teacher_correction_tokens, lr=job.cfg.teacher_correction_lr,
+                       hidden_weight=0.0, layer_map=None)
+        n = ccfg.total_steps(world()[1]) * ccfg.global_batch(world()[1])
+        train = get_blocks(job.train_src, job.tokenizer, n, ccfg.seq_len, job.cfg.seed + 2, model=teacher_model(job),
+                           up_to=True)
+        corrected = copy.deepcopy(job.teacher.model)
+        r = distill(None, corrected, train, job.eval_blocks, ccfg, job.run.path / "teacher_correction",
+                    progress=cb, should_stop=job.stop)
+        if r["stopped"]:
+            raise Cancelled()
+        after = (r.get("last_eval") or {}).get("ppl") or evaluate_student(None, corrected, job.eval_blocks)["ppl"]
+        if job.main:
+            corrected.save_pretrained(folder, safe_serialization=True)
+        barrier()
+        job.summary.update(ppl_teacher_original=before, ppl_teacher_corrected=after,
+                           teacher_correction_tokens=r["tokens"])
+        job.done("correct_teacher", ppl_before=before, ppl_after=after)
+    corrected.to(next(job.teacher.model.parameters()).device).eval().requires_grad_(False)
+    job.teacher.model = corrected
 
 
 def score_stage(job: Job) -> None:
@@ -187,7 +234,9 @@ def prune_stage(job: Job) -> None:
         job.student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
         job.student.to(resolve_device(job.cfg.device))
     n = count_parameters(job.student)
-    job.summary.update(params_student=n, params_ratio=n / job.summary["params_teacher"])
+    job.summary.update(params_student=n)
+    if job.summary.get("params_teacher"):
+        job.summary["params_ratio"] = n / job.summary["params_teacher"]
     if job.plan is not None and not job.run.stage_done("prune"):
         job.done("prune")
 
@@ -197,7 +246,7 @@ def evaluate_stage(job: Job) -> None:
     from engine.evaluate import evaluate_student
 
     cb = job.begin("evaluate")
-    r = evaluate_student(job.teacher.model, job.student, job.eval_blocks, job.dcfg.eval_batch_size,
+    r = evaluate_student(teacher_model(job), job.student, job.eval_blocks, job.dcfg.eval_batch_size,
                          job.dcfg.temperature, progress=lambda f, m: cb(0.2 + 0.8 * f, m))
     job.summary.update(ppl_teacher=r["teacher_ppl"], ppl_one_shot=r["ppl"], kl_one_shot=r["kl"],
                        eval_blocks=list(job.eval_blocks.shape))
@@ -210,9 +259,9 @@ def distill_stage(job: Job) -> None:
     cb = job.begin("distill")
     world_size = world()[1]
     n_train = job.dcfg.total_steps(world_size) * job.dcfg.global_batch(world_size)
-    train = get_blocks(job.train_src, job.teacher.tokenizer, n_train, job.dcfg.seq_len, job.cfg.seed,
-                       model=job.teacher.model, up_to=True)
-    job.result = r = distill(job.teacher.model, job.student, train, job.eval_blocks, job.dcfg, job.run.path,
+    train = get_blocks(job.train_src, job.tokenizer, n_train, job.dcfg.seq_len, job.cfg.seed,
+                       model=teacher_model(job), up_to=True)
+    job.result = r = distill(teacher_model(job), job.student, train, job.eval_blocks, job.dcfg, job.run.path,
                              progress=cb, should_stop=job.stop,
                              kept_channels=job.plan.channels if job.plan is not None else None)
     if r["stopped"]:
@@ -234,7 +283,7 @@ def final_evaluate_stage(job: Job) -> None:
     if last.get("step") == job.dcfg.total_steps() and last.get("ppl") is not None:
         r = {"ppl": last["ppl"], "kl": last["kl"]}  # the same blocks
     else:
-        r = evaluate_student(job.teacher.model, job.student, job.eval_blocks, job.dcfg.eval_batch_size,
+        r = evaluate_student(teacher_model(job), job.student, job.eval_blocks, job.dcfg.eval_batch_size,
                              job.dcfg.temperature, progress=cb)
     job.summary.update(ppl_distilled=r["ppl"], kl_distilled=r["kl"])
     job.done("evaluate_final")
@@ -244,9 +293,9 @@ def export_stage(job: Job) -> None:
     from engine.export import export_model
 
     job.begin("export")
-    out = export_model(job.student, job.teacher.tokenizer, job.run.path / "model", plan=job.plan,
+    out = export_model(job.student, job.tokenizer, job.run.path / "model", plan=job.plan,
                        scores_meta=job.scores.meta if job.scores is not None else None,
-                       source_name=job.teacher.name, force=True)
+                       source_name=job.teacher.name if job.teacher is not None else job.cfg.model, force=True)
     job.summary["model_dir"] = str(out)
     job.done("export")
 
@@ -263,6 +312,7 @@ class Stage:
     again: Callable[[Job], bool] = lambda job: False
 
 
+CORRECTION = Stage("correct_teacher", correct_teacher_stage, again=lambda job: True)  # loads when done
 PIPELINE = (
     Stage("score", score_stage, main_only=True, load=load_scores),
     Stage("plan", plan_stage, main_only=True, load=load_plan),
@@ -278,21 +328,36 @@ DISTILL_ONLY = tuple(s for s in PIPELINE if s.name not in ("score", "plan"))
 # ---------------------------------------------------------------- the job
 
 
+def teacher_model(job: Job):
+    """The teacher's module, or None when the job does not load one."""
+    return job.teacher.model if job.teacher is not None else None
+
+
 def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
-    """Load the teacher, parse the data sources, take the held-out blocks (every rank)."""
+    """Load the teacher (when needed), parse the data sources, take the held-out blocks (every rank)."""
     from engine.models import count_parameters, load
 
     cfg = PipelineConfig.from_dict(run.config())
     summary = read_json(run.path / "summary.json") or {"kind": cfg.kind, "model": cfg.model, "stage_seconds": {}}
     job = Job(run=run, cfg=cfg, stop=stop, main=world()[0] == 0, summary=summary)
-    run.set_stage(cfg.stages[0], 0.0, f"loading {cfg.model}")
-    job.teacher = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    run.set_stage(cfg.stages[0], 0.0, f"loading {cfg.model if cfg.loads_teacher else cfg.student}")
+    if cfg.loads_teacher:
+        job.teacher = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        job.tokenizer = job.teacher.tokenizer
+        summary["params_teacher"] = count_parameters(job.teacher.model)
+    else:
+        from transformers import AutoTokenizer
+
+        from engine.models import resolve_spec
+
+        path, kw = resolve_spec(cfg.student)
+        job.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     job.train_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.train_range)
     job.eval_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.eval_range)
-    summary.update(data=job.train_src.label, params_teacher=count_parameters(job.teacher.model))
+    summary.update(data=job.train_src.label, method=cfg.distill.method)
     job.dcfg = cfg.distill
-    job.eval_blocks = get_blocks(job.eval_src, job.teacher.tokenizer, cfg.eval_samples, job.dcfg.seq_len,
-                                 cfg.seed + 1, model=job.teacher.model, up_to=True)
+    job.eval_blocks = get_blocks(job.eval_src, job.tokenizer, cfg.eval_samples, job.dcfg.seq_len,
+                                 cfg.seed + 1, model=teacher_model(job), up_to=True)
     return job
 
 
@@ -302,7 +367,8 @@ def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | No
     Raises `engine.errors.Cancelled` when stopped (after distillation's final checkpoint)."""
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)  # one Run per process: shared status
     job = setup_job(run, should_stop or (lambda: False))
-    for stage in PIPELINE if job.cfg.kind == "pipeline" else DISTILL_ONLY:
+    stages = PIPELINE if job.cfg.kind == "pipeline" else DISTILL_ONLY
+    for stage in ((CORRECTION,) if job.cfg.teacher_correction_tokens else ()) + stages:
         if stage.name == "distill" and job.plan is not None and job.dcfg.hidden_weight and job.dcfg.layer_map is None:
             job.dcfg = replace(job.dcfg, layer_map=tuple(job.plan.kept_layers))
         if not stage.main_only:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -24,6 +25,24 @@ def wikitext() -> Path:
     if not WIKITEXT.is_file():
         pytest.skip(f"{WIKITEXT} is not here: these tests read the shared WikiText-2 file beside the project")
     return WIKITEXT
+
+
+WORDS = ("the quick brown fox jumps over lazy dog pruning removes heads neurons and layers distillation "
+         "teaches small model from large one Paris is capital of France water boils at hundred degrees").split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """40 WikiText-style articles (` = Title = ` headings) of random sentences, as a text file."""
+    rng = random.Random(0)
+    arts = []
+    for a in range(40):
+        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                 for _ in range(30)]
+        arts.append(f" = Article {a} = \n\n {' '.join(sents)} \n")
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n".join(arts))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
-from pathlib import Path
 
 import pytest
 from tiny_models import random_ids, tiny_model
@@ -22,19 +20,6 @@ from engine.evaluate import (
 )
 from engine.models import count_parameters
 from engine.speed import size_on_disk
-
-WORDS = "the quick brown fox jumps over lazy dog pruning removes heads neurons and layers Paris water".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """20 WikiText-style articles of random sentences."""
-    rng = random.Random(0)
-    arts = [f" = Article {a} = \n\n " + " ".join(" ".join(rng.choice(WORDS) for _ in range(10)) + "."
-                                                 for _ in range(20)) + " \n" for a in range(20)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(arts))
-    return path
 
 
 def test_evaluate_model_reports_quality_size_and_speed(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,8 +21,6 @@ from engine.pipeline import STAGES, PipelineConfig, create_run
 from engine.runs import Run, RunError, prepare_resume, read_json, start_job
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the quick brown fox jumps over lazy dog pruning removes heads neurons and layers distillation "
-         "teaches small model from large one Paris is capital of France water boils at hundred degrees").split()
 
 
 @pytest.fixture(autouse=True)
@@ -36,20 +33,6 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """40 WikiText-style articles of random sentences."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    arts = []
-    for a in range(40):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
-                 for _ in range(30)]
-        arts.append(f" = Article {a} = \n\n {' '.join(sents)} \n")
-    path.write_text("\n".join(arts))
-    return path
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -28,6 +28,20 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-samples", type=int, default=16, help="held-out blocks for evaluation")
     g.add_argument("--checkpoint-every", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("retraining method")
+    m.add_argument("--method", choices=["kd", "cpt", "lora"], default="kd",
+                   help="kd: distillation from the teacher (Minitron); cpt: continued pretraining, next-token "
+                        "cross-entropy only, no teacher; lora: LoRA adapters on the student, merged at export")
+    m.add_argument("--lora-rank", type=int, default=16)
+    m.add_argument("--lora-alpha", type=float, default=32.0)
+    m.add_argument("--lora-dropout", type=float, default=0.0)
+    m.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated module names (default: every linear layer of the decoder blocks)")
+    m.add_argument("--lora-loss", choices=["kd", "ce"], default="kd", help="what LoRA trains on")
+    m.add_argument("--correct-teacher-tokens", type=int, default=0, metavar="N",
+                   help="teacher correction: first fine-tune the teacher on N tokens of the training data "
+                        "(cross-entropy) and distil from it (0: off)")
+    m.add_argument("--correct-teacher-lr", type=float, default=1e-5)
     j = p.add_argument_group("data and job")
     j.add_argument("--data", default="generated", help="file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]")
     j.add_argument("--text-column", default=None)
@@ -53,7 +67,10 @@ def distill_config(args, layer_map=None):
             weight_decay=args.weight_decay, clip=args.clip, temperature=args.temperature,
             kl_weight=args.kl_weight, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight,
             layer_map=layer_map, eval_every=args.eval_every, eval_samples=args.eval_samples,
-            checkpoint_every=args.checkpoint_every, seed=args.seed, dtype=args.dtype)
+            checkpoint_every=args.checkpoint_every, seed=args.seed, dtype=args.dtype, method=args.method,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            lora_targets=tuple(n for n in args.lora_targets.split(",") if n) if args.lora_targets else None,
+            lora_loss=args.lora_loss)
     except ValueError as e:
         raise RunError(str(e)) from None
 
@@ -108,5 +125,7 @@ def run(args) -> int:
                          train_range=parse_doc_range(args.train_range, "--train-range"),
                          eval_range=parse_doc_range(args.eval_range, "--eval-range"),
                          distill=distill_config(args, layer_map), eval_samples=args.eval_samples,
-                         seed=args.seed, dtype=args.dtype, device=args.device)
+                         seed=args.seed, dtype=args.dtype, device=args.device,
+                         teacher_correction_tokens=args.correct_teacher_tokens,
+                         teacher_correction_lr=args.correct_teacher_lr)
     return launch(args, cfg)

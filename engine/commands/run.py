@@ -33,5 +33,7 @@ def run(args) -> int:
                          eval_range=parse_doc_range(args.eval_range, "--eval-range"),
                          calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                          targets=targets, distill=distill_config(args), eval_samples=args.eval_samples,
-                         seed=args.seed, dtype=args.dtype, device=args.device)
+                         seed=args.seed, dtype=args.dtype, device=args.device,
+                         teacher_correction_tokens=args.correct_teacher_tokens,
+                         teacher_correction_lr=args.correct_teacher_lr)
     return launch(args, cfg)
