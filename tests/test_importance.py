@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -419,6 +420,32 @@ def test_cli_end_to_end(tiny_setup, tmp_path, capsys):
     assert main(argv[:-2] + ["--out", str(out), "--seed", "3"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["score", "--model", str(model_dir), "--data", str(text), "--block-ppl"]) == 2
+
+
+def test_cli_depth_samples_estimate_and_add_to(tiny_setup, tmp_path, capsys):
+    from engine.cli import main
+
+    _, _, model_dir, text = tiny_setup
+    out = tmp_path / "scores"
+    base = ["score", "--model", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
+            "--device", "cpu", "--out", str(out)]
+    assert main(base) == 0
+    before = Scores.load(out)
+    capsys.readouterr()
+    assert main(["score", "--add-to", str(out), "--device", "cpu"]) == 0  # model, data, dtype from the scores
+    printed = capsys.readouterr().out
+    assert re.search(r"perplexity sweep on 4 x 16 tokens: about \d+ s \(one layer pass measured at [\d.]+ ms", printed)
+    assert "cache: partly reused" in printed and "perplexity sweep on 4 of the 4 samples" in printed
+    after = Scores.load(out)
+    assert torch.equal(after["heads"], before["heads"]) and after.has("ppl_increase")
+    assert main(["score", "--add-to", str(out), "--depth-samples", "2", "--device", "cpu"]) == 0
+    assert Scores.load(out).meta["depth_samples"] == 2 and "on 2 of the 4 samples" in capsys.readouterr().out
+    assert main(base + ["--depth-ppl", "--depth-samples", "2"]) == 0  # the same sweep asked for: reused
+    assert "cache: reused" in capsys.readouterr().out
+    assert main(["score", "--add-to", str(out), "--data", str(text)]) == 2
+    assert "drop --data" in capsys.readouterr().err
+    assert main(["score", "--model", str(model_dir)]) == 2
+    assert "give --data" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the built-in model

@@ -13,8 +13,8 @@ def register(sub) -> None:
                                    "layers (BI, optional perplexity sweep, blocks, Taylor+), written to a folder "
                                    "as scores.safetensors + scores.json and reused when asked again.")
     p.add_argument("--model", default="default", help="default, hub id, HF folder or .gguf")
-    p.add_argument("--data", required=True,
-                   help="calibration text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] "
+    p.add_argument("--data", default=None,
+                   help="(required unless --add-to) calibration text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] "
                         "or generated[:N]")
     p.add_argument("--data-range", default="0:1", metavar="START:END",
                    help="fraction of the documents to use (WikiText convention: 0:0.6 for calibration)")
@@ -25,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--aggregation", default="l2_mean",
                    help="<batch>_<seq>, each of l2|mean|var (default l2_mean, as Minitron)")
     p.add_argument("--depth-ppl", action="store_true", help="perplexity increase with each layer removed")
+    p.add_argument("--depth-samples", type=int, default=None, metavar="K",
+                   help="calibration samples the perplexity sweeps use, the first K (default: all on a GPU, "
+                        "8 on a CPU: the sweep costs about (layers - 1) / 2 forward passes per sample)")
+    p.add_argument("--add-to", default=None, metavar="DIR",
+                   help="add the perplexity sweep (--block-ppl: also the block sweep) to the scores in DIR, on "
+                        "their model, data and dtype, without recomputing the width scores")
     p.add_argument("--blocks", type=int, default=None, metavar="N", help="also score contiguous blocks of N layers")
     p.add_argument("--block-ppl", action="store_true", help="perplexity with each block removed (needs --blocks)")
     p.add_argument("--taylor", action="store_true", help="Taylor+ per layer (needs a backward pass)")
@@ -67,7 +73,8 @@ def summary(scores, folder, reused: str) -> list[str]:
         lines.append(f"base perplexity {m.get('base_ppl'):.4g}; ppl increase most: {_layers(ppl)}; "
                      f"least: {_layers(ppl, largest=False)}")
         rho = m.get("spearman_bi_ppl")
-        lines.append(f"Spearman(BI, ppl increase) = {'n/a' if rho is None else f'{rho:.3f}'}")
+        lines.append(f"Spearman(BI, ppl increase) = {'n/a' if rho is None else f'{rho:.3f}'}; perplexity sweep on "
+                     f"{m.get('depth_samples') or m.get('n_samples')} of the {m.get('n_samples')} samples")
     n = m.get("block_size")
     if scores.has("block_bi"):
         lines.append(f"blocks of {n}: lowest BI start at layers {_layers(scores['block_bi'].tolist(), largest=False)}")
@@ -81,21 +88,77 @@ def summary(scores, folder, reused: str) -> list[str]:
     return lines
 
 
-def run(args) -> int:
+def _bar():
     from tqdm import tqdm
 
+    bar = tqdm(total=1000, desc="scoring", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def progress(frac: float, message: str) -> None:
+        bar.update(max(0, int(frac * 1000) - bar.n))
+        bar.set_description_str(message, refresh=False)
+
+    return bar, progress
+
+
+def _estimate(loaded, arch: dict, seq_len: int, depth_samples: int, block_size, block_ppl: bool,
+              depth_ppl: bool = True) -> str:
+    """The sweep's estimated time, from one timed forward of this model and the sweep's cost formula."""
+    from engine.importance.sweep import estimate_sweep_seconds, format_seconds, measure_layer_seconds
+
+    per_layer = measure_layer_seconds(loaded.model, seq_len)
+    secs = estimate_sweep_seconds(per_layer, arch, depth_samples, depth_ppl, block_size, block_ppl)
+    return (f"perplexity sweep on {depth_samples} x {seq_len} tokens: about {format_seconds(secs)} (one layer pass "
+            f"measured at {1000 * per_layer:.2f} ms per sample)")
+
+
+def _add_to(args) -> int:
+    from engine.importance import ScoreError, Scores, add_depth_scores
+    from engine.importance.cache import model_spec_of
+    from engine.importance.stream import execution_device
+    from engine.importance.sweep import default_depth_samples
+    from engine.models import load
+
+    if args.data or args.taylor or args.force:
+        raise ScoreError("--add-to uses the data, samples and seed recorded in the scores; drop --data, "
+                         "--taylor and --force")
+    meta = Scores.load(args.add_to).meta
+    loaded = load(args.model if args.model != "default" else model_spec_of(meta), dtype=meta.get("dtype") or "auto",
+                  device=args.device)
+    n = int(meta.get("n_samples") or 1)
+    k = min(args.depth_samples or default_depth_samples(n, execution_device(loaded.model).type), n)
+    block_size = args.blocks or meta.get("block_size")
+    print(_estimate(loaded, meta["arch"], int(meta.get("seq_len") or 2), k, block_size, args.block_ppl), flush=True)
+    bar, progress = _bar()
+    try:
+        scores = add_depth_scores(args.add_to, loaded, depth_samples=k, block_size=args.blocks,
+                                  block_ppl=args.block_ppl, progress=progress)
+    finally:
+        bar.close()
+    for line in summary(scores, args.add_to, scores.meta.get("reused", "none")):
+        print(line)
+    return 0
+
+
+def run(args) -> int:
     from engine.data import DataSource, parse_doc_range
     from engine.importance import ScoreConfig, ScoreError, score
+    from engine.importance.stream import execution_device
+    from engine.importance.sweep import default_depth_samples
     from engine.models import load
     from engine.resources import preflight
 
+    if args.add_to:
+        return _add_to(args)
+    if not args.data:
+        raise ScoreError("give --data (calibration text), or --add-to DIR to add the perplexity sweep to scores")
     # sizes first (seq-len within the model's positions, peak memory; a smaller batch gives the same scores)
     batch = preflight(args.model, kind="score", batch=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
                       device=args.device, adjust_batch=True, depth_ppl=args.depth_ppl or args.block_ppl,
                       taylor=args.taylor, weights=not args.stream, batch_flag="--batch-size")
     source = DataSource.parse(args.data, column=args.text_column, docs=parse_doc_range(args.data_range))
     config = ScoreConfig(aggregation=args.aggregation, depth_ppl=args.depth_ppl, block_size=args.blocks,
-                         block_ppl=args.block_ppl, taylor=args.taylor, batch_size=batch)
+                         block_ppl=args.block_ppl, taylor=args.taylor, batch_size=batch,
+                         depth_samples=args.depth_samples)
     if args.stream and args.taylor:  # refused before loading (score() would refuse it too)
         raise ScoreError("--taylor needs every layer's gradients at once, which --stream cannot keep on the "
                          "device; drop one of them")
@@ -103,12 +166,17 @@ def run(args) -> int:
         raise ScoreError("--offload-dir is for --stream disk")
     loaded = load(args.model, dtype=args.dtype, device=args.device, stream=args.stream or False,
                   offload_dir=args.offload_dir)
-    bar = tqdm(total=1000, desc="scoring", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+    if config.depth_ppl or config.block_ppl:
+        import dataclasses
 
-    def progress(frac: float, message: str) -> None:
-        bar.update(max(0, int(frac * 1000) - bar.n))
-        bar.set_description_str(message, refresh=False)
+        from engine.arch import get_adapter
 
+        k = min(args.depth_samples or default_depth_samples(args.samples, execution_device(loaded.model).type),
+                args.samples)
+        config = dataclasses.replace(config, depth_samples=k)
+        print(_estimate(loaded, get_adapter(loaded.model).spec().to_dict(), args.seq_len, k, args.blocks,
+                        args.block_ppl, args.depth_ppl), flush=True)
+    bar, progress = _bar()
     try:
         scores, folder = score(loaded, source, args.samples, args.seq_len, seed=args.seed, config=config,
                                out_dir=args.out, progress=progress, force=args.force)
