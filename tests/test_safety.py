@@ -199,6 +199,8 @@ def test_status_command_reports_a_damaged_status(tmp_path, capsys, name):
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert "damaged:  status.json" in out and "loss=2.5" in out
+    if name == "status-types":  # "running" with an unreadable pid: no live worker can be found
+        assert "state:    stale" in out
     assert main(["status", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["problems"]
 
@@ -256,6 +258,16 @@ def test_runs_page_lists_good_and_damaged_runs(dash):
         assert at.selectbox(key="runs_pick").value == name
         assert any("damaged" in e.value for e in at.error), name
         assert not [b for b in at.button if b.key in ("runs_resume", "runs_compare")]
+
+
+def test_other_pages_open_damaged_runs(dash):
+    """The Distill and Compare pages, asked for a damaged run, show the page instead of an exception."""
+    _good_run(dash / "runs")
+    for name in DAMAGE:
+        _damaged_run(dash / "runs", name)
+    for name in DAMAGE:
+        for page in ("distill", "compare"):
+            _page(page, run=name)  # asserts no exception
 
 
 def test_upload_named_config_json_is_not_a_run(dash):

@@ -18,12 +18,13 @@ from dashboard.views import show_fig
 st.title("Compare")
 
 from dashboard.device_panel import device_wait_notice  # noqa: E402
+from dashboard.runs_io import list_runs  # noqa: E402  (a run with damaged files is listed, not a crash)
 from engine.compare import start_compare_job  # noqa: E402
 from engine.fileio import read_json  # noqa: E402
-from engine.runs import Run, job_status, list_runs  # noqa: E402
+from engine.runs import Run, job_status  # noqa: E402
 
 done = [r for r in list_runs(state.runs_root()) if r["status"].get("effective") == "done"
-        and (r.get("summary") or {}).get("model_dir")]
+        and not r["problems"] and (r.get("summary") or {}).get("model_dir")]
 if not done:
     st.info("No finished run yet. Launch one on **Distill**; when it is done, compare it here.")
     st.page_link("screens/distill.py", label="Go to Distill", icon=":material/school:")

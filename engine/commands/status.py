@@ -27,7 +27,7 @@ def clean_status(raw) -> tuple[dict, list[str]]:
     A reader of run folders calls this instead of trusting the file: a list, a string pid or a
     text heartbeat reads as a damaged run (problems listed), never as an exception. Unknown fields
     pass through unchanged; `effective` is computed from the cleaned fields."""
-    from engine.runs import effective_state
+    from engine.runs import effective_state, pid_alive
 
     problems: list[str] = []
     if not isinstance(raw, dict):
@@ -57,6 +57,8 @@ def clean_status(raw) -> tuple[dict, list[str]]:
         stages = {}
     st["stages"] = {str(k): v for k, v in (stages or {}).items() if isinstance(v, dict)}
     st["effective"] = effective_state(st)
+    if problems and st["effective"] in ("queued", "running") and not pid_alive(st.get("pid")):
+        st["effective"] = "stale"  # a damaged status whose worker cannot be found is not live
     return st, problems
 
 
