@@ -61,6 +61,8 @@ def render_sidebar() -> None:
         st.caption("Scores: " + (":material/check_circle: ready" if have else "not computed yet"))
         t = state.get("targets") or {}
         picked = ", ".join(f"{k} {v}" for k, v in t.items() if k in ("hidden", "ffn", "heads", "layers") and v)
+        if t.get("depth_by") == "list" and t.get("drop_layers"):
+            picked = ", ".join(filter(None, [picked, "drop layers " + " ".join(map(str, t["drop_layers"]))]))
         st.caption("Targets: " + (picked or "none (original size)"))
         run = run_caption(st.query_params.get("run"))
         if run:

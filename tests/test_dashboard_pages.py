@@ -280,6 +280,7 @@ def test_pick_layers_by_hand_starts_from_the_criterion(scored, env):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.multiselect(key="t_drop").value == by_bi
     assert at.session_state["targets"]["drop_layers"] == by_bi and metrics(at)["Of the original"] != "100.00%"
+    assert any(f"drop layers {by_bi[0]}" in c.value for c in at.sidebar.caption)
     at.multiselect(key="t_drop").set_value([]).run()  # nothing to drop is a state, not an error
     assert not at.error and metrics(at)["Of the original"] == "100.00%"
     at.button(key="preset_none").click().run()
