@@ -56,6 +56,7 @@ from engine.errors import UserError
 from engine.evaluate import autocast_ctx, evaluate_student
 from engine.models import resolve_dtype
 from engine.parallel import strategy_for_launch
+from engine.peak_memory import PeakMemory
 from engine.runs import Run, truncate_metrics
 from engine.training import (  # noqa: F401  (DataOrder, lr_lambda, param_groups re-exported)
     DataOrder,
@@ -266,7 +267,11 @@ class DistillRecipe:
 
     # ------------------------------------------------------------ the loop and the end
     def run_loop(self) -> dict:
-        """setup -> evaluate(0) -> (train_step -> evaluate -> checkpoint)* -> finish."""
+        """setup -> evaluate(0) -> (train_step -> evaluate -> checkpoint)* -> finish (peak memory measured)."""
+        with PeakMemory(next(self.student.parameters()).device) as self.memory:
+            return self._loop()
+
+    def _loop(self) -> dict:
         self.setup()
         cfg, has_eval = self.cfg, self.eval_blocks is not None
         self.stopped, done = False, self.start
@@ -305,7 +310,7 @@ class DistillRecipe:
         return {"steps": done, "total_steps": self.total, "stopped": self.stopped,
                 "tokens": done * self.G * self.cfg.seq_len, "elapsed_s": self.elapsed,
                 "first_eval": self.first_eval, "last_eval": self.last_eval, "parallel": self.par.name,
-                "method": self.cfg.method}
+                "method": self.cfg.method, "peak_memory_bytes": self.memory.peak}
 
     def _log(self, row: dict) -> None:
         if self.par.main:

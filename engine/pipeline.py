@@ -270,7 +270,8 @@ def distill_stage(job: Job) -> None:
         raise Cancelled()
     if not job.run.stage_done("distill"):
         job.summary.update(steps=r["steps"], tokens=r["tokens"], train_blocks=train.shape[0],
-                           tokens_per_s=r["tokens"] / max(r["elapsed_s"], 1e-9))
+                           tokens_per_s=r["tokens"] / max(r["elapsed_s"], 1e-9),
+                           peak_memory_bytes=r["peak_memory_bytes"])
         job.done("distill")
 
 

@@ -9,6 +9,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 from engine.distill import DistillConfig, distill
 from engine.export import export_model
+from engine.peak_memory import PeakMemory
 from engine.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +160,14 @@ def test_lora_under_two_torchrun_processes_matches_one(tmp_path):
         for k in ("loss", "kl_loss", "ce_loss", "grad_norm"):
             assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-7), (x["step"], k)
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_peak_memory_sees_an_allocation_and_is_recorded(tmp_path, data):
+    with PeakMemory(torch.device("cpu"), every=0.005) as pm:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        time.sleep(0.05)
+        del x
+    assert pm.added >= 48 * 2**20
+    out = distill(None, tiny_model("llama", 1), *data, METHODS["cpt"], tmp_path)
+    assert out["peak_memory_bytes"] > 0
