@@ -76,6 +76,8 @@ class Experiment:
     build: Callable[[], torch.nn.Module]
     distill: bool = True
     loss: str = "kl+ce"
+    method: str = "kd"  # kd | cpt | lora (DistillConfig.method)
+    corrected_teacher: bool = False  # distil from the teacher fine-tuned on the training data first
 
 
 class Bench:
@@ -97,6 +99,8 @@ class Bench:
         self._calib: torch.Tensor | None = None
         self.tokens = settings["tokens"]
         self.train = None
+        self._corrected: torch.nn.Module | None = None
+        self.correction: dict | None = None
 
     def scores(self, aggregation: str = "l2_mean"):
         if aggregation not in self._scores:
@@ -110,17 +114,38 @@ class Bench:
             self._calib = blocks_from(self.loaded.tokenizer, self.args.wikitext, (0.0, 0.6), *self.s["calib"])
         return self._calib
 
-    def config(self, loss: str, tokens: int | None = None, steps: int = 1) -> DistillConfig:
+    def config(self, loss: str, tokens: int | None = None, steps: int = 1, method: str = "kd") -> DistillConfig:
         tokens = tokens if tokens is not None else self.tokens
         total = -(-tokens // (self.s["batch"] * self.s["seq_len"])) if tokens else steps
         warmup = self.s["warmup"] or max(1, total // 20)
         return DistillConfig(steps=steps, tokens=tokens, batch_size=self.s["batch"], seq_len=self.s["seq_len"],
                              lr=self.s["lr"], warmup_steps=min(warmup, total), ce_weight=1.0 if loss == "kl+ce" else 0.0,
-                             eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, seed=0)
+                             eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, seed=0, method=method)
 
-    def distill(self, student: torch.nn.Module, loss: str) -> dict:
+    def distill(self, student: torch.nn.Module, loss: str, method: str = "kd", corrected: bool = False) -> dict:
+        cfg = self.config(loss, method=method)
+        teacher = self.corrected_teacher() if corrected else self.teacher if cfg.needs_teacher else None
         with tempfile.TemporaryDirectory(prefix="prunescope-quality-") as run_dir:
-            return distill(self.teacher, student, self.train, None, self.config(loss), run_dir, resume=False)
+            return distill(teacher, student, self.train, None, cfg, run_dir, resume=False)
+
+    def corrected_teacher(self) -> torch.nn.Module:
+        """Teacher correction: a copy of the teacher fine-tuned (next-token cross-entropy, lr 1e-5) on the
+        same training tokens and budget as the students; made once and reused."""
+        if self._corrected is None:
+            import copy
+
+            model = copy.deepcopy(self.teacher)
+            cfg = replace(self.config("kl+ce", method="cpt"), lr=1e-5)
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="prunescope-quality-") as run_dir:
+                r = distill(None, model, self.train, None, cfg, run_dir, resume=False)
+            self._corrected = model.eval().requires_grad_(False)
+            n = self.eval_blocks.shape[0] * (self.eval_blocks.shape[1] - 1)
+            self.correction = {"tokens": r["tokens"], "seconds": round(time.perf_counter() - t0, 1),
+                               "ppl_before": self.teacher_ppl,
+                               "ppl_after": math.exp(token_nll(teacher_logits(model, self.eval_blocks),
+                                                               self.eval_blocks).item() / n)}
+        return self._corrected
 
 
 def measure_budget(bench: Bench, minutes: float) -> int:
@@ -170,6 +195,14 @@ def experiments(b: Bench, quick: bool) -> list[Experiment]:
             for n in ((2,) if quick else (2, 4))]
     out.append(Experiment("loss_kl_only", "ablation: loss", f"{w.label}, KL only (ref: width_all, KL + CE)", w.targets,
                           lambda: prune(t, b.scores(), w.targets), True, loss="kl"))
+    for s in ([w] if quick else [S["depth_block"], w]):  # retraining methods on the best depth and the Minitron shape
+        for method, label, corrected in (("cpt", "continued pretraining (CE only, no teacher)", False),
+                                         ("lora", "LoRA (rank 16, KD loss), merged", False),
+                                         ("kd", "KD from the corrected teacher", True)):
+            name = f"method_{method}{'_tc' if corrected else ''}_{s.name}"
+            out.append(Experiment(name, "retraining method", f"{s.label}, {label} (ref: {s.name}, KD)", s.targets,
+                                  lambda s=s: prune(t, b.scores(), s.targets), True, method=method,
+                                  corrected_teacher=corrected))
     return out
 
 
@@ -185,10 +218,13 @@ def run_one(b: Bench, e: Experiment) -> dict:
            "ppl_oneshot": one["ppl"], "kl_oneshot": one["kl"], "ppl_distilled": None, "kl_distilled": None,
            "loss": e.loss if e.distill else None, "build_s": round(t_build, 1)}
     if e.distill:
-        r = b.distill(student, e.loss)
-        after = evaluate_student(b.t_logits, student, b.eval_blocks)
+        r = b.distill(student, e.loss, e.method, e.corrected_teacher)
+        after = evaluate_student(b.t_logits, student, b.eval_blocks)  # KL to the original teacher
         row.update(ppl_distilled=after["ppl"], kl_distilled=after["kl"], distill_tokens=r["tokens"],
-                   distill_steps=r["steps"], distill_s=round(r["elapsed_s"], 1))
+                   distill_steps=r["steps"], distill_s=round(r["elapsed_s"], 1), method=e.method,
+                   peak_memory_mib=round(r["peak_memory_bytes"] / 2**20, 1))
+        if e.corrected_teacher:
+            row["teacher_correction"] = b.correction
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["machine"] = machine_note()
     del student
