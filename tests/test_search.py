@@ -432,3 +432,23 @@ def test_runs_page_lists_the_search(dash_env):
     at = _app("runs")
     text = json.dumps([str(e.value) for e in at.dataframe] + [m.value for m in at.markdown])
     assert "search-1" in text
+
+
+def test_promote_makes_a_distill_run_from_the_winner(dash_env):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from engine.fileio import read_json
+    from engine.search.job import promote
+
+    search = dash_env["root"] / "runs" / "search-1"
+    path = promote(search, dash_env["root"] / "runs" / "promoted", steps=4, start=False)
+    cfg = read_json(path / "config.json")
+    assert cfg["kind"] == "distill" and Path(cfg["student"]) == (search / "winner").resolve()
+    assert cfg["distill"]["steps"] == 4 and cfg["model"] == read_json(search / "config.json")["model"]
+    winner = read_json(search / "summary.json")["winner"]
+    state = read_json(search / "tournament" / "state.json")
+    trained = load_file(str(search / "tournament" / state["dir"] / f"{winner}.safetensors"))
+    exported = AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32)
+    sd = exported.state_dict()
+    assert all(torch.equal(sd[k[6:]], v) for k, v in trained.items() if k.startswith("model."))
