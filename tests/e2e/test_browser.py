@@ -175,3 +175,38 @@ def test_deep_links_open_their_page(page: Page, app_url: str, path: str, title: 
     assert page.get_by_text("Page not found").count() == 0
     nav_link = page.locator("[data-testid=stSidebarNav]").get_by_text("Model and data", exact=True)
     assert nav_link.count() == 1  # the /model alias is not a second menu entry
+
+
+def test_upload_a_plan_on_prune_targets(page: Page, app_url: str, tmp_path):
+    """plan.json uploaded in the browser: a malformed one is refused with a message naming the field, a valid one
+    fills the sliders and readout."""
+    import json
+
+    import torch
+    from tiny_models import tiny_model
+
+    from engine.arch import get_adapter
+    from engine.importance import Scores
+    from engine.plan import Targets, make_plan
+
+    spec = get_adapter(tiny_model("llama")).spec()  # the app's tiny llama has the same architecture
+    g = torch.Generator().manual_seed(0)
+    scores = Scores({"heads": torch.rand(4, 6, generator=g), "neurons": torch.rand(4, 37, generator=g),
+                     "channels": torch.rand(48, generator=g), "bi": torch.rand(4, generator=g)},
+                    {"arch": spec.to_dict()})
+    good = make_plan(scores, Targets(ffn=20, heads=4)).to_dict()
+    bad = dict(good, layers=[0, 1, 2, 3])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "plan.json").write_text(json.dumps(good))
+    page.goto(app_url + "/targets")
+    idle(page)
+    page.get_by_text("Open a plan.json").click()
+    upload = page.locator("[data-testid=stFileUploader] input[type=file]")
+    upload.set_input_files(str(tmp_path / "bad.json"))
+    expect(page.get_by_text("plan field 'layers[0]' must be an object")).to_be_visible(timeout=20_000)
+    idle(page)
+    upload.set_input_files(str(tmp_path / "plan.json"))
+    expect(page.get_by_text("Plan opened from")).to_be_visible(timeout=20_000)
+    idle(page)
+    assert metric(page, "Of the original") != "100.00%"
+    expect(page.get_by_text("Not a usable plan")).to_have_count(0)
