@@ -32,8 +32,9 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default="default", help="default, hub id, HF folder or .gguf")
     p.add_argument("--teacher", default=None, metavar="MODEL",
                    help="reference model for KL (same tokenizer); also evaluated as its own row")
-    p.add_argument("--data", required=True,
-                   help="text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]")
+    p.add_argument("--data", default=None,
+                   help="text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]"
+                        " (required, except with --tasks of lm-eval's own registry)")
     p.add_argument("--data-range", default="0.6:1", metavar="START:END",
                    help="fraction of the documents to evaluate on (default 0.6:1, the WikiText held-out split)")
     p.add_argument("--text-column", default=None, help="text column for jsonl/parquet/csv/hf (default: text)")
@@ -49,6 +50,11 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to this file")
     p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="run lm-evaluation-harness (its Hugging Face backend) instead: local tasks built from --data "
+                        "(prunescope_ppl: word perplexity; prunescope_lastword: last-word accuracy) or any lm-eval "
+                        "task; the model and --teacher side by side")
+    p.add_argument("--limit", type=int, default=None, help="with --tasks: at most this many documents per task")
     p.set_defaults(func=run)
 
 
@@ -74,6 +80,12 @@ def _run(args) -> int:
 
     if args.json and Path(args.json).exists() and not getattr(args, "force", False):
         raise UserError(f"{args.json} already exists; pass --force to overwrite it, or choose another --json file")
+    if args.tasks:
+        from engine.lm_eval_tasks import run_tasks
+
+        return run_tasks(args, out=print)
+    if not args.data:
+        raise UserError("--data is required: a text file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]")
     docs = parse_doc_range(args.data_range)
     sizes = _batch_sizes(args.batch_sizes)
     for name in ("samples", "seq_len", "batch_size", "prompt_len", "repeats"):
