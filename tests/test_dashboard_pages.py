@@ -432,6 +432,34 @@ def test_distill_from_the_sidebar_shows_this_models_last_run(finished_run, env):
     assert "run" not in at.query_params and [b for b in at.button if b.key == "d_launch"]
 
 
+@pytest.mark.parametrize("state", ["cancelled", "queued"])
+def test_distill_shows_no_eta_unless_running(finished_run, env, state):
+    """A copy of the finished run, stopped (or waiting) in the distill stage: its step rate is known, but an ETA
+    would be a lie."""
+    import os
+    import shutil
+
+    from dashboard import runs_io
+    from engine.fileio import read_json, write_json
+
+    _, run_id = finished_run
+    src = env["root"] / "runs" / run_id
+    copy = env["root"] / "runs" / f"eta-{state}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(src, copy)
+    status = read_json(copy / "status.json")
+    status.update(state=state, stage="distill", pid=os.getpid(), heartbeat=time.time(), updated=time.time())
+    write_json(copy / "status.json", status)
+    rows = runs_io.read_run(copy)["metrics"]
+    assert runs_io.eta_seconds(dict(status, stage="distill"), rows, 12) is not None  # a rate is known
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = copy.name
+    at.run()
+    at.switch_page("screens/distill.py").run()
+    assert metrics(at)["State"] == state and metrics(at)["ETA (distillation)"] == "–"
+    shutil.rmtree(copy)
+
+
 def test_sidebar_data_comes_from_the_scores_and_run_ids_are_checked(finished_run, scored, env):
     _, run_id = finished_run
     folder = next((env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")).parent
