@@ -110,6 +110,18 @@ def test_app_on_all_interfaces_warns_and_stops_on_sigint(tmp_path):
            "local files" in err
 
 
+def test_app_killed_by_sigkill_takes_streamlit_along(tmp_path):
+    """SIGKILL cannot be forwarded; the server still stops (it asked the kernel to be told)."""
+    port = _free_port()
+    proc = _start_app(tmp_path, port)
+    kids = _wait_listening(proc, port)
+    proc.kill()
+    proc.communicate(timeout=30)
+    gone, alive = psutil.wait_procs(kids, timeout=20)
+    assert not alive, f"processes left after SIGKILL: {alive}"
+    assert not _listeners(port)
+
+
 @pytest.mark.parametrize("address,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
                                               ("localhost", True), ("0.0.0.0", False), ("::", False),
                                               ("192.0.2.7", False), ("myhost.example", False)])

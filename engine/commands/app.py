@@ -65,6 +65,19 @@ def exposure_warning(address: str) -> str | None:
             "trusted")
 
 
+def _die_with_parent(parent: int) -> None:
+    """Run in the child before exec: SIGTERM it when the launcher dies, even by SIGKILL, which no
+    handler can forward (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> int:
     """Send `sig` to the child's process group, wait up to `grace` seconds, then SIGKILL the group."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -108,7 +121,8 @@ def run(args) -> int:
     sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     old = {sig: signal.signal(sig, forward) for sig in sigs}
     try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        me = os.getpid()
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: _die_with_parent(me))
         return proc.wait()
     except KeyboardInterrupt:
         return 0
