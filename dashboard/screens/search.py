@@ -32,10 +32,19 @@ def searches() -> list[dict]:
             if r["config"].get("kind") == "search" and r["config"].get("model") == state.get("model")]
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def _shapes(spec_dict: dict, space_dict: dict) -> list[dict]:
+    """enumerate_shapes, cached by its inputs (about a second on an 8B model's millions of combinations)."""
+    from engine.arch.base import ArchSpec
+    from engine.search.shapes import SearchSpace, enumerate_shapes
+
+    return [s.to_dict() for s in enumerate_shapes(ArchSpec.from_dict(spec_dict), SearchSpace.from_dict(space_dict))]
+
+
 def _space_form(spec) -> dict | None:
     """The search space widgets; returns SearchSpace fields, or None when invalid (after an error)."""
     from engine.estimate import AXES
-    from engine.search.shapes import SearchSpace, enumerate_shapes
+    from engine.search.shapes import SearchSpace
 
     c1, c2, c3 = st.columns(3)
     budget = c1.slider("Parameter budget (% of the source)", 10, 100, 75, key="s_budget") / 100
@@ -54,11 +63,11 @@ def _space_form(spec) -> dict | None:
                 bounds[axis] = (lo, hi)
     try:
         space = SearchSpace(budget=budget, tolerance=tol, axes=tuple(axes), bounds=bounds, rounding=rounding)
-        shapes = enumerate_shapes(spec, space)
+        shapes = _shapes(spec.to_dict(), space.to_dict())
     except Exception as e:  # noqa: BLE001 - engine.errors.UserError: shown as one line
         st.error(user_message(e))
         return None
-    kinds = {k: sum(1 for s in shapes if s.kind == k) for k in ("depth", "width", "mixed")}
+    kinds = {k: sum(1 for s in shapes if s["kind"] == k) for k in ("depth", "width", "mixed")}
     st.info(f"{len(shapes)} valid shapes within {100 * budget:.0f}% ± {100 * tol:g}% of the parameters "
             f"({', '.join(f'{n} {k}' for k, n in kinds.items() if n)}).")
     return space.to_dict()

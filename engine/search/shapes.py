@@ -8,7 +8,8 @@ parameter count). Pure arithmetic on an `ArchSpec`: no model is built, and it ta
 
 from __future__ import annotations
 
-import itertools
+import bisect
+import math
 from dataclasses import asdict, dataclass, field
 
 from engine.arch import ArchSpec, adapter_class
@@ -142,7 +143,10 @@ def in_budget(params: int, goal: int, tolerance: float) -> bool:
 def enumerate_shapes(spec: ArchSpec, space: SearchSpace) -> list[Shape]:
     """Every valid shape whose exact parameter count is within the budget, smallest first.
 
-    Raises PlanError when none is (saying the reachable range)."""
+    The count is linear in the number of layers (embeddings + layers x one layer's parameters), so
+    for each valid (heads, hidden, MLP) only the layer counts inside the budget are visited: an 8B
+    model's millions of combinations take about a second. Raises PlanError when no shape fits
+    (saying the reachable range)."""
     vals = axis_values(spec, space)
     derived_hidden = not adapter_class(spec.model_type).explicit_head_dim
     if derived_hidden and "hidden" in space.axes and "heads" not in space.axes:
@@ -150,38 +154,42 @@ def enumerate_shapes(spec: ArchSpec, space: SearchSpace) -> list[Shape]:
                         "add the heads axis to search the hidden size")
     source = estimate(spec, Targets()).params
     goal = space.goal(source)
+    layers = vals["layers"]
     shapes: list[Shape] = []
-    lo_seen, hi_seen = None, None
-    for heads, ffn, layers in itertools.product(vals["heads"], vals["ffn"], vals["layers"]):
-        hiddens = [heads * spec.head_dim] if derived_hidden and "hidden" in space.axes else vals["hidden"]
-        if derived_hidden and "hidden" in space.axes:
-            lo, hi = space.bounds.get("hidden", (1, spec.hidden_size))
-            hiddens = [h for h in hiddens if lo <= h <= hi]
-        for hidden in hiddens:
-            shape = _shape(spec, space, hidden, ffn, heads, layers, source)
-            if shape is None:
+    reach = [None, None]
+    for heads in vals["heads"]:
+        for hidden in _hiddens(spec, space, vals, heads, derived_hidden):
+            try:
+                validate_targets(spec, Shape(hidden, spec.intermediate_size, heads, spec.n_layers, 0, 0.0,
+                                             "").targets(spec, space.depth_by))
+            except PlanError:
                 continue
-            lo_seen = shape.params if lo_seen is None else min(lo_seen, shape.params)
-            hi_seen = shape.params if hi_seen is None else max(hi_seen, shape.params)
-            if in_budget(shape.params, goal, space.tolerance):
-                shapes.append(shape)
+            for ffn in vals["ffn"]:
+                one = estimate(spec, Targets(hidden=hidden, ffn=ffn, heads=heads, layers=1)).params
+                per = estimate(spec, Targets(hidden=hidden, ffn=ffn, heads=heads, layers=2)).params - one
+                outer = one - per  # params = outer + layers x per, exactly
+                lo, hi = outer + per * layers[0], outer + per * layers[-1]
+                reach = [lo if reach[0] is None else min(reach[0], lo), hi if reach[1] is None else max(reach[1], hi)]
+                first = bisect.bisect_left(layers, math.floor((goal * (1 - space.tolerance) - outer) / per))
+                for n in layers[first:]:
+                    params = outer + per * n
+                    if params > goal * (1 + space.tolerance):
+                        break
+                    if in_budget(params, goal, space.tolerance):
+                        shapes.append(Shape(hidden, ffn, heads, n, params, params / source,
+                                            kind_of(spec, hidden, ffn, heads, n)))
     if not shapes:
-        reach = f"{lo_seen:,}..{hi_seen:,}" if lo_seen is not None else "none"
+        got = f"{reach[0]:,}..{reach[1]:,}" if reach[0] is not None else "none"
         raise PlanError(f"no valid shape has {goal:,} ± {100 * space.tolerance:g}% parameters on the axes "
-                        f"{', '.join(space.axes)} (reachable: {reach} of {source:,}); widen the tolerance, "
+                        f"{', '.join(space.axes)} (reachable: {got} of {source:,}); widen the tolerance, "
                         "the axes or the bounds, or use a finer rounding")
     shapes.sort(key=lambda s: (s.params, s.name))
     return shapes
 
 
-def _shape(spec: ArchSpec, space: SearchSpace, hidden: int, ffn: int, heads: int, layers: int,
-           source: int) -> Shape | None:
-    """The candidate for these sizes, or None when the family's rules reject them."""
-    s = Shape(hidden, ffn, heads, layers, 0, 0.0, "")
-    t = s.targets(spec, space.depth_by)
-    try:
-        validate_targets(spec, t)
-    except PlanError:
-        return None
-    params = estimate(spec, t).params
-    return Shape(hidden, ffn, heads, layers, params, params / source, kind_of(spec, hidden, ffn, heads, layers))
+def _hiddens(spec: ArchSpec, space: SearchSpace, vals: dict[str, list[int]], heads: int, derived: bool) -> list[int]:
+    """Hidden sizes to try with this many heads (heads x head_dim where the family derives it)."""
+    if not (derived and "hidden" in space.axes):
+        return vals["hidden"]
+    lo, hi = space.bounds.get("hidden", (1, spec.hidden_size))
+    return [h for h in [heads * spec.head_dim] if lo <= h <= hi]
