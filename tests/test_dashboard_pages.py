@@ -360,6 +360,7 @@ def test_targets_open_a_bad_plan_says_what_is_wrong(scored, env, edit, message):
 def finished_run(scored, env) -> tuple[AppTest, str]:
     at = app("targets")
     at.button(key="preset_width-75").click().run()
+    at.session_state["d_show_form"] = True  # the launch form, even when an earlier run of this model exists
     at.switch_page("screens/distill.py").run()
     for key, value in (("d_steps", 6), ("d_batch", 2), ("d_seq", 32), ("d_eval_every", 3), ("d_eval_samples", 4)):
         at.number_input(key=key).set_value(value)
