@@ -95,8 +95,7 @@ class Plan:
             if name not in d:
                 raise PlanError(f"plan field {name!r} is missing; a plan needs format, arch, targets, fingerprint, "
                                 "channels and layers")
-        if not isinstance(d["arch"], dict):
-            raise PlanError(f"plan field 'arch' must be an object (the source architecture), got {_kind(d['arch'])}")
+        _check_arch(d["arch"])
         if not isinstance(d["targets"], dict):
             raise PlanError("plan field 'targets' must be an object such as {\"ffn\": 1024, \"depth_by\": \"bi\"}, "
                             f"got {_kind(d['targets'])}")
@@ -208,6 +207,25 @@ def _int_list(v, field: str) -> list[int]:
         raise PlanError(f"plan field {field!r} must be a list of whole numbers such as [0, 2, 5]; "
                         f"found {_kind(bad)}")
     return list(v)
+
+
+def _check_arch(a) -> None:
+    """plan['arch']: every ArchSpec field present (optional ones may be left out) with the right JSON type."""
+    import dataclasses
+
+    if not isinstance(a, dict):
+        raise PlanError(f"plan field 'arch' must be an object (the source architecture), got {_kind(a)}")
+    for f in dataclasses.fields(ArchSpec):
+        if f.name not in a:
+            if f.default is dataclasses.MISSING:
+                raise PlanError(f"plan field 'arch' has no {f.name!r}; it holds the source architecture as "
+                                "prunescope writes it (model_type, vocab_size, hidden_size, ...)")
+            continue
+        v, kind = a[f.name], f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {"str": isinstance(v, str), "bool": isinstance(v, bool), "int": _is_int(v) and v >= 0}.get(kind, True)
+        if not ok:
+            form = {"str": "a string", "bool": "true or false", "int": "a whole number >= 0"}[kind]
+            raise PlanError(f"plan field 'arch.{f.name}' must be {form}; got {_kind(v)}")
 
 
 _LAYER_FORM = '{"source": 3, "heads": [0, 1], "neurons": [4, 7, ...]}'
