@@ -66,7 +66,7 @@ def _load_targets(t: Targets) -> None:
 
 def _apply_preset(name: str | None) -> None:
     try:
-        _load_targets(Targets() if name is None else preset_targets(spec, name, int(st.session_state["t_round"])))
+        _load_targets(Targets() if name is None else preset_targets(spec, name, int(st.session_state.get("t_round") or 1)))
         st.session_state.pop("preset_error", None)
         st.session_state.pop("loaded_plan", None)
     except Exception as e:  # noqa: BLE001
