@@ -230,7 +230,8 @@ def render_map(path: Path, hit: dict | None, cfg) -> None:
     fig = quality_map(points, distilled_runs(cfg.model), y=y, current=hit.get("key") if hit else None)
     event = st.plotly_chart(fig, key="qmap", on_select="rerun", selection_mode="points", width="stretch")
     st.caption(f"{len(points)} target sets tried on {cfg.eval_samples} x {cfg.eval_seq_len} held-out tokens; "
-               "click a point to load its targets into the sliders.")
+               "click a point to load its targets into the sliders. Stars: finished prune + distill runs of this "
+               "model, measured on each run's own held-out blocks.")
     sel = [p for p in (event.selection.points if event and event.selection else []) if p.get("customdata")]
     if sel:
         picked = points[int(sel[0]["customdata"][0])]

@@ -388,6 +388,7 @@ def test_search_page_shows_map_table_and_tournament(dash_env):
     assert at.dataframe and len(at.dataframe[0].value) >= 3
     assert any("Winner:" in s.value for s in at.success)
     assert any(m.label.startswith("Rank stability") for m in at.metric)
+    assert any("valid shapes within 75% ± 2%" in i.value for i in at.info)  # the new-search form's count
 
 
 def test_search_job_resumes_after_sigkill_with_nothing_lost(search_inputs, tmp_path, monkeypatch):
