@@ -101,11 +101,12 @@ def _bar():
 
 
 def _estimate(loaded, arch: dict, seq_len: int, depth_samples: int, block_size, block_ppl: bool,
-              depth_ppl: bool = True) -> str:
-    """The sweep's estimated time, from one timed forward of this model and the sweep's cost formula."""
+              depth_ppl: bool = True, batch_size: int = 8) -> str:
+    """The sweep's estimated time, from one timed forward of this model (at the sweep's batch) and the
+    sweep's cost formula."""
     from engine.importance.sweep import estimate_sweep_seconds, format_seconds, measure_layer_seconds
 
-    per_layer = measure_layer_seconds(loaded.model, seq_len)
+    per_layer = measure_layer_seconds(loaded.model, seq_len, batch_size=min(batch_size, depth_samples))
     secs = estimate_sweep_seconds(per_layer, arch, depth_samples, depth_ppl, block_size, block_ppl)
     return (f"perplexity sweep on {depth_samples} x {seq_len} tokens: about {format_seconds(secs)} (one layer pass "
             f"measured at {1000 * per_layer:.2f} ms per sample)")
@@ -127,7 +128,9 @@ def _add_to(args) -> int:
     n = int(meta.get("n_samples") or 1)
     k = min(args.depth_samples or default_depth_samples(n, execution_device(loaded.model).type), n)
     block_size = args.blocks or meta.get("block_size")
-    print(_estimate(loaded, meta["arch"], int(meta.get("seq_len") or 2), k, block_size, args.block_ppl), flush=True)
+    batch = int((meta.get("config") or {}).get("batch_size") or args.batch_size)
+    print(_estimate(loaded, meta["arch"], int(meta.get("seq_len") or 2), k, block_size, args.block_ppl,
+                    batch_size=batch), flush=True)
     bar, progress = _bar()
     try:
         scores = add_depth_scores(args.add_to, loaded, depth_samples=k, block_size=args.blocks,
@@ -175,7 +178,7 @@ def run(args) -> int:
                 args.samples)
         config = dataclasses.replace(config, depth_samples=k)
         print(_estimate(loaded, get_adapter(loaded.model).spec().to_dict(), args.seq_len, k, args.blocks,
-                        args.block_ppl, args.depth_ppl), flush=True)
+                        args.block_ppl, args.depth_ppl, batch_size=config.batch_size), flush=True)
     bar, progress = _bar()
     try:
         scores, folder = score(loaded, source, args.samples, args.seq_len, seed=args.seed, config=config,

@@ -66,9 +66,10 @@ def layer_seconds_from_meta(meta: Mapping) -> float | None:
     return float(t) / (int(n) * int(L))
 
 
-def measure_layer_seconds(model, seq_len: int, batch_size: int = 1, repeats: int = 2) -> float:
-    """Seconds per layer pass per sample of `seq_len` tokens: the fastest of `repeats` timed forwards of
-    the decoder (no lm_head) on random ids, after one warm-up, divided by batch x layers."""
+def measure_layer_seconds(model, seq_len: int, batch_size: int = 1, repeats: int = 1) -> float:
+    """Seconds per layer pass per sample of `seq_len` tokens: the fastest of `repeats` timed forwards of the
+    decoder (no lm_head) on random (batch_size, seq_len) ids, after a short warm-up forward, divided by
+    batch x layers. Time it at the batch the sweep will run (per-sample cost falls with the batch)."""
     import torch
 
     from engine.arch import get_adapter
@@ -77,17 +78,17 @@ def measure_layer_seconds(model, seq_len: int, batch_size: int = 1, repeats: int
     adapter = get_adapter(model)
     device = execution_device(model)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, int(adapter.embed_tokens.weight.shape[0]), (batch_size, seq_len), generator=gen)
-    ids = ids.to(device)
+    vocab = int(adapter.embed_tokens.weight.shape[0])
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
     best = math.inf
     with torch.no_grad():
-        for k in range(repeats + 1):
+        adapter.base_model(input_ids=ids[:1, :16], use_cache=False)  # warm-up: kernels, allocator
+        for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
             adapter.base_model(input_ids=ids, use_cache=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if k:  # the first run warms up
-                best = min(best, time.perf_counter() - t0)
+            best = min(best, time.perf_counter() - t0)
     return best / (batch_size * adapter.n_layers)
 
 
