@@ -140,10 +140,10 @@ CANDS = [("a", Targets(ffn=20)), ("b", Targets(layers=3)), ("c", Targets(heads=4
 CFG = DistillConfig(steps=4, batch_size=2, seq_len=16, warmup_steps=1, lr=1e-3, eval_every=2, checkpoint_every=2)
 
 
-def _tournament(tmp, names, halving=False, stop_at=None, cfg=CFG):
-    teacher = tiny_model("llama")
+def _tournament(tmp, names, halving=False, stop_at=None, cfg=CFG, family="llama", cands=CANDS):
+    teacher = tiny_model(family)
     rows = []
-    t = Tournament(teacher, _students(teacher, [c for c in CANDS if c[0] in names]), random_ids(6, 16, seed=5),
+    t = Tournament(teacher, _students(teacher, [c for c in cands if c[0] in names]), random_ids(6, 16, seed=5),
                    compute_teacher_side(teacher, random_ids(2, 16, seed=6)), cfg, tmp, halving=halving,
                    log_row=rows.append)
     calls = iter(range(10**6))
@@ -155,10 +155,11 @@ def _train(rows, name):
     return [r for r in rows if r.get("candidate") == name and not r.get("eval")]
 
 
-def test_tournament_shares_batches_and_teacher_like_separate_runs(tmp_path):
-    res, rows = _tournament(tmp_path / "ab", ["a", "b"])
+@pytest.mark.parametrize("family, cands", [("llama", CANDS), ("gpt2", [("a", Targets(ffn=20)), ("b", Targets(layers=2))])])
+def test_tournament_shares_batches_and_teacher_like_separate_runs(tmp_path, family, cands):
+    res, rows = _tournament(tmp_path / "ab", ["a", "b"], family=family, cands=cands)
     for name in ("a", "b"):
-        _, alone_rows = _tournament(tmp_path / name, [name])
+        _, alone_rows = _tournament(tmp_path / name, [name], family=family, cands=cands)
         together, alone = _train(rows, name), _train(alone_rows, name)
         assert [r["blocks"] for r in together] == [r["blocks"] for r in alone]
         for x, y in zip(together, alone, strict=True):
