@@ -105,6 +105,26 @@ def trim(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = 
         raise TypeError(f"no trimming rule for {type(src).__name__}")
 
 
+@torch.no_grad()
+def copy_experts(src, dst, experts: list[int], neurons: list[list[int]], ch: Index = None) -> None:
+    """Fill dst's router and experts (engine.arch.moe.MoEParts) from src's kept experts: router rows
+    `experts`; per kept expert k = experts[k] its gate and up rows and down columns `neurons[k]`; every
+    hidden-side index `ch` (None = all)."""
+    dev = src.router.weight.device
+    e_idx = torch.tensor(experts, dtype=torch.long, device=dev)
+    router = src.router.weight.index_select(0, e_idx)  # (E', D)
+    dst.router.weight.copy_(router if ch is None else router.index_select(1, ch))
+    F_src = src.expert_ffn
+    for k, e in enumerate(experts):
+        n = torch.tensor(neurons[k], dtype=torch.long, device=dev)
+        gate_up = src.experts.gate_up_proj[e].index_select(0, torch.cat([n, F_src + n]))  # (2F', D)
+        down = src.experts.down_proj[e].index_select(1, n)  # (D, F')
+        if ch is not None:
+            gate_up, down = gate_up.index_select(1, ch), down.index_select(0, ch)
+        dst.experts.gate_up_proj[k].copy_(gate_up)
+        dst.experts.down_proj[k].copy_(down)
+
+
 # ---------------------------------------------------------------- residual head merge
 
 

@@ -8,7 +8,8 @@ top_k_weights (N, k))`, so a hook on `experts` sees each token's chosen experts 
 
 Which layers are sparse comes from the config (Qwen3-MoE's mlp_only_layers and decoder_sparse_step);
 dense layers keep a plain MLP of config.intermediate_size. These families are not in the adapter
-registry yet: the experts axis is not wired into plans, the estimator or apply_plan.
+registry yet: the experts axis is not wired into plans, scores files or the estimator; apply_plan's
+building blocks are `config_updates` here and `engine.prune.copy_experts`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 # model_type -> (config field with the number of experts, config field with the expert width)
 MOE_FIELDS: dict[str, tuple[str, str]] = {
-    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "qwen3_moe": ("num_local_experts", "moe_intermediate_size"),  # num_experts is an alias of it
     "mixtral": ("num_local_experts", "intermediate_size"),
     "olmoe": ("num_experts", "intermediate_size"),
 }
@@ -79,3 +80,11 @@ def moe_parts(model: nn.Module, i: int) -> MoEParts | None:
         return None
     mlp = model.model.layers[i].mlp
     return MoEParts(block=mlp, router=mlp.gate, experts=mlp.experts)
+
+
+def config_updates(config, n_experts_kept: int, expert_width: int) -> dict:
+    """Config fields of a model keeping `n_experts_kept` experts of `expert_width` neurons per sparse
+    layer; the router's top-k is clamped to the experts kept."""
+    experts_field, width_field = MOE_FIELDS[config.model_type]
+    return {experts_field: n_experts_kept, width_field: expert_width,
+            "num_experts_per_tok": min(int(config.num_experts_per_tok), n_experts_kept)}
