@@ -368,6 +368,14 @@ def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(tiny_s
     assert "is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_score_sweeps_eight_samples_by_default_on_a_cpu(tiny_setup):
+    loaded, source, _, _ = tiny_setup
+    s, _ = score(loaded, source, 12, 16, config=ScoreConfig(depth_ppl=True))
+    assert s.meta["depth_samples"] == 8 and s.meta["n_samples"] == 12
+    s, _ = score(loaded, source, 12, 16, config=ScoreConfig(depth_ppl=True, depth_samples=12))
+    assert s.meta["depth_samples"] == 12 and s.meta["reused"] == "partial"
+
+
 def test_add_depth_scores_keeps_the_width_scores(tiny_setup, tmp_path, monkeypatch):
     import engine.importance.cache as cache
     from engine.data import get_blocks

@@ -47,7 +47,9 @@ class ScoreConfig:
     block_ppl: bool = False  # also ppl with each block removed
     taylor: bool = False
     batch_size: int = 8
-    depth_samples: int | None = None  # calibration samples the perplexity sweeps use (the first ones); None: all
+    # calibration samples the perplexity sweeps use (the first ones); None: all in compute_scores, the
+    # device's default in score() (all on a GPU, at most 8 on a CPU)
+    depth_samples: int | None = None
 
     def validate(self, n_layers: int) -> None:
         parse_aggregation(self.aggregation)

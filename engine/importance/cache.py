@@ -9,6 +9,9 @@ Cache policy
   parts are all in the folder is answered from it (a subset reuses a superset). A request that needs
   more computes only the missing optional parts (plus the one width pass they all share) and merges
   them into the folder, so nothing cached is lost.
+- The perplexity sweeps run on the first `config.depth_samples` samples; None here means the
+  device's default (all on a GPU, at most 8 on a CPU: engine.importance.sweep). Sweeps recorded
+  with another sample count are recomputed when asked for (meta["depth_samples"]).
 - Scores are verified on load (size + sha256 recorded in scores.json). A damaged entry of the
   cache is recomputed (with a warning in the log); a damaged folder given as `out_dir` raises
   ScoreError (recompute it with force=True).
@@ -144,6 +147,12 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
     """
     config.validate(get_adapter(loaded.model).n_layers)
     check_streaming(loaded.model, config)
+    if (config.depth_ppl or config.block_ppl) and config.depth_samples is None:  # the device's default
+        from engine.importance.stream import execution_device
+        from engine.importance.sweep import default_depth_samples
+
+        config = dataclasses.replace(config, depth_samples=default_depth_samples(
+            n_samples, execution_device(loaded.model).type))
     inputs = key_inputs(loaded, source, n_samples, seq_len, seed, config)
     key = cache_key(inputs)
     suffix = f"-blocks{config.block_size}" if config.block_size else ""
