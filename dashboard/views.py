@@ -201,6 +201,23 @@ def scoring_section(folder: Path) -> bool:
     if not job_active(folder):
         if have:
             with st.expander("Compute more (perplexity increase per layer, contiguous blocks)"):
+                from engine.importance.sweep import (
+                    default_depth_samples,
+                    estimate_sweep_seconds,
+                    format_seconds,
+                    layer_seconds_from_meta,
+                )
+
+                meta = load_or_error(folder)
+                meta = meta[1] if meta else {}
+                per_layer = layer_seconds_from_meta(meta)
+                if per_layer and meta.get("arch"):  # the width pass already timed this model here
+                    k = default_depth_samples(int(meta["n_samples"]), state.defaults().device)
+                    secs = estimate_sweep_seconds(per_layer, meta["arch"], k, capture=True)
+                    st.caption(f"The perplexity increase per layer runs on {k} of the {meta['n_samples']} samples "
+                               f"and should take about **{format_seconds(secs)}** (the width pass took "
+                               f"{1000 * per_layer:.1f} ms per layer and sample); the scores above are kept, "
+                               "not recomputed.")
                 score_panel(folder, True)
         else:
             score_panel(folder, False)

@@ -56,3 +56,23 @@ def test_random_bytes_are_refused_with_the_reason(env):
     at = checked(str(garbage))
     assert not at.success and not at.code
     assert "The data cannot be used" in at.error[0].value and "is not UTF-8 text" in at.error[0].value
+
+
+def test_importance_page_estimates_the_sweep_before_it_starts(env, tmp_path):
+    from tiny_models import random_ids, tiny_model
+
+    from engine.importance import ScoreConfig, compute_scores
+    from engine.importance.sweep import estimate_sweep_seconds, format_seconds, layer_seconds_from_meta
+
+    scores = compute_scores(tiny_model("llama"), random_ids(12, 16), ScoreConfig())
+    scores.meta["timings"]["width_bi"] = 12 * 4 * 0.05  # 50 ms per layer and sample, as if measured
+    scores.save(tmp_path / "scores")
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.session_state["scores_dir"] = str(tmp_path / "scores")
+    at.run()
+    at.switch_page("screens/importance.py").run()
+    assert not at.exception, at.exception
+    want = format_seconds(estimate_sweep_seconds(layer_seconds_from_meta(scores.meta), scores.meta["arch"], 8))
+    note = [c.value for c in at.caption if "perplexity increase per layer runs on" in c.value]
+    assert note and f"runs on 8 of the 12 samples and should take about **{want}**" in note[0]
+    assert "50.0 ms per layer and sample" in note[0]
