@@ -428,7 +428,9 @@ def describe(loaded: LoadedModel) -> dict:
         "kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "hidden_size": a.hidden_size,
         "intermediate_size": a.intermediate_size, "vocab_size": a.embed_tokens.weight.shape[0],
         "tied_embeddings": info.tied if info is not None else a.tied, "parameters": count_parameters(loaded.model),
-        "dtype": str(p.dtype).replace("torch.", ""), "device": str(execution_device(loaded.model)),
+        "dtype": str(p.dtype).replace("torch.", ""),
+        "stored_dtype": str(loaded.source_dtype or p.dtype).replace("torch.", ""),
+        "device": str(execution_device(loaded.model)),
         "source": loaded.source, **({"streamed": info.offload} if info is not None else {}),
     }
 

@@ -46,6 +46,7 @@ def test_text_shows_its_first_lines(env):
     at = checked(str(env["data"]))
     assert not at.error and "blocks of 32 tokens" in at.success[0].value
     assert any("tokens per byte" in c.value for c in at.caption)
+    assert any("weights stored as float32 (exports keep it)" in c.value for c in at.caption)
     assert at.code[0].value.splitlines()[0] == "= Article 0 = "
     assert at.code[0].value.splitlines()[1] == _CORPUS[:239] + "…"
 

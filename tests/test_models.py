@@ -105,6 +105,10 @@ def test_identity_and_source_dtype_do_not_depend_on_the_load_dtype(tmp_path):
     again = load(str(tmp_path / "b"), dtype="fp32")
     assert again.source_dtype == torch.bfloat16 and fingerprint(again.model) == fingerprint(fp32.model)
     assert next(load(str(tmp_path / "b"), dtype="source").model.parameters()).dtype == torch.bfloat16
+    from engine.models import describe
+
+    info = describe(again)
+    assert (info["dtype"], info["stored_dtype"]) == ("float32", "bfloat16")
 
 
 def test_dtype_means_what_it_says_for_compute(tmp_path, monkeypatch, capsys):

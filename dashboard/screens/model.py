@@ -42,7 +42,7 @@ if info is not None:
     cols[5].metric("Parameters", state.human(info["parameters"]))
     st.caption(f"**{info['name']}** · {info['model_type']} · head dim {info['head_dim']} · vocabulary "
                f"{info['vocab_size']:,} · {'tied' if info['tied_embeddings'] else 'separate'} embeddings · "
-               f"read from `{info['source']}`")
+               f"weights stored as {info.get('dtype') or 'float32'} (exports keep it) · read from `{info['source']}`")
 
 # ---------------------------------------------------------------- data
 st.subheader("Calibration data")
