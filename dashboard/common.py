@@ -135,42 +135,15 @@ def targets_obj(d: dict | None):
     return Targets.from_dict(d)
 
 
-def _top_mask(v: np.ndarray, k: int) -> np.ndarray:
-    """True for the k highest values (ties: lower index first, as engine.plan ranks)."""
-    keep = np.zeros(v.shape[-1], bool)
-    keep[np.argsort(-v, kind="stable")[:k]] = True
-    return keep
-
-
 def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict[str, np.ndarray]:
-    """What `engine.plan.make_plan` would remove, as masks (True = pruned), in numpy: a slider move
-    must stay far under 300 ms. Same ranking rules as make_plan (tested against it); no torch."""
-    from engine.arch.base import ArchSpec
+    """What the plan for these targets removes, as masks (True = pruned): the engine's own make_plan
+    on the cached numpy scores (no torch; a few milliseconds, so a slider move stays far under
+    300 ms), then the masks read off the plan."""
     from engine.importance import Scores
-    from engine.plan import PlanError, is_gqa, resolve, validate_targets
-    from engine.plan import kept_layers as kept_layers_of
+    from engine.plan import make_plan
 
-    if "arch" not in meta:
-        raise PlanError("the scores have no 'arch' metadata; rescore with this version of prunescope")
-    spec = ArchSpec.from_dict(meta["arch"])
-    t = targets_obj(targets)
-    validate_targets(spec, t)
-    size = resolve(spec, t)
-    depth = {k: v for k, v in tensors.items() if k in ("bi", "ppl_increase", "taylor", "block_bi")}
-    kept = kept_layers_of(Scores(depth, meta), spec, t, size.layers)
-    L, H = tensors["heads"].shape
-    layers = np.ones(L, bool)
-    layers[kept] = False
-    groups = spec.n_kv_heads if is_gqa(spec) else 1
-    per, keep_per = H // groups, size.heads // groups
-    heads = np.ones((L, H), bool)
-    neurons = np.ones(tensors["neurons"].shape, bool)
-    for i in kept:
-        for g in range(groups):
-            heads[i, g * per:(g + 1) * per] = ~_top_mask(tensors["heads"][i, g * per:(g + 1) * per], keep_per)
-        neurons[i] = ~_top_mask(tensors["neurons"][i], size.ffn)
-    return {"heads": heads, "neurons": neurons, "channels": ~_top_mask(tensors["channels"], size.hidden),
-            "layers": layers}
+    cut = plan_cut(make_plan(Scores(dict(tensors), meta), targets_obj(targets)).to_dict())
+    return {"heads": cut.heads, "neurons": cut.neurons, "channels": cut.channels, "layers": cut.layers}
 
 
 def same_targets(a: dict, b: dict) -> bool:
