@@ -53,8 +53,9 @@ def make_student(teacher, tok, how: str, ffn: int):
         return copy.deepcopy(teacher.model).float()
     from engine.data import DataSource
     from engine.importance import score
-    from engine.plan import Targets, make_plan
+    from engine.plan import make_plan
     from engine.prune import apply_plan
+    from engine.targets import Targets
 
     src = DataSource.parse(str(WIKITEXT) if WIKITEXT.is_file() else "generated:16", docs=(0.0, 0.6))
     scores, _ = score(teacher, src, 8, 128)

@@ -56,9 +56,9 @@ from engine.distill import DistillConfig, distill
 from engine.evaluate import evaluate_student, teacher_logits, token_nll
 from engine.importance import AGGREGATIONS
 from engine.models import count_parameters, load
-from engine.plan import Targets
 from engine.prune import prune_iteratively
 from engine.runs import read_jsonl
+from engine.targets import Targets
 
 QUICK = dict(calib=(8, 128), eval=(8, 256), batch=2, seq_len=128, tokens=2048, lr=5e-4, warmup=2)
 FULL = dict(calib=(32, 256), eval=(32, 256), batch=4, seq_len=256, tokens=None, lr=3e-4, warmup=None)

@@ -129,7 +129,7 @@ class Cut:
 
 def targets_obj(d: dict | None):
     """engine.plan.Targets from the session's dict (None fields mean 'keep as is')."""
-    from engine.plan import Targets
+    from engine.targets import Targets
 
     d = {k: v for k, v in dict(d or {}).items() if k in Targets.__dataclass_fields__}
     return Targets.from_dict(d)

@@ -163,7 +163,8 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: P
 
 def expected_params(model: torch.nn.Module, plan: Plan | None) -> int:
     """Parameters the estimator predicts: for the plan's shapes, or for the model's own architecture."""
-    from engine.estimate import Targets, _count, estimate
+    from engine.estimate import _count, estimate
+    from engine.targets import Targets
 
     if plan is not None:
         return _count(plan.spec, plan.sizes)[0]

@@ -25,9 +25,9 @@ from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
 from engine.distill import DistillConfig, distill
 from engine.errors import Cancelled
-from engine.estimate import Targets
 from engine.fileio import read_json, write_json
 from engine.runs import Run, barrier, world
+from engine.targets import Targets
 
 log = logging.getLogger(__name__)
 

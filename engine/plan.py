@@ -19,23 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.arch import adapter_class
 from engine.arch.base import ArchSpec
-from engine.estimate import (  # noqa: F401  (re-exported: the plan API)
-    DEPTH_METHODS,
-    Estimate,
-    PlanError,
-    Sizes,
-    Targets,
-    adapter_class,
-    estimate,
-    is_gqa,
-    preset_targets,
-    resolve,
-    valid_values,
-    validate_targets,
-)
+from engine.errors import PlanError
+from engine.estimate import Estimate, estimate
 from engine.fileio import atomic_write_text
 from engine.importance.scores import Scores
+from engine.targets import Sizes, Targets, is_gqa, resolve, validate_targets
 
 FORMAT = "prunescope-plan/1"
 DEPTH_TENSOR = {"bi": "bi", "ppl": "ppl_increase", "taylor": "taylor"}

@@ -24,18 +24,11 @@ from torch import nn
 
 from engine.arch import get_adapter
 from engine.arch.base import ArchAdapter
+from engine.errors import PlanError
+from engine.estimate import estimate
 from engine.models import count_parameters, fingerprint
-from engine.plan import (
-    Plan,
-    PlanError,
-    Targets,
-    estimate,
-    is_gqa,
-    make_plan,
-    resolve,
-    step_targets,
-    validate_targets,
-)
+from engine.plan import Plan, make_plan, step_targets
+from engine.targets import Targets, is_gqa, resolve, validate_targets
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from engine.errors import PlanError
-from engine.estimate import DEPTH_METHODS, Targets
+from engine.targets import DEPTH_METHODS, Targets
 
 DEPTH_HELP = ("which layers go: lowest block importance (bi), lowest perplexity increase (ppl), the best "
               "contiguous block (block), lowest Taylor+ (taylor), or the listed ones (list, with --drop-layers)")
@@ -53,7 +53,7 @@ def targets_from_args(args: argparse.Namespace, base: Targets | None = None) -> 
 
 def validate_for_model(targets: Targets, model: str) -> None:
     """Check targets against the model's architecture (read without weights) before a job starts."""
-    from engine.estimate import validate_targets
     from engine.models import read_arch_spec
+    from engine.targets import validate_targets
 
     validate_targets(read_arch_spec(model), targets)

@@ -199,8 +199,9 @@ def test_pruned_config_keeps_family_settings(family, tmp_path):
     from test_plan import fake_scores
     from transformers import AutoModelForCausalLM
 
-    from engine.plan import Targets, make_plan, valid_values
+    from engine.plan import make_plan
     from engine.prune import apply_plan
+    from engine.targets import Targets, valid_values
 
     model = tiny_model(family)
     spec = get_adapter(model).spec()
@@ -259,8 +260,9 @@ def test_phi3_longrope_limits_are_reported_as_plan_errors():
     from test_plan import fake_scores
 
     from engine.errors import PlanError
-    from engine.plan import Targets, make_plan
+    from engine.plan import make_plan
     from engine.prune import apply_plan
+    from engine.targets import Targets
 
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": [1.0] * 2,
             "long_factor": [1.0] * 2, "original_max_position_embeddings": 64}

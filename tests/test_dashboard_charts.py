@@ -144,7 +144,8 @@ def test_cut_masks_match_make_plan(targets):
     from dashboard.common import cut_masks
     from engine.arch import get_adapter
     from engine.importance import Scores
-    from engine.plan import Targets, make_plan
+    from engine.plan import make_plan
+    from engine.targets import Targets
 
     spec = get_adapter(tiny_model("llama")).spec()  # 4 layers, 6 query / 2 KV heads, hidden 48, MLP 37
     g = torch.Generator().manual_seed(0)

@@ -288,7 +288,8 @@ def test_pick_layers_by_hand_starts_from_the_criterion(scored, env):
 
 def _plan_file(env, folder: Path, name: str, edit=None) -> Path:
     from engine.importance import Scores
-    from engine.plan import Targets, make_plan
+    from engine.plan import make_plan
+    from engine.targets import Targets
 
     d = make_plan(Scores.load(folder), Targets(ffn=20, heads=4)).to_dict()
     if edit:

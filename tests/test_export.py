@@ -16,7 +16,8 @@ from engine.arch import get_adapter
 from engine.cli import main
 from engine.export import export_model
 from engine.models import count_parameters, fingerprint, load
-from engine.plan import Plan, make_plan, preset_targets
+from engine.plan import Plan, make_plan
+from engine.presets import preset_targets
 from engine.prune import apply_plan
 
 

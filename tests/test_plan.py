@@ -12,19 +12,13 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 
 from engine.arch import ArchSpec, get_adapter
+from engine.errors import PlanError
+from engine.estimate import estimate
 from engine.importance import Scores
 from engine.models import fingerprint
-from engine.plan import (
-    Plan,
-    PlanError,
-    Targets,
-    estimate,
-    make_plan,
-    preset_targets,
-    step_targets,
-    valid_values,
-    validate_targets,
-)
+from engine.plan import Plan, make_plan, step_targets
+from engine.presets import preset_targets
+from engine.targets import Targets, valid_values, validate_targets
 
 # SmolLM2-135M as plain data: the estimator and presets need no model
 SMOL = ArchSpec(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_heads=9,
@@ -131,7 +125,7 @@ def test_presets_reach_75_percent(name, axes):
 
 def test_width_rounding_for_sliders_and_presets(specs):
     """Multiples of 8 on SmolLM2 (hidden also a multiple of the 9 heads: steps of 72); presets follow them."""
-    from engine.estimate import ROUNDINGS, default_multiple
+    from engine.targets import ROUNDINGS, default_multiple
 
     assert ROUNDINGS == (1, 8, 32, 64, 128)
     assert default_multiple(SMOL) == 8  # 64 and 32 would leave hidden 576 with 1 and 2 choices at 9 heads

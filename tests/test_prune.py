@@ -16,9 +16,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from engine.arch import get_adapter
+from engine.errors import PlanError
+from engine.estimate import estimate
 from engine.models import count_parameters
-from engine.plan import PlanError, Targets, estimate, make_plan, valid_values
+from engine.plan import make_plan
 from engine.prune import apply_plan, merge_head_slices, prune_iteratively, trim
+from engine.targets import Targets, valid_values
 
 ATOL, RTOL = 2e-5, 1e-4
 

@@ -13,7 +13,8 @@ from engine.arch import get_adapter
 from engine.errors import CheckpointError
 from engine.export import MARKER, export_model
 from engine.models import count_parameters
-from engine.plan import make_plan, preset_targets
+from engine.plan import make_plan
+from engine.presets import preset_targets
 from engine.prune import apply_plan
 from engine.roundtrip import RESULT_FILE, read_result, replace_section, verify_export
 

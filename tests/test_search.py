@@ -17,7 +17,7 @@ from tiny_models import random_ids, save_tiny, tiny_model
 from engine.arch import adapter_class, get_adapter
 from engine.distill import DistillConfig
 from engine.errors import Cancelled, PlanError
-from engine.estimate import Targets, estimate, validate_targets
+from engine.estimate import estimate
 from engine.evaluate import evaluate_student
 from engine.models import count_parameters
 from engine.plan import make_plan
@@ -25,6 +25,7 @@ from engine.prune import apply_plan
 from engine.search.preview import compute_teacher_side, preview, teacher_side
 from engine.search.shapes import SearchSpace, enumerate_shapes
 from engine.search.tournament import Tournament, kendall_tau, schedule
+from engine.targets import Targets, validate_targets
 
 FAMS = ["llama", "gpt2", "qwen2"]
 

@@ -43,8 +43,8 @@ def _shapes(spec_dict: dict, space_dict: dict) -> list[dict]:
 
 def _space_form(spec) -> dict | None:
     """The search space widgets; returns SearchSpace fields, or None when invalid (after an error)."""
-    from engine.estimate import AXES
     from engine.search.shapes import SearchSpace
+    from engine.targets import AXES
 
     c1, c2, c3 = st.columns(3)
     budget = c1.slider("Parameter budget (% of the source)", 10, 100, 75, key="s_budget") / 100

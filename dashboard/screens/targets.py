@@ -43,8 +43,9 @@ if arch is None:
     arch = info["arch"]
 
 from engine.arch.base import ArchSpec  # noqa: E402
-from engine.estimate import ROUNDINGS, default_multiple  # noqa: E402
-from engine.plan import Targets, estimate, preset_targets, valid_values, validate_targets  # noqa: E402
+from engine.estimate import estimate  # noqa: E402
+from engine.presets import preset_targets  # noqa: E402
+from engine.targets import ROUNDINGS, Targets, default_multiple, valid_values, validate_targets  # noqa: E402  # noqa: E402
 
 spec = ArchSpec.from_dict(arch)
 source = {"hidden": spec.hidden_size, "ffn": spec.intermediate_size, "heads": spec.n_heads, "layers": spec.n_layers}
@@ -101,8 +102,8 @@ def _open_plan(text: str, name: str) -> None:
     """Validate a plan.json (the CLI's messages), then load its targets into the widgets."""
     import json
 
-    from engine.errors import UserError
-    from engine.plan import Plan, PlanError
+    from engine.errors import PlanError, UserError
+    from engine.plan import Plan
 
     try:
         try:

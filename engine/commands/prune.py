@@ -35,14 +35,15 @@ def register(sub) -> None:
 
 
 def _targets(args, spec):
-    from engine.plan import preset_targets
+    from engine.presets import preset_targets
 
     return targets_from_args(args, preset_targets(spec, args.preset) if args.preset else None)
 
 
 def _write_plan(plan, out: Path, force: bool, dry_run: bool = False) -> Path:
     """Write OUT/plan.json, refusing to replace a different plan there without --force."""
-    from engine.plan import Plan, PlanError
+    from engine.errors import PlanError
+    from engine.plan import Plan
 
     path = out / "plan.json"
     if path.exists() and not force:
@@ -67,7 +68,7 @@ def _model_spec(args, meta: dict) -> str:
 
 def _blocks(args, loaded, meta: dict):
     from engine.data import DataSource, get_blocks
-    from engine.plan import PlanError
+    from engine.errors import PlanError
 
     if args.data:
         source = DataSource.parse(args.data)
@@ -82,8 +83,9 @@ def _blocks(args, loaded, meta: dict):
 
 
 def run(args) -> int:
+    from engine.errors import PlanError
     from engine.importance import Scores
-    from engine.plan import Plan, PlanError, make_plan
+    from engine.plan import Plan, make_plan
 
     out = Path(args.out).expanduser()
     scores = Scores.load(args.scores) if args.scores else None
@@ -114,9 +116,9 @@ def run(args) -> int:
 def _prune(args, plan, scores, out: Path) -> int:
     from tqdm import tqdm
 
+    from engine.errors import PlanError
     from engine.export import export_model
     from engine.models import count_parameters, fingerprint, load
-    from engine.plan import PlanError
     from engine.prune import apply_plan, prune_iteratively
 
     meta = scores.meta if scores is not None else {}

@@ -6,8 +6,8 @@ from __future__ import annotations
 from engine.commands.distill import add_training_args, distill_config, launch
 from engine.data import parse_doc_range
 from engine.errors import PlanError
-from engine.estimate import Targets
 from engine.target_args import add_target_args, targets_from_args, validate_for_model
+from engine.targets import Targets
 
 
 def register(sub) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.estimate import AXES
+from engine.targets import AXES
 
 AXIS_NAMES = {"hidden": "hidden", "ffn": "ffn", "mlp": "ffn", "heads": "heads", "layers": "layers", "depth": "layers"}
 

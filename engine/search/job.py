@@ -372,8 +372,8 @@ def preview_job(run, should_stop: Callable[[], bool]) -> dict:
     """One preview: answered from the store when tried before, else computed and stored."""
     from engine.data import DataSource
     from engine.models import load
-    from engine.plan import Targets
     from engine.search.preview import preview, teacher_side
+    from engine.targets import Targets
 
     cfg = PreviewConfig.from_dict(run.config())
     fp, key, skey = cfg.key()

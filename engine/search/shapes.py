@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
-from engine.estimate import AXES, Targets, estimate, is_gqa, validate_targets
+from engine.estimate import estimate
+from engine.targets import AXES, Targets, is_gqa, validate_targets
 
 ROUNDINGS = (1, 8, 32, 64, 128)
 

@@ -187,7 +187,8 @@ def test_upload_a_plan_on_prune_targets(page: Page, app_url: str, tmp_path):
 
     from engine.arch import get_adapter
     from engine.importance import Scores
-    from engine.plan import Targets, make_plan
+    from engine.plan import make_plan
+    from engine.targets import Targets
 
     spec = get_adapter(tiny_model("llama")).spec()  # the app's tiny llama has the same architecture
     g = torch.Generator().manual_seed(0)
