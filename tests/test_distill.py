@@ -17,9 +17,9 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
+from engine.checkpoint import checkpoint_files, load_checkpoint
 from engine.distill import DataOrder, DistillConfig, distill, lr_lambda
 from engine.evaluate import evaluate_student, kl_to_teacher, perplexity
-from engine.checkpoint import checkpoint_files, load_checkpoint
 from engine.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
