@@ -13,8 +13,8 @@ Prints:
 
     .venv/bin/python bench/search.py [--quick] [--out docs/search/result.json]
 
---quick: 4 x 128 evaluation tokens, 8 candidates previewed (spread over the budget), K = 2,
-2 steps of 2 x 128 tokens: a smoke run of every measurement on a shared CPU (minutes).
+--quick: 2 x 64 evaluation tokens, 4 candidates previewed (spread over the budget), K = 2, one
+step of 1 x 64 tokens: a smoke run of every measurement on a shared CPU (its numbers mean little).
 """
 
 from __future__ import annotations
@@ -48,16 +48,18 @@ from engine.search.tournament import Tournament  # noqa: E402
 
 def settings(quick: bool) -> dict:
     if quick:
-        return {"calib": (8, 128), "eval": (4, 128), "previews": 8, "top": 2, "steps": 2, "batch": 2, "seq": 128,
-                "speed_reps": 2}
+        return {"calib": (4, 64), "eval": (2, 64), "previews": 4, "top": 2, "steps": 1, "batch": 1, "seq": 64,
+                "speed_reps": 1, "speed_shapes": 1}
     return {"calib": (32, 256), "eval": (8, 256), "previews": None, "top": 4, "steps": 40, "batch": 2, "seq": 256,
-            "speed_reps": 5}
+            "speed_reps": 5, "speed_shapes": 2}
 
 
 def spread(items: list, n: int | None) -> list:
     """n items evenly spread over the list (all of them when n is None or larger)."""
     if n is None or n >= len(items):
         return items
+    if n == 1:
+        return [items[len(items) // 2]]
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
@@ -116,7 +118,7 @@ def main() -> None:
             for x in tried]
     out["seconds"]["previews"] = time.perf_counter() - t0
     out["seconds"]["preview_mean"] = out["seconds"]["previews"] / len(rows)
-    speed = preview_speed(model, scores, spread(tried, 2), spec, side, s["speed_reps"])
+    speed = preview_speed(model, scores, spread(tried, s["speed_shapes"]), spec, side, s["speed_reps"])
     out["preview_speed"] = speed
     print(f"3. preview on {s['eval'][0]} x {s['eval'][1]} tokens: {speed['preview_s']:.2f} s, "
           f"{speed['ratio']:.2f} x (forward + KL)", flush=True)
