@@ -79,9 +79,9 @@ def preview_speed(model, scores, shapes, spec, side, reps: int) -> dict:
     return {"ratio": statistics.median(ratios), "preview_s": statistics.median(totals)}
 
 
-def distill_group(model, students: dict, train, side, cfg, folder: Path) -> tuple[dict, float]:
+def distill_group(model, students: dict, train, side, cfg) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    res = Tournament(model, students, train, side, cfg, folder).run()
+    res = Tournament(model, students, train, side, cfg, None).run()  # no checkpoints: compute only
     return res, time.perf_counter() - t0
 
 
@@ -130,9 +130,8 @@ def main() -> None:
     train = get_blocks(DataSource.parse(str(WIKITEXT), docs=CALIB_DOCS), tok, n_train, s["seq"], seed=2)
     by_name = {x.name: x for x in tried}
     build = lambda n: apply_plan(model, make_plan(scores, by_name[n].targets(spec)), check_fingerprint=False)  # noqa: E731
-    work = Path(args.work)
-    res, shared = distill_group(model, {r["name"]: build(r["name"]) for r in top}, train, side, cfg, work / "t")
-    separate = sum(distill_group(model, {r["name"]: build(r["name"])}, train, side, cfg, work / f"s{i}")[1]
+    res, shared = distill_group(model, {r["name"]: build(r["name"]) for r in top}, train, side, cfg)
+    separate = sum(distill_group(model, {r["name"]: build(r["name"])}, train, side, cfg)[1]
                    for i, r in enumerate(top))
     out["seconds"]["tournament"] = shared
     out["throughput_ratio"] = separate / shared
@@ -150,7 +149,7 @@ def main() -> None:
         hand.append((q["kl"], st.name, t))
     best_kl, best_name, best_t = min(hand, key=lambda h: h[0])
     hres, _ = distill_group(model, {best_name: apply_plan(model, make_plan(scores, best_t), check_fingerprint=False)},
-                            train, side, cfg, work / "hand")
+                            train, side, cfg)
     out["hand_picked"] = {"name": best_name, "one_shot_kl": best_kl, "final_kl": hres["final"][best_name]["kl"]}
     win = res["final"][res["winner"]]["kl"]
     print(f"6. winner {res['winner']} KL {win:.4f} vs best hand-picked {best_name} KL "

@@ -116,14 +116,15 @@ class Tournament:
     """K students trained on one stream of batches, sharing each teacher forward."""
 
     def __init__(self, teacher: nn.Module, students: dict[str, nn.Module], train_blocks: torch.Tensor,
-                 side: TeacherSide, cfg: DistillConfig, folder: Path, halving: bool = False,
+                 side: TeacherSide, cfg: DistillConfig, folder: Path | None, halving: bool = False,
                  log_row: Callable[[dict], None] = lambda r: None, eval_batch_size: int = 4):
+        from engine.devices import resolve_dtype
         from engine.evaluate import model_device
-        from engine.models import resolve_dtype
 
         self.teacher, self.students, self.cfg, self.side = teacher.eval(), students, cfg, side
         self.names = list(students)
-        self.folder, self.log_row, self.eval_bs = Path(folder), log_row, eval_batch_size
+        self.folder = Path(folder) if folder is not None else None  # None: no checkpoints
+        self.log_row, self.eval_bs = log_row, eval_batch_size
         self.device = model_device(teacher)
         amp = resolve_dtype(cfg.dtype, self.device)
         self.amp = amp if amp == torch.bfloat16 else torch.float32
@@ -149,6 +150,8 @@ class Tournament:
                 "rounds": self.rounds, "names": self.names}
 
     def save(self) -> None:
+        if self.folder is None:
+            return
         d = self.folder / f"step-{self.step:06d}"
         if d.exists():
             shutil.rmtree(d)
@@ -161,6 +164,8 @@ class Tournament:
 
     def restore(self) -> bool:
         """Load the last complete checkpoint; False when there is none."""
+        if self.folder is None:
+            return False
         st = read_json(self.folder / STATE_FILE)
         if not st or st.get("names") != self.names or st.get("total") != self.total:
             return False
@@ -232,8 +237,7 @@ class Tournament:
         """Train to the end (or until should_stop(): checkpoint, then return with "stopped")."""
         resumed = self.restore()
         if not resumed:
-            self.evaluate()  # step 0: the one-shot students
-            self.save()
+            self.evaluate()  # step 0: the one-shot students (rebuilt from the plans on resume: no checkpoint)
         eval_every = max(1, self.cfg.eval_every)
         while self.step < self.total:
             self.train_step()
