@@ -24,9 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.devices import resolve_dtype  # noqa: E402
 from engine.distill import DistillConfig, distill, param_groups  # noqa: E402
 from engine.evaluate import autocast_ctx, token_kl  # noqa: E402
-from engine.models import count_parameters, load, resolve_dtype  # noqa: E402
+from engine.models import count_parameters, load  # noqa: E402
 from engine.paths import SHARED_WIKITEXT  # noqa: E402
 from engine.runs import read_jsonl  # noqa: E402
 

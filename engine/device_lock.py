@@ -29,7 +29,7 @@ def lock_dir() -> Path:
 
 def device_key(device: str = "auto") -> str:
     """A file-name-safe key for the device a job will use."""
-    from engine.models import resolve_device
+    from engine.devices import resolve_device
 
     dev = resolve_device(device)
     if dev.type != "cuda":

@@ -52,9 +52,9 @@ from engine.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from engine.devices import resolve_dtype
 from engine.errors import UserError
 from engine.evaluate import autocast_ctx, evaluate_student
-from engine.models import resolve_dtype
 from engine.parallel import strategy_for_launch
 from engine.peak_memory import PeakMemory
 from engine.runs import Run, truncate_metrics

@@ -30,7 +30,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None = None):
     """bf16 autocast on CUDA / bf16-capable CPUs (or `dtype` when given), else a no-op."""
-    from engine.models import resolve_dtype
+    from engine.devices import resolve_dtype
 
     dt = dtype or resolve_dtype("auto", device)
     if dt == torch.float32:

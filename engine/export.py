@@ -80,6 +80,7 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
         lines += ["", "## Targets", "", f"- hidden {t.hidden or 'kept'}, ffn {t.ffn or 'kept'}, heads "
                   f"{t.heads or 'kept'}, layers {t.layers or 'kept'}",
                   f"- depth chosen by: {t.depth_by}; dropped source layers: {dropped or 'none'}",
+                  f"- importance criterion (heads, neurons, channels): {t.criterion}",
                   f"- residual merge of pruned heads: {'yes' if plan.head_merge else 'no'}",
                   f"- plan: `{PLAN_FILE}` (kept indices per layer and axis, source numbering)"]
     lines += ["", "## Calibration data and scores", ""]
@@ -117,7 +118,7 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: P
     callers pass one of those. The model is converted in place first, so the round-trip check compares
     what was stored."""
     if dtype is not None:
-        from engine.models import resolve_dtype
+        from engine.devices import resolve_dtype
 
         model.to(resolve_dtype(dtype))
     out = Path(out_dir).expanduser().resolve()

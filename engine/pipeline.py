@@ -228,7 +228,8 @@ def prune_stage(job: Job) -> None:
     else:
         from transformers import AutoModelForCausalLM
 
-        from engine.models import resolve_device, resolve_spec
+        from engine.devices import resolve_device
+        from engine.models import resolve_spec
 
         path, kw = resolve_spec(job.cfg.student)
         job.student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)

@@ -324,8 +324,8 @@ def preflight(spec: str, *, kind: str, batch: int, seq_len: int, dtype: str = "a
               teacher: str | None = None, **kw) -> int:
     """`check_job_sizes` for model specs, before anything is loaded; the batch to use. The sizes
     are not checked when a config cannot be read without loading (the loader reports that)."""
+    from engine.devices import resolve_device, resolve_dtype
     from engine.errors import UserError
-    from engine.models import resolve_device, resolve_dtype
 
     config = model_config(spec)
     tconfig = model_config(teacher) if teacher else None

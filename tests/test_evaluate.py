@@ -93,7 +93,7 @@ def test_cli_eval_prints_a_table_and_writes_json(tiny_llama_pair, corpus, tmp_pa
     (["--batch-sizes", "1,x"], "--batch-sizes must be comma-separated"),
     (["--data-range", "0.8:0.2"], "--data-range needs 0 <= START < END <= 1"),
     (["--samples", "0"], "--samples must be at least 1"),
-    (["--samples", "500"], "enough for"),
+    (["--samples", "5000"], "enough for"),
 ])
 def test_cli_eval_bad_input_is_one_clear_line(tiny_llama_pair, corpus, capsys, args, message):
     _, student = tiny_llama_pair

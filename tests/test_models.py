@@ -8,16 +8,17 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
+import engine.devices as devices
 from engine.data import DataSource, get_blocks
-from engine.models import ModelLoadError, count_parameters, fingerprint, load, resolve_dtype
+from engine.devices import resolve_dtype
+from engine.models import ModelLoadError, count_parameters, fingerprint, load
 
 
 def test_dtype_auto_follows_cpu_capability(monkeypatch):
-    import engine.models as m
 
-    monkeypatch.setattr(m, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(m, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16") == torch.bfloat16
     with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
@@ -116,11 +117,10 @@ def test_dtype_means_what_it_says_for_compute(tmp_path, monkeypatch, capsys):
     rounding), an fp32 request still computes in fp32: the perplexity equals a plain fp32 forward's."""
     import json
 
-    import engine.models as m
     from engine.cli import main
     from engine.evaluate import perplexity, token_nll
 
-    monkeypatch.setattr(m, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     path = save_tiny("llama", tmp_path / "m")
     text = tmp_path / "t.txt"
     text.write_text("The river rises in the hills and flows south to the sea through farmland.\n" * 40)
@@ -129,7 +129,7 @@ def test_dtype_means_what_it_says_for_compute(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         exact = math.exp(token_nll(loaded.model(blocks).logits, blocks).item() / (4 * 15))
     autocast = perplexity(loaded.model, blocks)
-    with m.compute_dtype("fp32"):
+    with devices.compute_dtype("fp32"):
         assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
         assert perplexity(loaded.model, blocks) == pytest.approx(exact, rel=1e-6)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16

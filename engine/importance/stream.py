@@ -104,7 +104,7 @@ def stream_model(model: nn.Module, device: str | torch.device = "auto",
     """
     from accelerate import cpu_offload
 
-    from engine.models import resolve_device
+    from engine.devices import resolve_device
 
     if offload not in OFFLOAD_KINDS:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_KINDS)}, got {offload!r}")
