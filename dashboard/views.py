@@ -103,12 +103,13 @@ STREAM_OPTIONS = {"": "Off: the whole model on the device", "cpu": "Weights in R
 
 
 def scoring_config(folder: Path, depth_ppl: bool, block_size: int, stream: str = "") -> dict:
-    """The scoring job's config for the session's model, data and calibration settings."""
+    """The scoring job's config for the session's model, data and calibration settings; with scores
+    already in `folder`, the job adds to them (the width scores are not recomputed)."""
     from engine.score_job import score_job_config
 
     return score_job_config(folder, state.get("model"), state.get("data"), int(state.get("samples")),
                             int(state.get("seq_len")), state.get("data_range"), depth_ppl, block_size or None,
-                            state.get("text_column"), stream)
+                            state.get("text_column"), stream, add=have_scores(folder))
 
 
 def start_scoring(folder: Path, depth_ppl: bool, block_size: int, stream: str = "") -> None:
