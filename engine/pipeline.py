@@ -25,7 +25,9 @@ from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
 from engine.distill import DistillConfig, distill
 from engine.errors import Cancelled
-from engine.fileio import read_json, write_json
+from engine.fileio import read_json, read_jsonl, write_json
+from engine.mix import DataMix, eval_sets, evaluate_sources, mix_blocks
+from engine.prompts import is_teacher_spec
 from engine.runs import Run, barrier, world
 from engine.targets import Targets
 
@@ -40,7 +42,7 @@ class PipelineConfig:
     """What a pipeline (or distill-only) job does; saved as the run folder's config.json."""
 
     model: str = "default"  # the teacher / source model spec
-    data: str = "generated"  # DataSource spec
+    data: str | list = "generated"  # a source spec, `mix:FILE` or [{"data", "weight"}, ...] (engine.mix)
     text_column: str | None = None
     train_range: tuple[float, float] = (0.0, 0.6)  # documents for calibration and training
     eval_range: tuple[float, float] = (0.6, 1.0)  # held-out documents for evaluation
@@ -55,6 +57,7 @@ class PipelineConfig:
     device: str = "auto"
     teacher_correction_tokens: int = 0  # > 0: first fine-tune the teacher on the training data (CE)
     teacher_correction_lr: float = 1e-5
+    breadth: str | None = "teacher"  # teacher text evaluated beside the held-out data (engine.mix); None: off
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, dict):
@@ -74,7 +77,7 @@ class PipelineConfig:
         """Whether the job needs the teacher at all: a distill-only job whose method never runs it
         (cpt, LoRA on ce) on file data does not load it (evaluations then report no KL)."""
         return (self.kind == "pipeline" or self.distill.needs_teacher or self.teacher_correction_tokens > 0
-                or self.data.startswith("generated"))
+                or DataMix.of(self.data).needs_model)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +121,8 @@ class Job:
     eval_src: DataSource | None = None
     dcfg: DistillConfig | None = None
     eval_blocks: torch.Tensor | None = None
+    mix: DataMix | None = None  # the sources with their weights (one source: weight 1)
+    eval_sets: dict[str, torch.Tensor] = field(default_factory=dict)  # held-out blocks per source + breadth
     scores: Any = None  # engine.importance.Scores
     plan: Any = None  # engine.plan.Plan
     student: torch.nn.Module | None = None
@@ -163,8 +168,7 @@ def correct_teacher_stage(job: Job) -> None:
         ccfg = replace(job.dcfg, method="cpt", tokens=job.cfg.teacher_correction_tokens, lr=job.cfg.teacher_correction_lr,
                        hidden_weight=0.0, layer_map=None)
         n = ccfg.total_steps(world()[1]) * ccfg.global_batch(world()[1])
-        train = get_blocks(job.train_src, job.tokenizer, n, ccfg.seq_len, job.cfg.seed + 2, model=teacher_model(job),
-                           up_to=True)
+        train = train_blocks(job, n, ccfg.seq_len, job.cfg.seed + 2, "correction_mix")
         corrected = copy.deepcopy(job.teacher.model)
         r = distill(None, corrected, train, job.eval_blocks, ccfg, job.run.path / "teacher_correction",
                     progress=cb, should_stop=job.stop)
@@ -189,6 +193,16 @@ def score_stage(job: Job) -> None:
     targets = job.cfg.targets
     n_layers = get_adapter(job.teacher.model).n_layers
     config = score_config_for(targets.depth_by, n_layers - (targets.layers or n_layers))
+    if job.train_src is None:  # a mix (or teacher text): calibration blocks honour its weights, no cache
+        from engine.importance import compute_scores
+
+        blocks = train_blocks(job, job.cfg.calib_samples, job.cfg.calib_seq_len, job.cfg.seed, "calib_mix")
+        scores = compute_scores(job.teacher.model, blocks, config, progress=cb)
+        scores.meta.update(data=job.mix.label, n_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
+                           seed=job.cfg.seed, model=job.teacher.name)
+        scores.save(job.run.path / "scores")
+        job.done("score")
+        return
     scores, folder = score(job.teacher, job.train_src, job.cfg.calib_samples, job.cfg.calib_seq_len,
                            seed=job.cfg.seed, config=config, progress=cb)
     scores.save(job.run.path / "scores")
@@ -251,6 +265,7 @@ def evaluate_stage(job: Job) -> None:
                          job.dcfg.temperature, progress=lambda f, m: cb(0.2 + 0.8 * f, m))
     job.summary.update(ppl_teacher=r["teacher_ppl"], ppl_one_shot=r["ppl"], kl_one_shot=r["kl"],
                        eval_blocks=list(job.eval_blocks.shape))
+    evaluate_per_source(job, "one_shot", r)
     job.done("evaluate")
 
 
@@ -260,11 +275,11 @@ def distill_stage(job: Job) -> None:
     cb = job.begin("distill")
     world_size = world()[1]
     n_train = job.dcfg.total_steps(world_size) * job.dcfg.global_batch(world_size)
-    train = get_blocks(job.train_src, job.tokenizer, n_train, job.dcfg.seq_len, job.cfg.seed,
-                       model=teacher_model(job), up_to=True)
+    train = train_blocks(job, n_train, job.dcfg.seq_len, job.cfg.seed, "data_mix")
     job.result = r = distill(teacher_model(job), job.student, train, job.eval_blocks, job.dcfg, job.run.path,
                              progress=cb, should_stop=job.stop,
-                             kept_channels=job.plan.channels if job.plan is not None else None)
+                             kept_channels=job.plan.channels if job.plan is not None else None,
+                             eval_sets=job.eval_sets if len(job.eval_sets) > 1 else None)
     if r["stopped"]:
         job.summary.setdefault("stage_seconds", {})["distill"] = round(time.time() - job.t0, 2)
         job.save_summary()
@@ -288,7 +303,18 @@ def final_evaluate_stage(job: Job) -> None:
         r = evaluate_student(teacher_model(job), job.student, job.eval_blocks, job.dcfg.eval_batch_size,
                              job.dcfg.temperature, progress=cb)
     job.summary.update(ppl_distilled=r["ppl"], kl_distilled=r["kl"])
+    evaluate_per_source(job, "distilled", r, step=job.dcfg.total_steps())
     job.done("evaluate_final")
+
+
+def export_dtype(job: Job):
+    """Exports keep the source checkpoint's storage dtype (the student trains in fp32 master weights)."""
+    if job.teacher is not None:
+        return job.teacher.source_dtype
+    from engine.models import checkpoint_dtype, resolve_spec
+
+    path, kw = resolve_spec(job.cfg.student)
+    return checkpoint_dtype(path, **kw)
 
 
 def export_stage(job: Job) -> None:
@@ -297,7 +323,8 @@ def export_stage(job: Job) -> None:
     job.begin("export")
     out = export_model(job.student, job.tokenizer, job.run.path / "model", plan=job.plan,
                        scores_meta=job.scores.meta if job.scores is not None else None,
-                       source_name=job.teacher.name if job.teacher is not None else job.cfg.model, force=True)
+                       source_name=job.teacher.name if job.teacher is not None else job.cfg.model, force=True,
+                       dtype=export_dtype(job))
     job.summary["model_dir"] = str(out)
     job.done("export")
 
@@ -354,13 +381,50 @@ def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
 
         path, kw = resolve_spec(cfg.student)
         job.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    job.train_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.train_range)
-    job.eval_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.eval_range)
-    summary.update(data=job.train_src.label, method=cfg.distill.method)
+    job.mix = DataMix.of(cfg.data)
+    if len(job.mix.specs) == 1 and not is_teacher_spec(job.mix.specs[0]):  # one file / dataset / generated
+        job.train_src = DataSource.parse(job.mix.specs[0], column=cfg.text_column, docs=cfg.train_range)
+        job.eval_src = DataSource.parse(job.mix.specs[0], column=cfg.text_column, docs=cfg.eval_range)
+    summary.update(data=job.train_src.label if job.train_src else job.mix.label, method=cfg.distill.method)
     job.dcfg = cfg.distill
-    job.eval_blocks = get_blocks(job.eval_src, job.tokenizer, cfg.eval_samples, job.dcfg.seq_len,
-                                 cfg.seed + 1, model=teacher_model(job), up_to=True)
+    # held-out blocks of each source (the first is the main held-out set) + the teacher-text breadth set
+    job.eval_sets = eval_sets(job.mix, job.tokenizer, cfg.eval_samples, job.dcfg.seq_len, cfg.seed + 1,
+                              docs=cfg.eval_range, breadth=cfg.breadth if job.teacher is not None else None,
+                              model=teacher_model(job), column=cfg.text_column, cache_dir=run.path / "generated",
+                              model_name=cfg.model)
+    job.eval_blocks = next(iter(job.eval_sets.values()))
     return job
+
+
+def train_blocks(job: Job, n: int, seq_len: int, seed: int, key: str) -> torch.Tensor:
+    """Up to n training / calibration blocks: from the one source, or from the mix honouring its
+    weights (the blocks and tokens taken from each source go into summary[key])."""
+    if job.train_src is not None:
+        return get_blocks(job.train_src, job.tokenizer, n, seq_len, seed, model=teacher_model(job), up_to=True)
+    blocks, _, info = mix_blocks(job.mix, job.tokenizer, n, seq_len, seed, docs=job.cfg.train_range,
+                                 model=teacher_model(job), column=job.cfg.text_column,
+                                 cache_dir=job.run.path / "generated", model_name=job.cfg.model)
+    job.summary[key] = info
+    return blocks
+
+
+def evaluate_per_source(job: Job, when: str, main: dict, step: int | None = None) -> None:
+    """Perplexity and KL of the student on each evaluation source alone, into summary["eval_sources"]
+    as {source: {"ppl_<when>", "kl_<when>", "ppl_teacher", "blocks"}}. The main held-out set reuses
+    `main`; distillation's rows of `step` in eval_sources.jsonl are reused when there."""
+    if len(job.eval_sets) < 2:
+        return
+    done = {r["source"]: r for r in read_jsonl(job.run.path / "eval_sources.jsonl")
+            if step is not None and r.get("step") == step}
+    todo = {k: v for k, v in job.eval_sets.items() if v is not job.eval_blocks and k not in done}
+    fresh = evaluate_sources(teacher_model(job), job.student, todo, job.dcfg.eval_batch_size, job.dcfg.temperature)
+    per = job.summary.setdefault("eval_sources", {})
+    for name, blocks in job.eval_sets.items():
+        r = main if blocks is job.eval_blocks else fresh.get(name) or done[name]
+        row = per.setdefault(name, {"blocks": int(blocks.shape[0])})
+        row.update({f"ppl_{when}": r["ppl"], f"kl_{when}": r["kl"]})
+        if r.get("teacher_ppl") is not None:
+            row["ppl_teacher"] = r["teacher_ppl"]
 
 
 def run_pipeline(run_dir: str | Path | Run, should_stop: Callable[[], bool] | None = None) -> dict:

@@ -5,6 +5,7 @@ folder, distils from it, and a resumed job loads it instead of redoing it."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import engine.models
 from engine.distill import DistillConfig
@@ -21,7 +22,13 @@ def isolated(tmp_path, monkeypatch):
 
 
 def test_cpt_distill_job_never_loads_the_teacher(tmp_path, corpus, tiny_llama_pair, monkeypatch):
-    teacher, student = map(str, tiny_llama_pair)
+    """... and exports in the student checkpoint's storage dtype (bf16 here), though it trained in fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = str(tiny_llama_pair[0])
+    student = str(tmp_path / "student-bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_llama_pair[1], dtype=torch.bfloat16).save_pretrained(student)
+    AutoTokenizer.from_pretrained(tiny_llama_pair[1]).save_pretrained(student)
     loaded = []
     real_load = engine.models.load
     monkeypatch.setattr(engine.models, "load", lambda spec, *a, **k: loaded.append(spec) or real_load(spec, *a, **k))
@@ -35,6 +42,8 @@ def test_cpt_distill_job_never_loads_the_teacher(tmp_path, corpus, tiny_llama_pa
     s = read_json(run.path / "summary.json")
     assert s["method"] == "cpt" and s["ppl_distilled"] > 0 and s["kl_distilled"] is None
     assert "params_teacher" not in s
+    exported = AutoModelForCausalLM.from_pretrained(run.path / "model", dtype="auto")
+    assert next(exported.parameters()).dtype == torch.bfloat16
 
 
 def test_teacher_correction_first_then_distil_from_it(tmp_path, corpus, tiny_llama_pair):
