@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import CALIB_DOCS, EVAL_DOCS, WIKITEXT, strategies  # noqa: E402
+from bench.common import CALIB_DOCS, EVAL_DOCS, WIKITEXT, strategies, unique_by_shape  # noqa: E402
 from engine.arch import get_adapter  # noqa: E402
 from engine.data import DataSource, get_blocks  # noqa: E402
 from engine.distill import DistillConfig  # noqa: E402
@@ -143,7 +143,7 @@ def main() -> None:
           f"{out['throughput_ratio']:.2f} x", flush=True)
     print(f"5. Spearman one-shot vs after the tournament: {out['spearman_one_shot_vs_tournament']}", flush=True)
     hand = []
-    for st in strategies(spec, args.budget):
+    for st in unique_by_shape(strategies(spec, args.budget)):
         t = replace(st.targets, depth_by="bi")  # the scores hold BI; the hand-picked shapes are what counts
         q = preview(model, scores, t, side)
         hand.append((q["kl"], st.name, t))
