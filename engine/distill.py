@@ -55,6 +55,7 @@ from engine.checkpoint import (
 from engine.devices import resolve_dtype
 from engine.errors import UserError
 from engine.evaluate import autocast_ctx, evaluate_student
+from engine.fileio import append_jsonl
 from engine.parallel import strategy_for_launch
 from engine.peak_memory import PeakMemory
 from engine.runs import Run, truncate_metrics
@@ -81,8 +82,11 @@ class DistillRecipe:
     def __init__(self, teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
                  eval_blocks: torch.Tensor | None, config: DistillConfig, run_dir: str | Path,
                  progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-                 resume: bool = True, kept_channels: Sequence[int] | None = None):
+                 resume: bool = True, kept_channels: Sequence[int] | None = None,
+                 eval_sets: dict[str, torch.Tensor] | None = None):
         cfg = self.cfg = config
+        # per-source held-out sets (engine.mix): rows in eval_sources.jsonl, one per source and evaluation
+        self.eval_sets = {k: v[: cfg.eval_samples, : cfg.seq_len] for k, v in (eval_sets or {}).items()}
         if train_blocks.shape[1] < cfg.seq_len:
             raise ValueError(f"training blocks have {train_blocks.shape[1]} tokens, seq_len is {cfg.seq_len}")
         self.teacher, self.student, self.kept_channels = teacher, student, kept_channels
@@ -164,6 +168,7 @@ class DistillRecipe:
         if state is None:
             if self.par.main:  # no rows or checkpoints of an earlier attempt survive
                 truncate_metrics(self.run_dir / "metrics.jsonl", -1)
+                truncate_metrics(self.run_dir / "eval_sources.jsonl", -1)
                 for old in checkpoint_files(self.run_dir / "checkpoints"):
                     remove_checkpoint(old)
             return
@@ -179,6 +184,7 @@ class DistillRecipe:
         log.info("resumed from %s (step %d/%d, %s)", self.ckpt_name, self.start, self.total, self.par.name)
         if self.par.main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start)
+            truncate_metrics(self.run_dir / "eval_sources.jsonl", self.start)
 
     # ------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict:
@@ -244,11 +250,24 @@ class DistillRecipe:
                 row["teacher_ppl"] = r["teacher_ppl"]
                 self.first_eval = dict(row)
             self._log(row)
+            self._evaluate_sources(model, row, r)
             if par.sharded:
                 self.module.reshard()
         self.raw.student.train()
         self.last_eval = row
         return row
+
+    def _evaluate_sources(self, model: nn.Module, row: dict, r: dict) -> None:
+        """Perplexity and KL on each evaluation source alone (the set equal to the main held-out
+        blocks reuses its result), appended to eval_sources.jsonl by rank 0."""
+        for name, blocks in self.eval_sets.items():
+            same = self.eval_blocks is not None and torch.equal(blocks, self.eval_blocks)
+            rs = r if same else evaluate_student(self.teacher, model, blocks, self.cfg.eval_batch_size,
+                                                 self.cfg.temperature)
+            if self.par.main:
+                append_jsonl(self.run_dir / "eval_sources.jsonl",
+                             {"step": row["step"], "tokens": row["tokens"], "source": name, "ppl": rs["ppl"],
+                              "kl": rs["kl"], "teacher_ppl": rs["teacher_ppl"]})
 
     def save_checkpoint(self, step: int) -> None:
         """Full weights, AdamW moments, schedule and every rank's RNG state (rank 0 writes)."""
@@ -343,17 +362,19 @@ class _ViaRoot(nn.Module):
 def distill(teacher: nn.Module, student: nn.Module, train_blocks: torch.Tensor,
             eval_blocks: torch.Tensor | None, config: DistillConfig, run_dir: str | Path,
             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-            resume: bool = True, kept_channels: Sequence[int] | None = None) -> dict:
+            resume: bool = True, kept_channels: Sequence[int] | None = None,
+            eval_sets: dict[str, torch.Tensor] | None = None) -> dict:
     """Train `student` (in place; fp32 master weights) to match `teacher`; see DistillRecipe.
 
     train_blocks / eval_blocks: (N, T) token blocks, T >= config.seq_len (longer blocks are cut).
     Appends rows to run_dir/metrics.jsonl, checkpoints into run_dir/checkpoints, resumes from the
     newest valid checkpoint when `resume`, and stops cleanly (final checkpoint) when should_stop()
     is true or SIGTERM arrives. kept_channels: teacher hidden channels the student kept (width
-    pruning), to initialise the hidden-state projector. Under several processes every rank calls
+    pruning), to initialise the hidden-state projector. eval_sets: {source: (N, T) blocks} evaluated
+    alone at every evaluation (rows in run_dir/eval_sources.jsonl). Under several processes every rank calls
     this with the same arguments.
 
     Returns {"steps", "total_steps", "stopped", "tokens", "elapsed_s", "first_eval", "last_eval",
     "parallel" ("single", "ddp" or "fsdp")}."""
     return DistillRecipe(teacher, student, train_blocks, eval_blocks, config, run_dir, progress,
-                         should_stop, resume, kept_channels).run_loop()
+                         should_stop, resume, kept_channels, eval_sets).run_loop()

@@ -167,3 +167,37 @@ def test_cancel_and_resume_keep_the_data_order_of_a_mix(tok, two_files, tmp_path
     assert sorted(got) == list(range(1, 7))
     for k in ref:
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_mix_reports_each_source(tmp_path, corpus, tiny_llama_pair, monkeypatch):
+    """prune + distill on 70% file + 30% teacher text: calibration and training take each source's
+    share, summary.json and eval_sources.jsonl hold perplexity and KL per source and for breadth."""
+    from engine.jobs import execute
+    from engine.pipeline import PipelineConfig, create_run
+    from engine.runs import Run, read_json
+
+    monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    mix = DataMix.of([str(corpus), "teacher"], "0.7,0.3")
+    cfg = PipelineConfig(model=str(tiny_llama_pair[0]), data=mix.to_config(), calib_samples=10, calib_seq_len=32,
+                         targets={"ffn": 24, "layers": 3}, eval_samples=3,
+                         distill=DistillConfig(steps=4, batch_size=5, seq_len=32, warmup_steps=1, eval_every=2,
+                                               checkpoint_every=2, eval_samples=3))
+    run = create_run(tmp_path / "run", cfg)
+    assert execute(run.path) == "done", (run.path / "job.log").read_text()[-2000:]
+    s = read_json(run.path / "summary.json")
+    assert [m["blocks"] for m in s["calib_mix"]] == [7, 3]
+    assert [m["tokens"] for m in s["data_mix"]] == [14 * 32, 6 * 32]  # 4 steps x 5 blocks
+    assert "70%" in s["data"] and "teacher-generated" in s["data"]
+    per = s["eval_sources"]
+    assert list(per) == ["corpus.txt", "breadth"]
+    assert per["corpus.txt"]["ppl_one_shot"] == s["ppl_one_shot"]
+    for row in per.values():
+        assert {"ppl_one_shot", "kl_one_shot", "ppl_distilled", "kl_distilled", "ppl_teacher"} <= set(row)
+    rows = read_jsonl(run.path / "eval_sources.jsonl")
+    assert sorted({(r["step"], r["source"]) for r in rows}) == [(st, n) for st in (0, 2, 4)
+                                                                 for n in ("breadth", "corpus.txt")]
+    assert per["breadth"]["kl_distilled"] == next(r["kl"] for r in rows if r["step"] == 4 and r["source"] == "breadth")
+    assert len(list((run.path / "generated").glob("teacher-*.json"))) == 2  # training and breadth texts
+    assert Run(run.path).status()["state"] == "done"
