@@ -58,9 +58,13 @@ class DataMix:
         CLI lists: several specs with `weights` ("0.7,0.3" or numbers; None: equal shares)."""
         if isinstance(data, DataMix):
             return data
+        if isinstance(data, dict):  # the CLI's repeated --data and --mix (engine.commands.distill)
+            return cls.of(list(data.get("specs") or []), data.get("weights"))
         if isinstance(data, str):
             if data.startswith("mix:"):
                 return cls.read(data[4:])
+            if weights is None:
+                return cls((data,), (1.0,))
             data = [data]
         specs, ws = [], []
         for item in data:

@@ -62,6 +62,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, dict):
             object.__setattr__(self, "targets", Targets.from_dict(self.targets))
+        object.__setattr__(self, "data", DataMix.of(self.data).to_config())  # a mix checked, in its saved form
 
     @property
     def kind(self) -> str:

@@ -201,3 +201,21 @@ def test_pipeline_on_a_mix_reports_each_source(tmp_path, corpus, tiny_llama_pair
     assert per["breadth"]["kl_distilled"] == next(r["kl"] for r in rows if r["step"] == 4 and r["source"] == "breadth")
     assert len(list((run.path / "generated").glob("teacher-*.json"))) == 2  # training and breadth texts
     assert Run(run.path).status()["state"] == "done"
+
+
+def test_cli_repeated_data_and_mix_build_the_configs_mix(tmp_path, two_files):
+    from engine.cli import build_parser
+    from engine.pipeline import PipelineConfig
+
+    def cfg(*argv: str) -> PipelineConfig:
+        args = build_parser().parse_args(["distill", "--student", "s", "--run-dir", str(tmp_path), *argv])
+        return PipelineConfig(student="s", data=args.data)
+
+    assert cfg().data == "generated" and cfg("--data", two_files[0]).data == two_files[0]
+    got = cfg("--mix", "3,1", "--data", two_files[0], "--data", "teacher:0:0.7").data
+    assert got == [{"data": two_files[0], "weight": 0.75}, {"data": "teacher:0:0.7", "weight": 0.25}]
+    assert cfg("--data", "a.txt", "--data", "b.txt").data == [{"data": "a.txt", "weight": 0.5},
+                                                              {"data": "b.txt", "weight": 0.5}]
+    assert PipelineConfig.from_dict(PipelineConfig(data=got).to_dict()).data == got
+    with pytest.raises(DataError, match="2 weights for 3"):
+        cfg("--data", "a", "--data", "b", "--data", "c", "--mix", "0.5,0.5")

@@ -7,6 +7,22 @@ from __future__ import annotations
 import argparse
 
 
+class _MixArg(argparse.Action):
+    """Repeated --data and --mix collect into args.data: one spec stays a string, several become
+    {"specs": [...], "weights": [...] | None}, which PipelineConfig checks (engine.mix.DataMix)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        specs = list(getattr(namespace, "_data_specs", []))
+        weights = getattr(namespace, "_mix_weights", None)
+        if option_string == "--mix":
+            weights = values
+        else:
+            specs.append(values)
+        namespace._data_specs, namespace._mix_weights = specs, weights
+        namespace.data = specs[0] if len(specs) == 1 and weights is None else {"specs": specs, "weights": weights}
+        namespace.mix = weights
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """Distillation and job options shared by `run` and `distill`."""
     g = p.add_argument_group("distillation")
@@ -43,7 +59,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "(cross-entropy) and distil from it (0: off)")
     m.add_argument("--correct-teacher-lr", type=float, default=1e-5)
     j = p.add_argument_group("data and job")
-    j.add_argument("--data", default="generated", help="file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]")
+    j.add_argument("--data", default="generated", action=_MixArg,
+                   help="file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]], generated[:N], teacher[:N[:TEMP[:PROMPTS]]] "
+                        "(text the teacher writes from everyday prompts) or mix:FILE (lines `WEIGHT SPEC`); "
+                        "repeat it for a mix")
+    j.add_argument("--mix", default=None, action=_MixArg, metavar="W1,W2,...",
+                   help="weights of the repeated --data sources, e.g. 0.7,0.3 (default: equal shares)")
     j.add_argument("--text-column", default=None)
     j.add_argument("--train-range", default="0:0.6", help="fraction of documents for training (START:END)")
     j.add_argument("--eval-range", default="0.6:1", help="held-out fraction of documents (START:END)")
