@@ -24,7 +24,7 @@ from engine.arch.base import ArchSpec
 from engine.errors import PlanError
 from engine.estimate import Estimate, estimate
 from engine.fileio import atomic_write_text
-from engine.importance.scores import Scores
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION, Scores, criterion_tensor
 from engine.targets import Sizes, Targets, is_gqa, resolve, validate_targets
 
 FORMAT = "prunescope-plan/1"
@@ -312,12 +312,22 @@ def kept_layers(scores: Scores, spec: ArchSpec, t: Targets, n_keep: int) -> list
     return _top(scores[name], n_keep)
 
 
-def _check_scores(scores: Scores, spec: ArchSpec) -> None:
+def _tensor_names(criterion: str) -> dict[str, str]:
+    """axis -> the scores tensor it is ranked by under `criterion` (PlanError for an unknown one)."""
+    if criterion not in CRITERIA:
+        raise PlanError(f"unknown importance criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    return {axis: criterion_tensor(axis, criterion) for axis in ("heads", "neurons", "channels")}
+
+
+def _check_scores(scores: Scores, spec: ArchSpec, criterion: str = DEFAULT_CRITERION) -> None:
     shapes = {"heads": (spec.n_layers, spec.n_heads), "neurons": (spec.n_layers, spec.intermediate_size),
               "channels": (spec.hidden_size,)}
-    for name, shape in shapes.items():
+    names = _tensor_names(criterion)
+    for axis, shape in shapes.items():
+        name = names[axis]
         if not scores.has(name):
-            raise PlanError(f"the scores have no {name!r} tensor; rescore the model with `prunescope score`")
+            hint = " (scores made before the weight-aware criteria)" if name != axis else ""
+            raise PlanError(f"the scores have no {name!r} tensor{hint}; rescore the model with `prunescope score`")
         if not np.isfinite(_numpy(scores[name])).all():
             raise PlanError(f"the {name!r} scores hold NaN or infinite values; rescore the model")
         if tuple(scores[name].shape) != shape:
@@ -332,14 +342,15 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
         raise PlanError("the scores have no 'arch' metadata; rescore with this version of prunescope")
     spec = ArchSpec.from_dict(scores.meta["arch"])
     validate_targets(spec, targets)
-    _check_scores(scores, spec)
+    _check_scores(scores, spec, targets.criterion)
+    names = _tensor_names(targets.criterion)
     s = resolve(spec, targets)
     layers_kept = kept_layers(scores, spec, targets, s.layers)
     groups = spec.n_kv_heads if is_gqa(spec) else 1
     per, keep_per = spec.n_heads // groups, s.heads // groups
     heads, neurons, merges = [], [], []
     for layer in layers_kept:
-        hs = scores["heads"][layer]
+        hs = scores[names["heads"]][layer]
         kept, pairs = [], []
         for g in range(groups):
             ranked = [g * per + i for i in _ranked(hs[g * per:(g + 1) * per])]
@@ -349,15 +360,16 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
                       if 2 * keep_per - i + 1 <= per]
         heads.append(sorted(kept))
         merges.append(sorted(pairs))
-        neurons.append(_top(scores["neurons"][layer], s.ffn))
+        neurons.append(_top(scores[names["neurons"]][layer], s.ffn))
     info = {k: scores.meta[k] for k in ("data", "n_samples", "seq_len", "base_ppl", "aggregation", "model")
             if k in scores.meta}
+    info["criterion"] = targets.criterion
     info["dropped_layers"] = [i for i in range(spec.n_layers) if i not in layers_kept]
     for name in ("bi", "ppl_increase", "taylor"):
         if scores.has(name):
             info[name] = [round(float(x), 5) for x in scores[name]]
     return Plan(targets=targets, arch=spec.to_dict(), fingerprint=str(scores.meta.get("fingerprint", "")),
-                kept_layers=layers_kept, heads=heads, neurons=neurons, channels=_top(scores["channels"], s.hidden),
+                kept_layers=layers_kept, heads=heads, neurons=neurons, channels=_top(scores[names["channels"]], s.hidden),
                 head_merge=merges if targets.merge_heads else None, model=str(scores.meta.get("model", "")),
                 info=info)
 
@@ -385,4 +397,5 @@ def step_targets(spec: ArchSpec, final: Targets, step: int, steps: int) -> Targe
             hidden = max(h for h in range(fin.hidden, hidden + 1) if h % heads == 0)
     layers = at("layers")
     return Targets(hidden=hidden, ffn=at("ffn"), heads=heads, layers=layers,
-                   depth_by=final.depth_by if final.depth_by != "list" else "bi", merge_heads=final.merge_heads)
+                   depth_by=final.depth_by if final.depth_by != "list" else "bi", merge_heads=final.merge_heads,
+                   criterion=final.criterion)

@@ -11,6 +11,7 @@ from numbers import Integral
 
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
 
 DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 
@@ -32,10 +33,13 @@ class Targets:
     depth_by: str = "bi"  # bi | ppl | block | taylor | list
     drop_layers: tuple[int, ...] | None = None  # source layer indices, with depth_by="list"
     merge_heads: bool = False  # Minitron residual merge of pruned query heads into kept ones
+    criterion: str = DEFAULT_CRITERION  # how heads, neurons and channels are ranked (engine.importance.criteria)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["drop_layers"] = list(self.drop_layers) if self.drop_layers is not None else None
+        if self.criterion == DEFAULT_CRITERION:  # written only when chosen: older plans read the same
+            del d["criterion"]
         return d
 
     @classmethod
@@ -60,6 +64,8 @@ class Targets:
         if "depth_by" in d and not isinstance(d["depth_by"], str):
             raise PlanError(f"targets field 'depth_by' must be one of {', '.join(DEPTH_METHODS)}; "
                             f"got {d['depth_by']!r}")
+        if "criterion" in d and d["criterion"] not in CRITERIA:
+            raise PlanError(f"targets field 'criterion' must be one of {', '.join(CRITERIA)}; got {d['criterion']!r}")
         if "merge_heads" in d and not isinstance(d["merge_heads"], bool):
             raise PlanError(f"targets field 'merge_heads' must be true or false; got {d['merge_heads']!r}")
         return cls(**d)

@@ -24,6 +24,7 @@ import torch
 import engine
 from engine.arch import get_adapter
 from engine.importance.aggregate import DEFAULT_AGGREGATION, parse_aggregation, spearman
+from engine.importance.criteria import criterion_tensors
 from engine.importance.depth import lm_nll, removal_nll
 from engine.importance.scores import ScoreError, Scores
 from engine.importance.stream import execution_device, stream_info
@@ -34,7 +35,7 @@ from engine.importance.width import WidthCollector
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-ALGORITHM_VERSION = 1  # bump when a score's definition changes (invalidates caches)
+ALGORITHM_VERSION = 2  # bump when a score's definition changes (invalidates caches); 2: weight-aware criteria
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,9 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
                 del out
                 collector.clear_batch()
         tensors = collector.result() if width else {}
+        if width:  # the weight-aware criteria: weight norms only, no extra pass
+            info = stream_info(model)
+            tensors.update(criterion_tensors(adapter, tensors, info.weights if info is not None else None))
         if config.taylor:
             t0 = time.perf_counter()
             tensors["taylor"] = taylor_scores(adapter, blocks, bs, on_batch=lambda k: meter.step(

@@ -12,6 +12,8 @@ Tensor names and shapes (L layers, H query heads, F intermediate, D hidden, B = 
     block_bi            (B,)     BI of contiguous blocks of n layers        [optional, --blocks n]
     block_ppl_increase  (B,)     ppl increase with the block removed        [optional]
     taylor              (L,)     Shortened LLaMA's Taylor+ per layer        [optional, --taylor]
+    heads:weighted, neurons:weighted, neurons:product, channels:weighted, channels_per_layer:weighted
+                                 the weight-aware criteria (engine.importance.criteria); same shapes
 
 Metadata keys: fingerprint, model, model_type, n_layers, n_heads, n_kv_heads, head_dim,
 hidden_size, intermediate_size, arch (ArchSpec.to_dict()), data (source label), data_source (dict), n_samples, seq_len, seed,
@@ -38,6 +40,28 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: reading scores as
 TENSORS_FILE = "scores.safetensors"
 META_FILE = "scores.json"
 CHECK_KEY = "tensors_file"  # meta[CHECK_KEY] = {"bytes": size, "sha256": hex digest} of TENSORS_FILE
+
+# How units are ranked: Minitron's activation statistic, or it times the norms of the unit's weights
+CRITERIA = ("activation", "weighted", "product")
+DEFAULT_CRITERION = "activation"
+CRITERION_HELP = {
+    "activation": "Minitron: the activation statistic alone",
+    "weighted": "activation x the norm of the weights the unit writes through (down_proj column, o_proj "
+                "block) or, for channels, of the weights that read it",
+    "product": "neurons: activation x gate row x up row x down column norms; heads and channels as weighted",
+}
+
+
+def criterion_tensor(axis: str, criterion: str) -> str:
+    """The scores tensor an axis (heads | neurons | channels | channels_per_layer) is ranked by under a
+    criterion; ScoreError listing the criteria for an unknown one."""
+    if criterion not in CRITERIA:
+        raise ScoreError(f"unknown importance criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    if criterion == "activation":
+        return axis
+    if criterion == "product" and axis == "neurons":
+        return "neurons:product"
+    return f"{axis}:weighted"
 
 
 

@@ -1,0 +1,141 @@
+"""How sharply importance falls off: the error of one layer's output as its lowest-ranked units are zeroed.
+
+For a layer, an axis and each criterion, the units the criterion ranks lowest are zeroed, a growing
+fraction at a time, and the layer's output is compared with the untouched model's on the same tokens:
+
+- neurons:  the MLP output (output of down_proj), neurons zeroed at the input of down_proj;
+- heads:    the attention output (output of o_proj), heads zeroed at the input of o_proj;
+- channels: the decoder layer's output, channels zeroed at the output of every hidden-size norm of
+  the layer (what its sublayers read; OLMo2's post-norms: what they write).
+
+Channels are ranked by the global channel scores, the ones a plan uses. A "random" curve (a seeded
+permutation) is the baseline a useful criterion must stay under. The forward stops at the measured
+module, so each point costs a partial forward of the calibration blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.arch import get_adapter, hidden_from_output
+from engine.importance.scores import CRITERIA, ScoreError, Scores, criterion_tensor
+
+FALLOFF_AXES = ("neurons", "heads", "channels")
+DEFAULT_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class FalloffCurve:
+    """One criterion's curve: fractions of the layer's units zeroed (lowest-ranked first) and the
+    layer output's relative RMSE and mean per-token cosine similarity to the untouched output."""
+
+    criterion: str
+    fractions: list[float]
+    rel_rmse: list[float]
+    cosine: list[float]
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "fractions": self.fractions, "rel_rmse": self.rel_rmse,
+                "cosine": self.cosine}
+
+
+class _Stop(Exception):
+    """Raised by the measuring hook: nothing after the measured module is needed."""
+
+
+def _ranking(scores: Scores, axis: str, layer: int, criterion: str, n: int, seed: int) -> torch.Tensor:
+    """Unit indices from least to most important (ties: lower index first)."""
+    if criterion == RANDOM:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    s = scores[criterion_tensor(axis, criterion)]
+    s = s if axis == "channels" else s[layer]
+    if s.numel() != n:
+        raise ScoreError(f"the {axis} scores have {s.numel()} units, the model's layer has {n}; were they "
+                         "computed on another model?")
+    return torch.sort(s.double(), stable=True).indices  # ascending
+
+
+def _modules(adapter, layer: int, axis: str):
+    """(modules the mask applies to, whether at their input, the measured module, units, unit width)."""
+    p = adapter.layer(layer)
+    if axis == "neurons":
+        return [p.down], True, p.down, adapter.intermediate_size, 1
+    if axis == "heads":
+        return [p.o], True, p.o, adapter.n_heads, adapter.head_dim
+    if axis == "channels":
+        return adapter.norms(layer), False, p.block, adapter.hidden_size, 1
+    raise ScoreError(f"unknown axis {axis!r}; valid: {', '.join(FALLOFF_AXES)}")
+
+
+def _layer_output(model, adapter, blocks: torch.Tensor, targets, at_input: bool, measured,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """The measured module's output (fp32) with `mask` (C,) multiplied into the targets' inputs/outputs."""
+    got: list[torch.Tensor] = []
+
+    def pre(module, args):
+        return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
+
+    def post(module, args, output):
+        return output * mask.to(output.dtype)
+
+    def measure(module, args, output):
+        got.append(hidden_from_output(output).detach().float())
+        raise _Stop
+
+    handles = []
+    try:
+        if mask is not None:
+            for m in targets:
+                handles.append(m.register_forward_pre_hook(pre) if at_input else m.register_forward_hook(post))
+        handles.append(measured.register_forward_hook(measure))
+        try:
+            adapter.base_model(input_ids=blocks, use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not got:
+        raise ScoreError("the measured module did not run")
+    return got[0]
+
+
+@torch.no_grad()
+def falloff(model: torch.nn.Module, blocks: torch.Tensor, scores: Scores, layer: int, axis: str,
+            criteria: tuple[str, ...] = CRITERIA + (RANDOM,), fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+            seed: int = 0) -> list[FalloffCurve]:
+    """One curve per criterion for `layer` and `axis` on calibration `blocks` (N, T)."""
+    adapter = get_adapter(model)
+    if not 0 <= layer < adapter.n_layers:
+        raise ScoreError(f"layer must be in 0..{adapter.n_layers - 1}, got {layer}")
+    if any(not 0.0 <= f < 1.0 for f in fractions):
+        raise ScoreError(f"fractions must be in [0, 1), got {list(fractions)}")
+    for c in criteria:
+        if c not in CRITERIA + (RANDOM,):
+            raise ScoreError(f"unknown criterion {c!r}; valid: {', '.join(CRITERIA + (RANDOM,))}")
+    targets, at_input, measured, n, width = _modules(adapter, layer, axis)
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    blocks = blocks.long().to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        ref = _layer_output(model, adapter, blocks, targets, at_input, measured, None)  # (N, T, C)
+        ref_norm = torch.linalg.vector_norm(ref).clamp_min(1e-12)
+        curves = []
+        for c in criteria:
+            order = _ranking(scores, axis, layer, c, n, seed)
+            rmse, cos = [], []
+            for f in fractions:
+                unit_mask = torch.ones(n, device=device)
+                unit_mask[order[:round(f * n)].to(device)] = 0.0
+                mask = unit_mask.repeat_interleave(width)  # heads: every channel of the head
+                y = _layer_output(model, adapter, blocks, targets, at_input, measured, mask)
+                rmse.append(float(torch.linalg.vector_norm(y - ref) / ref_norm))
+                cos.append(float(torch.nn.functional.cosine_similarity(y, ref, dim=-1, eps=1e-12).mean()))
+            curves.append(FalloffCurve(c, [float(f) for f in fractions], rmse, cos))
+    finally:
+        model.train(was_training)
+    return curves

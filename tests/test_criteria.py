@@ -1,0 +1,177 @@
+"""Weight-aware importance criteria: brute-force references on every family, planted structure for the
+fall-off curves, and the criterion carried through plan.json and the model card."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.arch import get_adapter
+from engine.export import model_card
+from engine.importance import ScoreConfig, compute_scores
+from engine.importance.falloff import RANDOM, falloff
+from engine.importance.scores import CRITERIA, criterion_tensor
+from engine.plan import Plan, make_plan
+from engine.prune import apply_plan
+from engine.targets import Targets
+from tests.tiny_models import FAMILIES, random_ids, tiny_model
+
+
+def _out_in(m: nn.Module) -> torch.Tensor:
+    """A projection's weight as (out, in): nn.Linear as stored, GPT-2's Conv1D transposed."""
+    return m.weight.detach().float() if isinstance(m, nn.Linear) else m.weight.detach().float().t()
+
+
+def _l2_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> (C,): L2 over samples of the mean over tokens of |x| (the default aggregation)."""
+    return x.float().abs().mean(1).square().sum(0).sqrt()
+
+
+def _reference(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every criterion by brute force: whole activations kept, unit-by-unit loops over the weights."""
+    a = get_adapter(model)
+    acts: dict[tuple, torch.Tensor] = {}
+    hooks = []
+    for i in range(a.n_layers):
+        p = a.layer(i)
+        hooks.append(p.down.register_forward_pre_hook(lambda m, x, i=i: acts.__setitem__(("down", i), x[0])))
+        hooks.append(p.o.register_forward_pre_hook(lambda m, x, i=i: acts.__setitem__(("o", i), x[0])))
+        for k, norm in enumerate(a.norms(i)):
+            hooks.append(norm.register_forward_hook(lambda m, x, y, i=i, k=k: acts.__setitem__(("norm", i, k), y)))
+    with torch.no_grad():
+        a.base_model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    L, H, hd, D = a.n_layers, a.n_heads, a.head_dim, a.hidden_size
+    out = {name: [] for name in ("neurons", "neurons:weighted", "neurons:product", "heads", "heads:weighted")}
+    channels, channels_w = torch.zeros(D), torch.zeros(D)
+    for i in range(L):
+        p = a.layer(i)
+        act = _l2_mean(acts[("down", i)])
+        down, up = _out_in(p.down), _out_in(p.up)
+        F = down.shape[1]
+        gate = up[:F] if a.fused_gate_up else (_out_in(p.gate) if p.gate is not None else None)
+        up = up[F:] if a.fused_gate_up else up
+        w = torch.tensor([down[:, j].norm() for j in range(F)])
+        g = torch.tensor([gate[j].norm() if gate is not None else 1.0 for j in range(F)])
+        u = torch.tensor([up[j].norm() for j in range(F)])
+        out["neurons"].append(act)
+        out["neurons:weighted"].append(act * w)
+        out["neurons:product"].append(act * w * g * u)
+        ch = _l2_mean(acts[("o", i)])
+        o = _out_in(p.o)
+        heads = torch.tensor([ch[h * hd:(h + 1) * hd].norm() for h in range(H)])
+        out["heads"].append(heads)
+        out["heads:weighted"].append(heads * torch.tensor([o[:, h * hd:(h + 1) * hd].norm() for h in range(H)]))
+        stat = sum(_l2_mean(acts[("norm", i, k)]) for k in range(len(a.norms(i))))
+        readers = [p.qkv] if p.qkv is not None else [p.q, p.k, p.v]
+        readers += [m for m in (p.gate, p.up) if m is not None]
+        r = torch.tensor([sum(float(_out_in(m)[:, c].norm()) ** 2 for m in readers) ** 0.5 for c in range(D)])
+        channels += stat
+        channels_w += stat * r
+    ref = {k: torch.stack(v) for k, v in out.items()}
+    ref["channels"], ref["channels:weighted"] = channels, channels_w
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_criterion_equals_a_brute_force_reference(family):
+    model = tiny_model(family)
+    ids = random_ids(3, 12)
+    s = compute_scores(model, ids, ScoreConfig(batch_size=2))
+    ref = _reference(model, ids)
+    for axis in ("heads", "neurons", "channels"):
+        for c in CRITERIA:
+            name = criterion_tensor(axis, c)
+            torch.testing.assert_close(s[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{family} {name}")
+    # Minitron's activation-only scores are still the reference tensors, unchanged by the new criteria
+    assert not torch.equal(s["neurons:weighted"], s["neurons"])
+
+
+def _plant_dead(model: nn.Module, axis: str, dead: list[int]) -> None:
+    """Make units `dead` nearly inert in every layer: they read, fire and write ~1% of the others."""
+    a = get_adapter(model)
+    hd = a.head_dim
+    with torch.no_grad():
+        for i in range(a.n_layers):
+            p = a.layer(i)
+            if axis == "neurons":
+                for m in (p.gate, p.up):
+                    m.weight[dead] *= 0.01
+                p.down.weight[:, dead] *= 0.01
+            elif axis == "heads":  # MHA: each head has its own v rows and o columns
+                rows = [h * hd + j for h in dead for j in range(hd)]
+                p.v.weight[rows] *= 0.01
+                p.o.weight[:, rows] *= 0.01
+            else:
+                for norm in a.norms(i):
+                    norm.weight[dead] = 0.01 * norm.weight[dead]
+
+
+@pytest.mark.parametrize("axis", ["neurons", "heads", "channels"])
+def test_zeroing_the_lowest_ranked_units_hurts_less_than_random_ones(axis):
+    model = tiny_model("llama", num_key_value_heads=6)  # MHA, so one head can be made inert alone
+    a = get_adapter(model)
+    n = {"neurons": a.intermediate_size, "heads": a.n_heads, "channels": a.hidden_size}[axis]
+    dead = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:n // 2].tolist()
+    _plant_dead(model, axis, dead)
+    ids = random_ids(4, 16, seed=3)
+    s = compute_scores(model, ids, ScoreConfig(batch_size=4))
+    frac = (n // 2) / n
+    curves = {c.criterion: c for c in falloff(model, ids, s, layer=1, axis=axis, fractions=(0.0, frac))}
+    assert set(curves) == set(CRITERIA) | {RANDOM}
+    for c in curves.values():
+        assert c.rel_rmse[0] == 0.0 and c.cosine[0] == pytest.approx(1.0)
+    for c in CRITERIA:
+        assert curves[c].rel_rmse[1] < 0.5 * curves[RANDOM].rel_rmse[1], (axis, c, curves)
+        assert curves[c].cosine[1] > curves[RANDOM].cosine[1]
+
+
+def test_weighted_neurons_see_what_a_loud_neuron_writes():
+    """Neurons that fire loudly but write almost nothing: activation keeps them, weighted drops them."""
+    model = tiny_model("llama")
+    a = get_adapter(model)
+    F = a.intermediate_size
+    loud = torch.randperm(F, generator=torch.Generator().manual_seed(2))[:F // 3].tolist()
+    with torch.no_grad():
+        for p in a.all_layers():
+            p.up.weight[loud] *= 4.0
+            p.down.weight[:, loud] *= 0.002
+    ids = random_ids(4, 16, seed=5)
+    s = compute_scores(model, ids, ScoreConfig(batch_size=4))
+    frac = len(loud) / F
+    curves = {c.criterion: c for c in falloff(model, ids, s, layer=2, axis="neurons", criteria=CRITERIA,
+                                               fractions=(frac,))}
+    assert curves["weighted"].rel_rmse[0] < 0.1 * curves["activation"].rel_rmse[0], curves
+    assert curves["product"].rel_rmse[0] < curves["activation"].rel_rmse[0], curves
+
+
+def test_the_criterion_is_recorded_in_the_plan_and_the_model_card(tmp_path):
+    model = tiny_model("qwen3")
+    s = compute_scores(model, random_ids(2, 12), ScoreConfig(batch_size=2))
+    s.meta["fingerprint"] = ""
+    spec = get_adapter(model).spec()
+    targets = Targets(ffn=20, hidden=spec.hidden_size - 8, criterion="weighted")
+    plan = make_plan(s, targets)
+    top = torch.argsort(-s["neurons:weighted"][0].double(), stable=True)[:20].sort().values.tolist()
+    assert plan.neurons[0] == top
+    assert plan.channels == torch.argsort(-s["channels:weighted"].double(), stable=True)[:spec.hidden_size - 8] \
+        .sort().values.tolist()
+    d = plan.to_dict()
+    assert d["targets"]["criterion"] == "weighted" and d["info"]["criterion"] == "weighted"
+    path = plan.save(tmp_path / "plan.json")
+    assert Plan.load(path).targets.criterion == "weighted"
+    pruned = apply_plan(model, plan, check_fingerprint=False)
+    assert "importance criterion (heads, neurons, channels): weighted" in model_card(pruned, plan, s.meta, "tiny", None)
+    # the default (Minitron's activation) is written only in info, so older plans read the same
+    plain = make_plan(s, Targets(ffn=20))
+    assert "criterion" not in plain.to_dict()["targets"] and plain.info["criterion"] == "activation"
+    assert plain.neurons != plan.neurons or plain.channels != plan.channels
+
+
+def test_an_unknown_criterion_is_a_one_line_error():
+    from engine.errors import PlanError
+
+    with pytest.raises(PlanError, match="criterion.*activation, weighted, product"):
+        Targets.from_dict({"ffn": 10, "criterion": "magnitude"})
