@@ -19,6 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.devices import resolve_dtype
+from engine.models import count_parameters
+from engine.speed import measure_throughput, size_on_disk
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
@@ -30,7 +34,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None = None):
     """bf16 autocast on CUDA / bf16-capable CPUs (or `dtype` when given), else a no-op."""
-    from engine.devices import resolve_dtype
 
     dt = dtype or resolve_dtype("auto", device)
     if dt == torch.float32:
@@ -152,8 +155,6 @@ def evaluate_model(model: torch.nn.Module, blocks: torch.Tensor | None,
     its size on disk. Returns {"params", "ppl", "kl", "eval_tokens", "eval_s", "size_on_disk",
     "throughput": [Throughput.to_dict(), ...]} (absent measurements are None / []).
     """
-    from engine.models import count_parameters
-    from engine.speed import measure_throughput, size_on_disk
 
     if any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")

@@ -5,19 +5,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from engine.arch import get_adapter
 from engine.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from engine.errors import ModelLoadError  # noqa: F401  (re-exported)
+from engine.importance.stream import execution_device, offloaded_weights, stream_info
 from engine.paths import cache_dir  # noqa: F401  (re-exported: engine.models.cache_dir)
 
 log = logging.getLogger(__name__)
@@ -99,7 +107,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
     Written to a temporary folder and renamed, so an interrupted conversion leaves nothing behind.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_gguf_magic(gguf)
     log.info("converting %s to safetensors in %s (once)", gguf.name, out)
@@ -163,10 +170,6 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     """Why the Hugging Face hub cannot be used right now (offline mode set, or its host not reachable
     within `timeout` seconds), or None when it can. One TCP connection attempt, in a thread so a slow DNS
     lookup cannot hold it longer: transformers itself would retry for tens of seconds before failing."""
-    import os
-    import socket
-    import threading
-    from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
@@ -238,7 +241,6 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
 
 def checkpoint_dtype(path: str, **kw) -> torch.dtype:
     """The dtype a checkpoint stores its weights in (its config's `dtype`; fp32 when it names none)."""
-    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(path, **kw)
@@ -268,7 +270,6 @@ def load(
     reads them from the checkpoint at each forward (larger than RAM too; weights transformers must
     convert are re-saved in `offload_dir`, a temporary folder by default).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stream = "cpu" if stream is True else (stream or False)
     if stream not in (False, "cpu", "disk"):
@@ -289,7 +290,6 @@ def load(
             )
     except OSError as e:
         raise ModelLoadError(f"could not load {spec!r}: {e}") from e
-    from engine.arch import get_adapter  # validates the family early, with a clear message
 
     get_adapter(model)
     if stream == "cpu":
@@ -312,7 +312,6 @@ def count_parameters(model: torch.nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    from engine.importance.stream import stream_info
 
     info = stream_info(model)
     if info is not None and info.tied:  # streaming gives the tied pair two `meta` placeholders
@@ -335,7 +334,6 @@ def fingerprint(model: torch.nn.Module) -> str:
     cfg = {k: v for k, v in model.config.to_diff_dict().items()
            if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    from engine.importance.stream import offloaded_weights  # a streamed model's weights sit on `meta`
 
     offloaded = offloaded_weights(model)
     with torch.no_grad():
@@ -357,8 +355,6 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def describe(loaded: LoadedModel) -> dict:
     """Architecture summary shown by the CLI and the dashboard."""
-    from engine.arch import get_adapter
-    from engine.importance.stream import execution_device, stream_info
 
     a = get_adapter(loaded.model)
     p = next(loaded.model.parameters())
@@ -378,11 +374,8 @@ def describe(loaded: LoadedModel) -> dict:
 def read_arch_spec(spec: str):
     """The ArchSpec of a model spec without its weights (built on the meta device from its config),
     for checking targets before a job starts."""
-    import dataclasses
 
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine.arch import get_adapter
 
     path, kw = resolve_spec(spec)
     try:

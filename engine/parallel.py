@@ -29,6 +29,9 @@ import os
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +157,6 @@ class FullyShardedDataParallel(DataParallel):
 
     def shard(self, module: nn.Module, layers: list[nn.Module]) -> None:
         """fully_shard in place: one unit per decoder layer, the root for the rest; moves shards to the device."""
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         for layer in layers:
@@ -196,7 +197,6 @@ class FullyShardedDataParallel(DataParallel):
 
     def load_optim_state(self, optimizer, sd):
         """Each rank keeps its own shard of every moment (cut locally from the full tensor)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
 
         params = [p for g in optimizer.param_groups for p in g["params"]]
         state = {}
@@ -210,7 +210,6 @@ class FullyShardedDataParallel(DataParallel):
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP shard (a collective: every rank calls it, same order); else t."""
-    from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 

@@ -21,11 +21,15 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+from transformers.pytorch_utils import Conv1D
 
 from engine.arch import get_adapter
 from engine.arch.base import ArchAdapter
 from engine.errors import PlanError
 from engine.estimate import estimate
+from engine.importance import compute_scores, score_config_for
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, make_plan, step_targets
 from engine.targets import Targets, is_gqa, resolve, validate_targets
@@ -40,7 +44,6 @@ Index = torch.Tensor | None  # LongTensor of kept indices, or None = keep all
 
 
 def _conv1d_type() -> type:
-    from transformers.pytorch_utils import Conv1D
 
     return Conv1D
 
@@ -243,8 +246,6 @@ def _rescale_post_norms(dst: ArchAdapter, c: float) -> None:
 
 def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> nn.Module:
     """A new model of the same class holding the kept units of `model`; `model` is left untouched."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     plan.validate()
     src = get_adapter(model)
@@ -305,7 +306,6 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
     query heads in whole multiples of the KV heads). depth_by="list" drops the listed source layers
     in the first step; depth_by="block" drops one block per step (scored with that block size).
     """
-    from engine.importance import compute_scores, score_config_for
 
     spec = get_adapter(model).spec()
     validate_targets(spec, targets)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from engine.arch import get_adapter
 from engine.arch.base import hidden_from_output
@@ -243,7 +244,6 @@ def distill_loss(t_logits: torch.Tensor | None, s_logits: torch.Tensor, ids: tor
 def lora_targets(model: nn.Module) -> list[str]:
     """The default LoRA targets: the names of every linear layer inside the decoder blocks
     (q/k/v/o and gate/up/down for Llama-like models; c_attn/c_proj/c_fc for GPT-2)."""
-    from transformers.pytorch_utils import Conv1D
 
     return sorted({name.rsplit(".", 1)[-1] for layer in get_adapter(model).layers
                    for name, m in layer.named_modules() if isinstance(m, nn.Linear | Conv1D)})

@@ -305,16 +305,16 @@ def test_edited_plan_is_applied_as_written():
 
 
 def test_iterative_pruning_rescores_between_steps(monkeypatch):
-    import engine.importance as imp
+    import engine.prune as prune_module
 
     calls = []
-    real = imp.compute_scores
+    real = prune_module.compute_scores
 
     def counting(model, blocks, config=None, progress=None):
         calls.append(get_adapter(model).spec())
         return real(model, blocks, config)
 
-    monkeypatch.setattr(imp, "compute_scores", counting)
+    monkeypatch.setattr(prune_module, "compute_scores", counting)
     model = tiny_model("llama")
     targets = Targets(hidden=24, ffn=17, heads=2, layers=2)
     final, plans = prune_iteratively(model, random_ids(4, 16), targets, iterations=2)
