@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -455,3 +456,27 @@ def test_promote_makes_a_distill_run_from_the_winner(dash_env):
     exported = AutoModelForCausalLM.from_pretrained(cfg["student"], dtype=torch.float32)
     sd = exported.state_dict()
     assert all(torch.equal(sd[k[6:]], v) for k, v in trained.items() if k.startswith("model."))
+
+
+def test_preview_job_runs_through_the_job_system_and_answers_again_from_the_store(dash_env, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from engine.fileio import read_json
+    from engine.jobs import execute
+    from engine.runs import Run
+    from engine.search.store import PreviewConfig
+
+    monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
+    hit = dash_env["hit"]
+    cfg = PreviewConfig.from_dict(read_json(Path(hit["run"]) / "config.json"))
+    fresh = replace(cfg, targets=Targets(layers=3).to_dict())
+    Run.create(tmp_path / "p1", fresh.to_dict())
+    assert execute(tmp_path / "p1") == "done"
+    first = read_json(tmp_path / "p1" / "result.json")
+    assert first["targets"] == fresh.targets and first["kind"] == "depth" and first["kl"] > 0
+    # the same setting again: answered from the store, without loading the model (its path is now wrong)
+    Run.create(tmp_path / "p2", replace(fresh, model=str(tmp_path / "no-such-model")).to_dict())
+    t0 = time.perf_counter()
+    assert execute(tmp_path / "p2") == "done"
+    assert time.perf_counter() - t0 < 5
+    assert read_json(tmp_path / "p2" / "result.json") == first
