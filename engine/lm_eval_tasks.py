@@ -14,11 +14,13 @@ lm-eval's `json` dataset builder reads offline):
 
 How the numbers relate to prunescope's own perplexity (engine.evaluate.perplexity): both are
 exp(mean negative log-likelihood), but lm-eval divides by *words* (whitespace-separated, its
-`count_words`) and scores each document from its start, conditioned only on the BOS (or EOS) token
-with up to the model's full context, while prunescope divides by *tokens* and scores fixed blocks of
-`--seq-len` tokens cut from the documents joined with EOS (each block starts without context and
-the joining EOS tokens count). `token_ppl(word_ppl, words, tokens)` converts lm-eval's word
-perplexity to a per-token one: exp(ln(word_ppl) x words / tokens); what remains is the context rule.
+`count_words`) and prunescope by *tokens*; `token_ppl(word_ppl, words, tokens)` converts:
+exp(ln(word_ppl) x words / tokens). The contexts differ too: lm-eval scores each document on its own
+in windows of `max_length` predicted tokens (the first after the BOS token, each later one seeing
+only the token before it plus its own), while prunescope scores blocks of `--seq-len` tokens cut
+from all documents joined with EOS (S - 1 predictions per block, across document boundaries, the
+joining EOS tokens included, the remainder dropped). With max_length = S - 1 the windows are the
+same size; what remains is where the windows start.
 """
 
 from __future__ import annotations
@@ -146,8 +148,13 @@ def token_ppl(word_ppl: float, words: int, tokens: int) -> float:
 
 
 def run_lm_eval(pretrained: str, tasks: list[str], task_dir: Path | None = None, limit: int | None = None,
-                device: str = "cpu", dtype: str = "float32", batch_size: int = 1) -> dict:
-    """lm-eval's Hugging Face backend on a model folder: {task: {metric: value}} plus the sample counts."""
+                device: str = "cpu", dtype: str = "float32", batch_size: int = 1,
+                max_length: int | None = None) -> dict:
+    """lm-eval's Hugging Face backend on a model folder: {task: {metric: value}} plus the sample counts.
+
+    max_length: the context lm-eval gives the model (default: the model's own, e.g. 8192 for SmolLM2).
+    Word perplexity scores a document in windows of max_length predicted tokens (see the module
+    docstring), like prunescope's perplexity on blocks of max_length + 1 tokens."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -161,7 +168,8 @@ def run_lm_eval(pretrained: str, tasks: list[str], task_dir: Path | None = None,
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}{local}; local tasks: {', '.join(LOCAL_TASKS)}, "
                         "or any task `lm_eval --tasks list` shows")
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": pretrained, "dtype": dtype, "trust_remote_code": False},
+        model="hf", model_args={"pretrained": pretrained, "dtype": dtype, "trust_remote_code": False,
+                                **({"max_length": max_length} if max_length else {})},
         tasks=tasks, task_manager=tm, limit=limit, device=device, batch_size=batch_size, log_samples=False,
         bootstrap_iters=0)
     res = {t: {k: v for k, v in out["results"].get(t, {}).items() if isinstance(v, (int, float))} for t in tasks}
@@ -184,11 +192,13 @@ def run_tasks(args, out=log.info) -> int:
     and the teacher, side by side; `out` receives the lines to show (the CLI passes print)."""
     import tempfile
 
-    from engine.models import resolve_device, resolve_dtype
+    from engine.devices import resolve_device, resolve_dtype
 
     tasks = parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be at least 2 tokens, got {args.max_length}")
     local = [t for t in tasks if t in LOCAL_TASKS]
     if local and not args.data:
         raise UserError(f"the local tasks {', '.join(local)} are built from --data (a text file or "
@@ -202,8 +212,10 @@ def run_tasks(args, out=log.info) -> int:
             docs, label = _documents(args)
             write_local_tasks(docs, tmp, label)
         results = {role: run_lm_eval(_spec_path(spec), tasks, Path(tmp) if args.data else None, args.limit,
-                                     str(dev), dtype, batch_size=1) for role, spec in models.items()}
+                                     str(dev), dtype, batch_size=1, max_length=args.max_length)
+                   for role, spec in models.items()}
     data = {"tasks": tasks, "limit": args.limit, "data": label, "dtype": dtype, "models": models,
+            "max_length": args.max_length,
             "results": {role: r["results"] for role, r in results.items()},
             "lm_eval_version": results["model"]["lm_eval_version"]}
     if PPL_TASK in tasks:

@@ -14,11 +14,11 @@ from tiny_models import random_ids, tiny_model, tiny_tokenizer
 from engine.arch import get_adapter
 from engine.cli import main
 from engine.errors import UnsupportedArchitecture
-from engine.estimate import Targets
 from engine.export import export_model
 from engine.gguf_export import RESULT_FILE, export_gguf, load_gguf, read_results
 from engine.plan import make_plan
 from engine.prune import apply_plan
+from engine.targets import Targets
 
 
 def _export(tmp_path, family: str, targets: Targets | None = None, **overrides):
@@ -102,9 +102,12 @@ def test_cli_export_gguf(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_builtin_model_pruned_to_hidden_516(builtin, tmp_path):
+def test_builtin_model_pruned_to_hidden_516(tmp_path):
     """SmolLM2-135M pruned to hidden 516 and 6 query heads: head_dim 64 no longer hidden / heads (86)."""
-    model = builtin.model.float()
+    from engine.models import load
+
+    builtin = load("default", dtype="float32", device="cpu")
+    model = builtin.model
     pruned = apply_plan(model, make_plan(fake_scores(model), Targets(hidden=516, heads=6, ffn=1024, layers=20)))
     folder = export_model(pruned, builtin.tokenizer, tmp_path / "smol516", verify=False)
     results = {t: export_gguf(folder, t) for t in ("f16", "q8_0")}  # f32 is exact on the tiny models
@@ -116,3 +119,30 @@ def test_builtin_model_pruned_to_hidden_516(builtin, tmp_path):
     a = pruned.generate(enc, max_new_tokens=5, do_sample=False)
     b = back.generate(enc, max_new_tokens=5, do_sample=False)
     assert a.shape == b.shape == (1, enc.shape[1] + 5)
+
+
+def test_compare_section_shows_and_writes_gguf(tmp_path):
+    """dashboard.exports on a real export folder: the recorded GGUF row, then the button writes another
+    type through `prunescope export` in a separate process."""
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.exports import gguf_rows, lm_eval_frame
+
+    folder, _ = _export(tmp_path, "llama", Targets(ffn=20))
+    export_gguf(folder, "f16")
+    assert [r["type"] for r in gguf_rows(folder)] == ["f16"] and gguf_rows(folder)[0]["reload check"] == "passed"
+    assert lm_eval_frame(folder) is None
+
+    def page(folder: str) -> None:
+        from dashboard.exports import exports_section
+
+        exports_section(folder, "default")
+
+    at = AppTest.from_function(page, args=(str(folder),), default_timeout=120).run()
+    assert not at.exception
+    assert "--tasks prunescope_ppl,prunescope_lastword" in at.code[0].value
+    at.selectbox(key="cmp_gguf_type").set_value("q8_0")
+    at.button(key="cmp_gguf_write").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert sorted(r["type"] for r in gguf_rows(folder)) == ["f16", "q8_0"]
+    assert (tmp_path / f"{folder.name}-q8_0.gguf").is_file()

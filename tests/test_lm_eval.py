@@ -117,3 +117,32 @@ def test_cli_eval_tasks_refusals(tmp_path, capsys, tiny_llama_pair):
     assert "unknown lm-eval task(s) no_such_task_xyz" in capsys.readouterr().err
     assert main(["eval", str(student)]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_builtin_model_agrees_with_prunescope_perplexity(wikitext, tmp_path):
+    """SmolLM2-135M on held-out WikiText passages shorter than lm-eval's window: lm-eval's word
+    perplexity, converted to tokens, equals prunescope's perplexity (engine.evaluate.perplexity) of
+    each passage as one block after the BOS token. (On blocks cut from passages joined with EOS, as
+    `prunescope eval` does, the two differ by where windows start: see BENCHMARKS.)"""
+    from engine.data import DataSource, load_documents
+    from engine.devices import compute_dtype
+    from engine.evaluate import perplexity
+    from engine.models import builtin_model_dir, load
+
+    docs = [" ".join(d.split()[:120]) for d in load_documents(DataSource.parse(str(wikitext), docs=(0.6, 1)))][:3]
+    write_local_tasks(docs, tmp_path, "wikitext held-out")
+    r = run_lm_eval(str(builtin_model_dir()), [PPL_TASK, LASTWORD_TASK], tmp_path, max_length=256)["results"]
+    builtin = load("default", dtype="float32", device="cpu")  # as lm-eval loads it (the fixture may be bf16)
+    tok = builtin.tokenizer
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    nll, tokens = 0.0, 0
+    for d in docs:
+        ids = tok(d, add_special_tokens=False)["input_ids"]
+        assert len(ids) < 256  # one lm-eval window per passage
+        with compute_dtype("float32"):  # no bf16 autocast: lm-eval computes in fp32
+            nll += math.log(perplexity(builtin.model, torch.tensor([[prefix] + ids]))) * len(ids)
+        tokens += len(ids)
+    converted = token_ppl(r[PPL_TASK]["word_perplexity,none"], sum(count_words(d) for d in docs), tokens)
+    assert converted == pytest.approx(math.exp(nll / tokens), rel=1e-3)
+    assert 0 <= r[LASTWORD_TASK]["acc,none"] <= 1 and r[LASTWORD_TASK]["perplexity,none"] > 1

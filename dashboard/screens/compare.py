@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import badges, state, train_charts
+from dashboard import badges, exports, state, train_charts
 from dashboard.common import user_message
 from dashboard.views import show_fig
 
@@ -108,6 +108,8 @@ with c1:
 with c2:
     show_fig(train_charts.compare_bars(["teacher", "student"], [s.get("params_teacher"), s.get("params_student")],
                                        "Parameters", state.human, ["#2ca02c", "#d62728"]), "cmp_params")
+
+exports.exports_section(student_dir, teacher_spec)  # lm-eval scores and GGUF files of the student
 
 # ---------------------------------------------------------------- speed and answers (a background job)
 st.subheader("Speed and answers")

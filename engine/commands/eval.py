@@ -55,6 +55,9 @@ def register(sub) -> None:
                         "(prunescope_ppl: word perplexity; prunescope_lastword: last-word accuracy) or any lm-eval "
                         "task; the model and --teacher side by side")
     p.add_argument("--limit", type=int, default=None, help="with --tasks: at most this many documents per task")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="with --tasks: context lm-eval gives the model (default: the model's own); word perplexity "
+                        "scores documents in disjoint windows of this many tokens")
     p.set_defaults(func=run)
 
 
