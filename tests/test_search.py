@@ -480,3 +480,22 @@ def test_preview_job_runs_through_the_job_system_and_answers_again_from_the_stor
     assert execute(tmp_path / "p2") == "done"
     assert time.perf_counter() - t0 < 5
     assert read_json(tmp_path / "p2" / "result.json") == first
+
+
+def test_search_page_starts_a_search_job(dash_env):
+    from engine.fileio import read_json
+    from engine.runs import cancel
+
+    at = _app("search", scores_dir=str(dash_env["root"] / "scores"))
+    at.button(key="s_start").click().run()
+    assert not at.exception, at.exception
+    name = at.query_params["search"]
+    name = name[0] if isinstance(name, list) else name
+    path = dash_env["root"] / "runs" / name
+    try:
+        cfg = read_json(path / "config.json")
+        assert cfg["kind"] == "search" and cfg["scores"] == str(dash_env["root"] / "scores")
+        assert cfg["space"]["budget"] == 0.75 and cfg["top"] == 4 and cfg["eval_range"] == [0.6, 1.0]
+        assert read_json(path / "status.json")["state"] in ("queued", "running", "done")
+    finally:
+        cancel(path, wait=30)
