@@ -320,3 +320,28 @@ def blocks_chart(block_bi: np.ndarray, block_size: int, block_ppl: np.ndarray | 
                       annotations=[dict(x=labels[best], y=float(v[best]), text="least important", showarrow=True,
                                         arrowhead=2)])
     return _layout(fig, f"Contiguous blocks of {block_size} layers", height=340)
+
+
+CRITERION_COLORS = {"activation": BI_COLOR, "weighted": PPL_COLOR, "product": TAYLOR_COLOR, "random": "#999999"}
+
+
+def falloff_chart(curves: list[dict], layer: int, axis: str, metric: str = "rel_rmse") -> go.Figure:
+    """Error of one layer's output as its lowest-ranked units are zeroed, one line per criterion.
+
+    curves: FalloffCurve.to_dict() rows (criterion, fractions, rel_rmse, cosine); metric: rel_rmse | cosine.
+    The random-order curve is dashed: a criterion is useful where it stays under it (above it for cosine).
+    """
+    if metric not in ("rel_rmse", "cosine"):
+        raise ValueError(f"metric must be rel_rmse or cosine, got {metric!r}")
+    label = "relative RMSE of the output" if metric == "rel_rmse" else "cosine to the untouched output"
+    fig = go.Figure()
+    for c in curves:
+        name = c["criterion"]
+        fig.add_trace(go.Scatter(
+            x=np.asarray(c["fractions"], dtype=np.float32) * 100, y=np.asarray(c[metric], dtype=np.float32),
+            mode="lines+markers", name=name, line=dict(color=CRITERION_COLORS.get(name), width=2,
+                                                       dash="dash" if name == "random" else "solid"),
+            hovertemplate=f"{name}<br>%{{x:.0f}}% of the {axis} zeroed<br>{label}: %{{y:.4f}}<extra></extra>"))
+    fig.update_layout(xaxis=dict(title=dict(text=f"lowest-ranked {axis} zeroed (%)"), range=[0, 100]),
+                      yaxis=dict(title=dict(text=label)))
+    return _layout(fig, f"Layer {layer}: how sharply {axis} importance falls off", height=380)

@@ -231,3 +231,90 @@ def load_or_error(folder: Path) -> tuple[dict, dict] | None:
     except Exception as e:  # noqa: BLE001
         st.error(f"Could not read the scores in {folder}: {user_message(e)}")
         return None
+
+
+# ---------------------------------------------------------------- criteria and fall-off
+
+CRITERION_LABELS = {"activation": "activation (Minitron)", "weighted": "activation × weights",
+                    "product": "activation × gate · up · down"}
+CRITERION_CHOICE_HELP = (
+    "How heads, MLP neurons and embedding channels are ranked, here and in the plan (recorded in plan.json and "
+    "the model card). Activation is Minitron's statistic; weighted multiplies it by the norm of the weights the "
+    "unit writes through (down_proj column, o_proj block) or, for channels, of the weights that read it; "
+    "product multiplies a neuron's by its gate, up and down norms. Every criterion is stored in the scores, "
+    "so switching is instant. The default stays activation until the comparison after the same distillation "
+    "(docs/BENCHMARKS.md, Importance criteria) shows another one winning.")
+
+
+def criterion_view(tensors: dict[str, np.ndarray], criterion: str) -> dict[str, np.ndarray] | None:
+    """The scores with heads / neurons / channels replaced by the criterion's tensors (None: not in the file)."""
+    from engine.importance.scores import criterion_tensor
+
+    view = dict(tensors)
+    for axis in ("heads", "neurons", "channels", "channels_per_layer"):
+        name = criterion_tensor(axis, criterion)
+        if name not in tensors:
+            return None
+        view[axis] = tensors[name]
+    return view
+
+
+def criterion_picker(key: str) -> str:
+    """The ranking criterion, kept in the session's targets (so the plan and the overlay follow it)."""
+    from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
+
+    targets = dict(state.get("targets") or {})
+    current = targets.get("criterion", DEFAULT_CRITERION)
+    if st.session_state.get(f"{key}_criterion") not in CRITERIA:
+        st.session_state[f"{key}_criterion"] = current
+    picked = st.segmented_control("Rank units by", list(CRITERIA), key=f"{key}_criterion",
+                                  format_func=CRITERION_LABELS.get, help=CRITERION_CHOICE_HELP) or current
+    if picked != current:
+        if picked == DEFAULT_CRITERION:
+            targets.pop("criterion", None)
+        else:
+            targets["criterion"] = picked
+        state.put("targets", targets)
+    return picked
+
+
+FALLOFF_AXES = ("neurons", "heads", "channels")  # engine.importance.falloff's (not imported: it needs torch)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _falloff(folder: str, mtime: float, layer: int, axis: str, n_samples: int) -> list[dict]:
+    from engine.importance.falloff import falloff_for_scores
+
+    return [c.to_dict() for c in falloff_for_scores(folder, layer, axis, n_samples=n_samples)]
+
+
+def render_falloff(folder: Path, meta: dict, key: str) -> None:
+    """For a chosen layer and axis: the layer output's error as its lowest-ranked units are zeroed."""
+    L = int(meta.get("n_layers") or 1)
+    c1, c2, c3, c4 = st.columns([1, 2, 1, 2])
+    layer = int(c1.number_input("Layer", 0, L - 1, value=L // 2, key=f"{key}_fo_layer"))
+    axis = c2.segmented_control("Units", list(FALLOFF_AXES), default="neurons", key=f"{key}_fo_axis") or "neurons"
+    n = int(c3.number_input("Samples", 1, int(meta.get("n_samples") or 4), value=min(4, int(meta.get("n_samples") or 4)),
+                            key=f"{key}_fo_n", help="calibration blocks the layer's output is measured on"))
+    metric = c4.segmented_control("Measure", ["rel_rmse", "cosine"], default="rel_rmse", key=f"{key}_fo_metric",
+                                  format_func={"rel_rmse": "relative RMSE", "cosine": "cosine"}.get) or "rel_rmse"
+    args = (str(folder), (folder / "scores.safetensors").stat().st_mtime, layer, axis, n)
+    done = st.session_state.get(f"{key}_fo_done")
+    if st.button("Compute the curves", key=f"{key}_fo_go",
+                 help="Loads the scored model here and runs the calibration blocks up to this layer once per "
+                      "point (about 40 partial forward passes)."):
+        done = args
+        st.session_state[f"{key}_fo_done"] = args
+    if done != args:
+        st.caption("Each curve zeroes the lowest-ranked units of the layer, 0-90%, and compares the layer's output "
+                   "with the untouched one; the dashed random order is the baseline a useful criterion stays under.")
+        return
+    from engine.errors import UserError
+
+    try:
+        with st.spinner("Zeroing units and measuring the layer's output…"):
+            curves = _falloff(*args)
+    except UserError as e:
+        st.error(user_message(e))
+        return
+    show_fig(figure("falloff_chart", curves, layer, axis, metric=metric), f"{key}_falloff")

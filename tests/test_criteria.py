@@ -175,3 +175,80 @@ def test_an_unknown_criterion_is_a_one_line_error():
 
     with pytest.raises(PlanError, match="criterion.*activation, weighted, product"):
         Targets.from_dict({"ffn": 10, "criterion": "magnitude"})
+
+
+def test_falloff_for_scores_reads_the_model_and_data_of_the_scores_folder(tmp_path):
+    from engine.data import DataSource
+    from engine.importance.cache import score
+    from engine.importance.falloff import falloff_for_scores
+    from engine.models import load
+    from tests.tiny_models import _CORPUS, save_tiny
+
+    folder = save_tiny("gpt2", tmp_path / "tiny-gpt2")
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"Article {i}. {_CORPUS * 2}" for i in range(10)))
+    loaded = load(str(folder), dtype="fp32", device="cpu")
+    _, scores_dir = score(loaded, DataSource(kind="file", path=str(data)), 4, 16, out_dir=tmp_path / "scores")
+    curves = falloff_for_scores(scores_dir, layer=1, axis="heads", n_samples=2, fractions=(0.0, 0.5))
+    assert [c.criterion for c in curves] == [*CRITERIA, RANDOM]
+    assert all(c.rel_rmse[0] == 0.0 and c.rel_rmse[1] > 0.0 for c in curves)
+    with pytest.raises(Exception, match="layer must be in 0..2"):
+        falloff_for_scores(scores_dir, layer=3, axis="heads", loaded=loaded)
+
+
+def test_falloff_chart_draws_one_line_per_criterion():
+    from dashboard.charts import falloff_chart
+
+    curves = [{"criterion": c, "fractions": [0.0, 0.5], "rel_rmse": [0.0, e], "cosine": [1.0, 1 - e]}
+              for c, e in (("activation", 0.3), ("weighted", 0.2), ("random", 0.6))]
+    fig = falloff_chart(curves, layer=2, axis="neurons")
+    assert [t.name for t in fig.data] == ["activation", "weighted", "random"]
+    assert list(fig.data[1].y) == pytest.approx([0.0, 0.2]) and list(fig.data[0].x) == [0.0, 50.0]
+    assert fig.data[2].line.dash == "dash" and fig.data[0].line.dash == "solid"
+    assert list(falloff_chart(curves, 2, "neurons", metric="cosine").data[2].y) == pytest.approx([1.0, 0.4])
+    with pytest.raises(ValueError, match="rel_rmse or cosine"):
+        falloff_chart(curves, 2, "neurons", metric="kl")
+
+
+def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.data import DataSource
+    from engine.importance.cache import score
+    from engine.models import load
+    from tests.tiny_models import _CORPUS, save_tiny
+
+    folder = save_tiny("llama", tmp_path / "tiny-llama")
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"Article {i}. {_CORPUS * 2}" for i in range(10)))
+    for var, value in (("MODEL", folder), ("DATA", data), ("RUNS", tmp_path / "runs"), ("CACHE", tmp_path / "cache"),
+                       ("LOCKS", tmp_path / "locks"), ("DEVICE", "cpu")):
+        monkeypatch.setenv(f"PRUNESCOPE_{var}", str(value))
+    loaded = load(str(folder), dtype="fp32", device="cpu")
+    _, scores_dir = score(loaded, DataSource(kind="file", path=str(data)), 4, 16, out_dir=tmp_path / "scores")
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=90)
+    at.session_state["scores_dir"] = str(scores_dir)
+    at.session_state["targets"] = {"ffn": 20}
+    at.run()
+    at.switch_page("screens/importance.py").run()
+    assert not at.exception, at.exception
+
+    def neurons_chart() -> dict:
+        at.session_state["imp_tab"] = "MLP neurons"
+        at.run()
+        assert not at.exception, at.exception
+        return next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_neurons"))
+
+    before = neurons_chart()
+    at.session_state["imp_criterion"] = "weighted"
+    after = neurons_chart()
+    assert at.session_state["targets"] == {"ffn": 20, "criterion": "weighted"}
+    assert before["data"] != after["data"]  # the weighted scores and the plan's overlay under them
+    at.session_state["imp_fo_layer"] = 1
+    at.button(key="imp_fo_go").click().run()
+    assert not at.exception, at.exception
+    fig = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_falloff"))
+    assert [t["name"] for t in fig["data"]] == ["activation", "weighted", "product", "random"]

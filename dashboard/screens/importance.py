@@ -8,11 +8,19 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.common import current_cut, scores_folder, user_message
-from dashboard.views import load_or_error, render_score_charts, scoring_section
+from dashboard.views import (
+    criterion_picker,
+    criterion_view,
+    load_or_error,
+    render_falloff,
+    render_score_charts,
+    scoring_section,
+)
 
 st.title("Importance")
-st.caption("Activation-based importance of every attention head, MLP neuron, embedding channel and layer "
-           "(Minitron). Scores are computed by a background job and read from their cached file.")
+st.caption("Importance of every attention head, MLP neuron, embedding channel and layer: Minitron's activation "
+           "statistic, or it weighted by the unit's weights. Scores are computed by a background job and read from "
+           "their cached file.")
 
 with st.expander("Open a scores folder made elsewhere (e.g. by `prunescope score --out DIR`)"):
     c1, c2 = st.columns([4, 1])
@@ -44,4 +52,14 @@ if scoring_section(folder):
         except Exception as e:  # noqa: BLE001
             st.error(user_message(e))
             st.stop()
-        render_score_charts(tensors, meta, cut, key="imp")
+        criterion = criterion_picker("imp")
+        view = criterion_view(tensors, criterion)
+        if view is None:
+            st.info(f"These scores were computed before the {criterion} criterion existed; rescore the model "
+                    "to see it (activation is shown).")
+            view = tensors
+        else:  # the overlay follows the criterion the targets now hold
+            cut = current_cut(folder, state.get("targets"))
+        render_score_charts(view, meta, cut, key="imp")
+        with st.expander("How sharply importance falls off"):
+            render_falloff(folder, meta, key="imp")

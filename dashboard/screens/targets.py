@@ -228,7 +228,7 @@ targets = Targets(
     heads=picked["heads"] if picked["heads"] != source["heads"] else None,
     layers=None if depth_by == "list" or picked.get("layers") == source["layers"] else picked.get("layers"),
     depth_by=depth_by, drop_layers=tuple(sorted(drop)) if depth_by == "list" else None,
-    merge_heads=merge,
+    merge_heads=merge, criterion=(state.get("targets") or {}).get("criterion", "activation"),  # set on Importance
 )
 state.put("targets", targets.to_dict())
 

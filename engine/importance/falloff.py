@@ -139,3 +139,27 @@ def falloff(model: torch.nn.Module, blocks: torch.Tensor, scores: Scores, layer:
     finally:
         model.train(was_training)
     return curves
+
+
+def falloff_for_scores(folder, layer: int, axis: str, n_samples: int = 4, loaded=None,
+                       device: str = "cpu", fractions: tuple[float, ...] = DEFAULT_FRACTIONS) -> list[FalloffCurve]:
+    """`falloff` for the model and calibration data recorded in a scores folder, on its first `n_samples`
+    calibration blocks (the model is loaded from the scores' spec and dtype unless `loaded` is given)."""
+    from engine.data import DataSource, get_blocks
+    from engine.importance.cache import model_spec_of
+    from engine.models import fingerprint, load
+
+    scores = Scores.load(folder)
+    meta = scores.meta
+    if loaded is None:
+        loaded = load(model_spec_of(meta), dtype=meta.get("dtype") or "auto", device=device)
+    if meta.get("fingerprint") and fingerprint(loaded.model) != meta["fingerprint"]:
+        raise ScoreError(f"the scores in {folder} belong to another model than {loaded.spec}; rescore it")
+    d = dict(meta.get("data_source") or {})
+    if not d or not meta.get("n_samples") or not meta.get("seq_len"):
+        raise ScoreError(f"{folder} does not record its data source and sizes; rescore with `prunescope score`")
+    d["docs"] = tuple(d.get("docs", (0.0, 1.0)))
+    n = min(n_samples, int(meta["n_samples"]))
+    blocks = get_blocks(DataSource(**d), loaded.tokenizer, int(meta["n_samples"]), int(meta["seq_len"]),
+                        seed=int(meta.get("seed") or 0), model=loaded.model)[:n]
+    return falloff(loaded.model, blocks, scores, layer, axis, fractions=fractions)
