@@ -29,10 +29,15 @@ def new_run_id(model: str, targets: dict) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
+TEACHER_SHARE = 0.0  # the Distill page's default share of teacher-generated text
+
+
 def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, eval_every: int,
                 eval_samples: int, kl_weight: float = 1.0, ce_weight: float = 0.0, hidden_weight: float = 0.0,
-                temperature: float = 1.0, warmup: int | None = None):
-    """A PipelineConfig from the session's model/data/calibration settings and these knobs."""
+                temperature: float = 1.0, warmup: int | None = None, teacher_share: float = 0.0,
+                teacher_temperature: float = 0.8):
+    """A PipelineConfig from the session's model/data/calibration settings and these knobs;
+    teacher_share > 0 mixes that share of teacher-generated text into calibration and training."""
     from engine.distill import DistillConfig
     from engine.pipeline import PipelineConfig
 
@@ -46,7 +51,11 @@ def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, 
                          warmup_steps=min(10, max(1, steps // 10)) if warmup is None else warmup,
                          checkpoint_every=max(eval_every, 50))
     t = {k: v for k, v in targets.items() if v not in (None, False) or k == "depth_by"}
-    return PipelineConfig(model=state.get("model"), data=state.get("data"), text_column=state.get("text_column") or None,
+    data = state.get("data")
+    if teacher_share > 0:
+        data = [{"data": data, "weight": 1 - teacher_share},
+                {"data": f"teacher:0:{teacher_temperature:g}", "weight": teacher_share}]
+    return PipelineConfig(model=state.get("model"), data=data, text_column=state.get("text_column") or None,
                           train_range=train, eval_range=(train[1], 1.0), calib_samples=int(state.get("samples")),
                           calib_seq_len=int(state.get("seq_len")), targets=t, distill=dcfg, eval_samples=eval_samples)
 
@@ -82,7 +91,13 @@ def cli_command(cfg: dict, path: Path) -> str:
         cmd += ["--calib-samples", str(cfg.get("calib_samples")), "--calib-seq-len", str(cfg.get("calib_seq_len"))]
     else:
         cmd += ["--teacher", cfg.get("model", "default"), "--student", str(cfg.get("student"))]
-    cmd += ["--data", str(cfg.get("data"))]
+    data = cfg.get("data")
+    if isinstance(data, list):  # a mix: one --data per source, then their weights
+        for m in data:
+            cmd += ["--data", str(m["data"])]
+        cmd += ["--mix", ",".join(f"{float(m['weight']):g}" for m in data)]
+    else:
+        cmd += ["--data", str(data)]
     if cfg.get("text_column"):
         cmd += ["--text-column", cfg["text_column"]]
     for flag, key in (("--train-range", "train_range"), ("--eval-range", "eval_range")):

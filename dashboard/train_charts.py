@@ -147,3 +147,55 @@ def compare_bars(names: list[str], values: list[float | None], title: str, fmt: 
                            hovertemplate="%{x}: %{text}<extra></extra>"))
     fig.update_yaxes(range=[0, max([y for y in ys if y] or [1]) * 1.2])
     return _layout(fig, title, height=280)
+
+
+SOURCE_COLORS = ["#d62728", "#1f77b4", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+
+
+def source_ppl_chart(rows: list[dict], x: str = "step", log_y: bool = True) -> go.Figure:
+    """Held-out perplexity per evaluation source (rows of eval_sources.jsonl): one solid line per source
+    for the student, a dashed line of the same colour at the teacher's perplexity on that source."""
+    fig = go.Figure()
+    names = list(dict.fromkeys(r["source"] for r in rows if isinstance(r.get("ppl"), (int, float))))
+    xs_all = [r.get(x, r.get("step", 0)) for r in rows]
+    span = [min(xs_all), max(xs_all)] if xs_all else [0, 1]
+    for i, name in enumerate(names):
+        pts = [r for r in rows if r.get("source") == name and isinstance(r.get("ppl"), (int, float))]
+        color = SOURCE_COLORS[i % len(SOURCE_COLORS)]
+        kl = [r.get("kl") if r.get("kl") is not None else float("nan") for r in pts]
+        fig.add_trace(go.Scatter(
+            x=[r.get(x, r.get("step", 0)) for r in pts], y=[r["ppl"] for r in pts], mode="lines+markers",
+            name=f"{name}: student", line=dict(color=color, width=2), marker=dict(size=7), customdata=kl,
+            hovertemplate=f"{name}<br>{x} %{{x:,}}<br>perplexity %{{y:.2f}}<br>KL %{{customdata:.4f}}<extra></extra>"))
+        teacher = next((r["teacher_ppl"] for r in pts if r.get("teacher_ppl")), None)
+        if teacher:
+            fig.add_trace(go.Scatter(x=span, y=[teacher, teacher], mode="lines", name=f"{name}: teacher ({teacher:.2f})",
+                                     line=dict(color=color, dash="dash", width=1.5),
+                                     hovertemplate=f"{name}: teacher perplexity {teacher:.2f}<extra></extra>"))
+    fig.update_xaxes(title="tokens" if x == "tokens" else "step")
+    _whole_x(fig, xs_all, x)
+    fig.update_yaxes(title="perplexity", type="log" if log_y else "linear")
+    if not names:
+        fig.add_annotation(text="no evaluation per source yet", showarrow=False, x=0.5, y=0.5, xref="paper",
+                           yref="paper", font=dict(size=14, color="#888"))
+    return _layout(fig, "Held-out perplexity per source", height=360)
+
+
+def mix_table(info: list[dict] | None) -> list[dict]:
+    """Rows for the Distill page's data-mix table from summary.json's data_mix / calib_mix entries."""
+    total = sum(int(m.get("tokens") or 0) for m in info or []) or 1
+    return [{"source": m.get("name"), "data": m.get("data"), "weight": f"{float(m.get('weight') or 0):.0%}",
+             "blocks": int(m.get("blocks") or 0), "tokens": int(m.get("tokens") or 0),
+             "share of tokens": f"{int(m.get('tokens') or 0) / total:.1%}"} for m in info or []]
+
+
+def source_table(per: dict | None) -> list[dict]:
+    """Rows per evaluation source from summary.json's eval_sources: teacher / pruned / distilled
+    perplexity, the distilled-to-teacher ratio and the KL."""
+    out = []
+    for name, r in (per or {}).items():
+        t, d = r.get("ppl_teacher"), r.get("ppl_distilled")
+        out.append({"source": name, "teacher ppl": t, "pruned ppl": r.get("ppl_one_shot"), "distilled ppl": d,
+                    "distilled / teacher": (d / t) if t and d else None,
+                    "KL pruned": r.get("kl_one_shot"), "KL distilled": r.get("kl_distilled")})
+    return out

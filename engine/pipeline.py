@@ -62,7 +62,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, dict):
             object.__setattr__(self, "targets", Targets.from_dict(self.targets))
-        object.__setattr__(self, "data", DataMix.of(self.data).to_config())  # a mix checked, in its saved form
+        if not isinstance(self.data, str) or self.data.startswith("mix:"):  # a mix checked, in its saved form
+            object.__setattr__(self, "data", DataMix.of(self.data).to_config())
 
     @property
     def kind(self) -> str:

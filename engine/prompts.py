@@ -157,6 +157,8 @@ def generate_prompted(model, tokenizer, prompts: list[str], n_docs: int, new_tok
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token to batch prompts with")
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
+                or 1 << 30)
     state = torch.random.get_rng_state()
     docs: list[str] = []
     try:
@@ -168,8 +170,9 @@ def generate_prompted(model, tokenizer, prompts: list[str], n_docs: int, new_tok
                 ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], dtype=torch.long, device=device)
                 mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                n_new = max(1, min(new_tokens, limit - width))  # learned positions (GPT-2) end at the limit
                 out = model.generate(ids, attention_mask=mask, do_sample=True, top_p=0.95, temperature=temperature,
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+                                     max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=pad)
                 cont = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
                 docs += [f"{p}{c}" for p, c in zip(batch, cont, strict=True)]
                 if progress:

@@ -99,11 +99,21 @@ def launch_form() -> None:
         ce = c[1].number_input("Cross-entropy weight", 0.0, 100.0, 0.0, key="d_ce")
         hid = c[2].number_input("Hidden-state weight", 0.0, 100.0, 0.0, key="d_hidden")
         temp = c[3].number_input("Temperature", 0.05, 20.0, 1.0, key="d_temp")
+    with st.expander("Data mix"):
+        c = st.columns(2)
+        share = c[0].slider("Teacher-generated text (share of training tokens)", 0.0, 0.9, runs_io.TEACHER_SHARE,
+                            0.1, key="d_teacher_share",
+                            help="Continuations the teacher writes from built-in everyday prompts, mixed with your "
+                                 "data: distilling on one narrow data set keeps that domain and loses the rest.")
+        gen_temp = c[1].number_input("Sampling temperature of the teacher's text", 0.1, 2.0, 0.8, 0.1,
+                                     key="d_teacher_temp")
+        st.caption("Every evaluation also reports a **breadth** set: teacher text from prompts never trained on.")
     st.caption(f"{int(steps) * int(batch) * int(seq_len):,} training tokens")
     if st.button("Prune and distill", type="primary", key="d_launch", icon=":material/rocket_launch:"):
         try:
             cfg = runs_io.make_config(targets, int(steps), int(batch), int(seq_len), float(lr), int(eval_every),
-                                      int(eval_samples), kl, ce, hid, temp)
+                                      int(eval_samples), kl, ce, hid, temp, teacher_share=float(share),
+                                      teacher_temperature=float(gen_temp))
             run_id = launch(targets, cfg, plan)
         except Exception as e:  # noqa: BLE001 - plain message, nothing written is lost
             st.error(f"Could not start the run: {user_message(e)}")
@@ -163,6 +173,7 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
         show_fig(train_charts.ppl_chart(rows, teacher, x, summary.get("ppl_one_shot")), "ppl_chart")
         st.caption("Perplexity of the student on held-out documents (never trained on): exp of the mean next-token "
                    "loss; lower is better, the teacher's is the floor to aim for.")
+    sources_view(runs_io.run_dir(run_id), summary, x)
     if eff == "done":
         s = summary
         c = st.columns(4)
@@ -179,6 +190,24 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
     st.session_state["_run_active"] = eff in ("queued", "running")
     if was_active and eff not in ("queued", "running"):
         st.rerun(scope="app")  # stop polling: the page is redrawn without run_every
+
+
+def sources_view(path, summary: dict, x: str) -> None:
+    """The data mix (share and tokens of each source) and the held-out perplexity of each evaluation
+    source against the teacher's, live from eval_sources.jsonl, then the final table."""
+    from engine.fileio import read_jsonl
+
+    mix = summary.get("data_mix") or summary.get("calib_mix")
+    if mix:
+        st.markdown("**Data mix** " + ("(distillation)" if summary.get("data_mix") else "(calibration)"))
+        st.dataframe(train_charts.mix_table(mix), hide_index=True, key="d_mix_table")
+    rows = read_jsonl(path / "eval_sources.jsonl") if (path / "eval_sources.jsonl").is_file() else []
+    if rows:
+        show_fig(train_charts.source_ppl_chart(rows, x), "source_ppl_chart")
+        st.caption("Each source's held-out perplexity (solid) against the teacher's on the same text (dashed); "
+                   "breadth is teacher-written text from prompts never used for training.")
+    if summary.get("eval_sources"):
+        st.dataframe(train_charts.source_table(summary["eval_sources"]), hide_index=True, key="d_source_table")
 
 
 def run_buttons(path, eff: str) -> None:
