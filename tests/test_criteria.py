@@ -252,3 +252,24 @@ def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monk
     assert not at.exception, at.exception
     fig = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_falloff"))
     assert [t["name"] for t in fig["data"]] == ["activation", "weighted", "product", "random"]
+
+
+def test_score_and_prune_commands_take_the_criterion(tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+    from tests.tiny_models import _CORPUS, save_tiny
+
+    model = save_tiny("qwen2", tmp_path / "tiny-qwen2")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Article {i}. {_CORPUS * 2}" for i in range(10)))
+    out = tmp_path / "scores"
+    assert main(["score", "--model", str(model), "--data", str(text), "--samples", "4", "--seq-len", "16",
+                 "--dtype", "fp32", "--device", "cpu", "--out", str(out), "--criterion", "weighted"]) == 0
+    printed = capsys.readouterr().out
+    assert "criterion weighted: least important channels" in printed
+    assert "criterion weighted vs activation, Spearman per layer (mean): neurons" in printed
+    assert main(["prune", "--model", str(model), "--scores", str(out), "--ffn", "16", "--criterion", "product",
+                 "--plan-only", "--out", str(tmp_path / "pruned")]) == 0
+    plan = json.loads((tmp_path / "pruned" / "plan.json").read_text())
+    assert plan["targets"]["criterion"] == "product" and plan["info"]["criterion"] == "product"

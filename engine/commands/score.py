@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--blocks", type=int, default=None, metavar="N", help="also score contiguous blocks of N layers")
     p.add_argument("--block-ppl", action="store_true", help="perplexity with each block removed (needs --blocks)")
     p.add_argument("--taylor", action="store_true", help="Taylor+ per layer (needs a backward pass)")
+    p.add_argument("--criterion", default="activation", choices=["activation", "weighted", "product"],
+                   help="the unit ranking the summary describes (every criterion is stored in the scores; "
+                        "prune/run/search choose theirs with --criterion)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -55,7 +58,29 @@ def _layers(values, k: int = 3, largest: bool = True) -> str:
     return ", ".join(f"{i} ({values[i]:.4g})" for i in idx)
 
 
-def summary(scores, folder, reused: str) -> list[str]:
+def criterion_lines(scores, criterion: str) -> list[str]:
+    """How the criterion ranks the width units: the lowest-ranked channels, and how far its neuron and head
+    rankings are from Minitron's activation ranking (Spearman per layer, averaged)."""
+    from engine.importance.aggregate import spearman
+    from engine.importance.scores import criterion_tensor
+
+    names = {axis: criterion_tensor(axis, criterion) for axis in ("heads", "neurons", "channels")}
+    missing = [n for n in names.values() if not scores.has(n)]
+    if missing:
+        return [f"criterion {criterion}: not in these scores (made before the weight-aware criteria); rescore "
+                "with --force"]
+    lines = [f"criterion {criterion}: least important channels {_layers(scores[names['channels']].tolist(), 5, False)}"]
+    if criterion != "activation":
+        rho = {axis: [spearman(scores[axis][i], scores[names[axis]][i]) for i in range(scores[axis].shape[0])]
+               for axis in ("heads", "neurons")}
+        mean = {k: sum(r or 0.0 for r in v) / len(v) for k, v in rho.items()}
+        lines.append(f"criterion {criterion} vs activation, Spearman per layer (mean): neurons "
+                     f"{mean['neurons']:.3f}, heads {mean['heads']:.3f}, channels "
+                     f"{spearman(scores['channels'], scores[names['channels']]) or float('nan'):.3f}")
+    return lines
+
+
+def summary(scores, folder, reused: str, criterion: str = "activation") -> list[str]:
     """Short human summary of a scores file."""
     m = scores.meta
     lines = [
@@ -83,6 +108,7 @@ def summary(scores, folder, reused: str) -> list[str]:
                      f"{_layers(scores['block_ppl_increase'].tolist(), largest=False)}")
     if scores.has("taylor"):
         lines.append(f"Taylor+ least important layers: {_layers(scores['taylor'].tolist(), largest=False)}")
+    lines += criterion_lines(scores, criterion)
     t = m.get("timings", {})
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return lines
@@ -185,6 +211,6 @@ def run(args) -> int:
                                out_dir=args.out, progress=progress, force=args.force)
     finally:
         bar.close()
-    for line in summary(scores, folder, scores.meta.get("reused", "none")):
+    for line in summary(scores, folder, scores.meta.get("reused", "none"), args.criterion):
         print(line)
     return 0
