@@ -9,6 +9,10 @@ re-initialised (`_init_weights`) and trained on the same tokens with the same lo
 the width strategies: score aggregation, head residual merge, iterative pruning T = 2, 4 (T = 1 is
 the strategy itself), and the distillation loss. Every distillation uses KL + CE (ce_weight 1)
 except the "loss_kl_only" ablation, the same token budget and a fresh temporary run folder.
+Data mixes (group "data mix", engine.mix): the best depth shape and the MLP + heads + channels shape
+distilled on WikiText only, teacher-generated text only and two mixes (70/30, 50/50) of the same
+budget, each evaluated in-domain (held-out WikiText) and on breadth (teacher text from prompts never
+trained on, cached in OUT/generated); their table is appended to the report.
 
     .venv/bin/python bench/quality.py --quick          # reduced, ~10 min on a quiet 2-core CPU
     .venv/bin/python bench/quality.py [--resume]       # full: hours; budget measured (~15 min/run)
@@ -55,6 +59,7 @@ from engine.arch import get_adapter
 from engine.distill import DistillConfig, distill
 from engine.evaluate import evaluate_student, teacher_logits, token_nll
 from engine.importance import AGGREGATIONS
+from engine.mix import BREADTH, DataMix, eval_sets, mix_blocks
 from engine.models import count_parameters, load
 from engine.prune import prune_iteratively
 from engine.runs import read_jsonl
@@ -78,6 +83,7 @@ class Experiment:
     loss: str = "kl+ce"
     method: str = "kd"  # kd | cpt | lora (DistillConfig.method)
     corrected_teacher: bool = False  # distil from the teacher fine-tuned on the training data first
+    teacher_share: float | None = None  # data-mix rows: share of teacher-generated text in the training tokens
 
 
 class Bench:
@@ -101,6 +107,8 @@ class Bench:
         self.train = None
         self._corrected: torch.nn.Module | None = None
         self.correction: dict | None = None
+        self._breadth: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._mixed: dict[float, tuple[torch.Tensor, list[dict]]] = {}
 
     def scores(self, aggregation: str = "l2_mean"):
         if aggregation not in self._scores:
@@ -122,11 +130,38 @@ class Bench:
                              lr=self.s["lr"], warmup_steps=min(warmup, total), ce_weight=1.0 if loss == "kl+ce" else 0.0,
                              eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, seed=0, method=method)
 
-    def distill(self, student: torch.nn.Module, loss: str, method: str = "kd", corrected: bool = False) -> dict:
+    def distill(self, student: torch.nn.Module, loss: str, method: str = "kd", corrected: bool = False,
+                train: torch.Tensor | None = None) -> dict:
         cfg = self.config(loss, method=method)
         teacher = self.corrected_teacher() if corrected else self.teacher if cfg.needs_teacher else None
         with tempfile.TemporaryDirectory(prefix="prunescope-quality-") as run_dir:
-            return distill(teacher, student, self.train, None, cfg, run_dir, resume=False)
+            return distill(teacher, student, self.train if train is None else train, None, cfg, run_dir, resume=False)
+
+    def breadth(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The breadth set: teacher text from the evaluation prompts (never trained on), as many blocks
+        as the WikiText evaluation, with the teacher's logits and perplexity on it."""
+        if self._breadth is None:
+            sets = eval_sets(DataMix.of("teacher"), self.loaded.tokenizer, *self.s["eval"], seed=1, breadth=None,
+                             model=self.teacher, cache_dir=self.args.out / "generated", model_name=self.loaded.name)
+            blocks = sets[BREADTH]
+            logits = teacher_logits(self.teacher, blocks)
+            n = blocks.shape[0] * (blocks.shape[1] - 1)
+            self._breadth = blocks, logits, math.exp(token_nll(logits, blocks).item() / n)
+        return self._breadth
+
+    def mixed_train(self, share: float) -> tuple[torch.Tensor, list[dict]]:
+        """Training blocks for the same token budget with `share` of them teacher text (from the training
+        prompts) and the rest WikiText's calibration split; share 0 is the WikiText blocks every row uses."""
+        if share == 0:
+            return self.train, [{"name": "wikitext", "tokens": int(self.train.numel())}]
+        if share not in self._mixed:
+            specs = [str(self.args.wikitext), "teacher"] if share < 1 else ["teacher"]
+            weights = [1 - share, share] if share < 1 else [1.0]
+            blocks, _, info = mix_blocks(DataMix.of(specs, weights), self.loaded.tokenizer, self.train.shape[0],
+                                         self.s["seq_len"], seed=1, docs=(0.0, 0.6), model=self.teacher,
+                                         cache_dir=self.args.out / "generated", model_name=self.loaded.name)
+            self._mixed[share] = blocks, [{"name": i["name"], "tokens": i["tokens"]} for i in info]
+        return self._mixed[share]
 
     def corrected_teacher(self) -> torch.nn.Module:
         """Teacher correction: a copy of the teacher fine-tuned (next-token cross-entropy, lr 1e-5) on the
@@ -203,7 +238,40 @@ def experiments(b: Bench, quick: bool) -> list[Experiment]:
             out.append(Experiment(name, "retraining method", f"{s.label}, {label} (ref: {s.name}, KD)", s.targets,
                                   lambda s=s: prune(t, b.scores(), s.targets), True, method=method,
                                   corrected_teacher=corrected))
+    out += data_mix_experiments(b, quick)
     return out
+
+
+MIX_SHARES = {0.0: "WikiText only", 1.0: "teacher-generated only", 0.3: "70% WikiText + 30% teacher text",
+              0.5: "50% WikiText + 50% teacher text"}
+
+
+def data_mix_experiments(b: Bench, quick: bool) -> list[Experiment]:
+    """The same budget on WikiText only, teacher text only and two mixes, for the best depth shape
+    and the MLP + heads + channels shape (--quick: the latter); rows report in-domain and breadth."""
+    S, t = b.strategies, b.teacher
+    out = []
+    for s in [S["width_all"]] if quick else [S["depth_block"], S["width_all"]]:
+        for share, label in MIX_SHARES.items():
+            out.append(Experiment(f"mix_{round(100 * share)}_{s.name}", "data mix", f"{s.label}, {label}", s.targets,
+                                  lambda s=s: prune(t, b.scores(), s.targets), True, teacher_share=share))
+    return out
+
+
+def breadth_report(rows: list[dict]) -> str:
+    """A Markdown table of the data-mix rows: in-domain and breadth perplexity / KL after distillation,
+    each as a ratio to the teacher's."""
+    mix = [r for r in rows if r.get("group") == "data mix" and r.get("ppl_distilled") is not None]
+    if not mix:
+        return ""
+    lines = ["| row | teacher-text share | WikiText ppl (x teacher) | WikiText KL | breadth ppl (x teacher) | breadth KL |",
+             "|---|---|---|---|---|---|"]
+    for r in mix:
+        lines.append(f"| {r['name']} | {r['teacher_share']:.0%} | {r['ppl_distilled']:.2f} "
+                     f"({r['ppl_distilled'] / r['teacher_ppl_wikitext']:.2f}x) | {r['kl_distilled']:.3f} | "
+                     f"{r['ppl_breadth_distilled']:.2f} ({r['ppl_breadth_distilled'] / r['teacher_ppl_breadth']:.2f}x) "
+                     f"| {r['kl_breadth_distilled']:.3f} |")
+    return "\n## Data mixes: in-domain (WikiText) and breadth (teacher text from unseen prompts)\n\n" + "\n".join(lines) + "\n"
 
 
 def run_one(b: Bench, e: Experiment) -> dict:
@@ -217,14 +285,24 @@ def run_one(b: Bench, e: Experiment) -> dict:
            "params": params, "fraction": params / count_parameters(b.teacher),
            "ppl_oneshot": one["ppl"], "kl_oneshot": one["kl"], "ppl_distilled": None, "kl_distilled": None,
            "loss": e.loss if e.distill else None, "build_s": round(t_build, 1)}
+    train = None
+    if e.teacher_share is not None:  # in-domain and breadth, one-shot; the tokens taken from each source
+        br_blocks, br_logits, br_ppl = b.breadth()
+        br = evaluate_student(br_logits, student, br_blocks)
+        train, taken = b.mixed_train(e.teacher_share)
+        row.update(teacher_share=e.teacher_share, train_sources=taken, teacher_ppl_wikitext=b.teacher_ppl,
+                   teacher_ppl_breadth=br_ppl, ppl_breadth_oneshot=br["ppl"], kl_breadth_oneshot=br["kl"])
     if e.distill:
-        r = b.distill(student, e.loss, e.method, e.corrected_teacher)
+        r = b.distill(student, e.loss, e.method, e.corrected_teacher, train)
         after = evaluate_student(b.t_logits, student, b.eval_blocks)  # KL to the original teacher
         row.update(ppl_distilled=after["ppl"], kl_distilled=after["kl"], distill_tokens=r["tokens"],
                    distill_steps=r["steps"], distill_s=round(r["elapsed_s"], 1), method=e.method,
                    peak_memory_mib=round(r["peak_memory_bytes"] / 2**20, 1))
         if e.corrected_teacher:
             row["teacher_correction"] = b.correction
+        if e.teacher_share is not None:
+            br = evaluate_student(br_logits, student, br_blocks)
+            row.update(ppl_breadth_distilled=br["ppl"], kl_breadth_distilled=br["kl"])
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["machine"] = machine_note()
     del student
@@ -303,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = this["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(path, {"meta": meta, "rows": rows})
     print(write_report(args.out, stem, meta, rows))
+    extra = breadth_report(rows)
+    if extra:
+        with (args.out / f"{stem}.md").open("a") as f:
+            f.write(extra)
+        print(extra)
     return 0
 
 
