@@ -191,8 +191,9 @@ def search_job(run, should_stop: Callable[[], bool]) -> dict:
     space = SearchSpace.from_dict(cfg.space)
     summary = read_json(run.path / "summary.json") or {"kind": "search", "model": cfg.model}
     st = _Stages(run, summary, should_stop)
-    run.set_stage("score", 0.0, f"loading {cfg.model}")
+    st.start("load", f"loading {cfg.model}")
     loaded = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    st.finish("load")
     train_src = DataSource.parse(cfg.data, column=cfg.text_column, docs=cfg.train_range)
 
     def make_scores():
@@ -251,11 +252,11 @@ def _preview_all(run, st: _Stages, model, scores, spec, space, shapes: list[Shap
         if st.should_stop():
             raise Cancelled()
         if shape.name not in done:
-            targets = shape.targets(spec, space.depth_by).to_dict()
+            targets = shape.targets(spec, space.depth_by, space.criterion).to_dict()
             key = store.preview_key(fp, skey, targets, data, cfg.eval_samples, cfg.eval_seq_len)
             hit = store.stored(path, key)
             if hit is None:
-                res = preview(model, scores, shape.targets(spec, space.depth_by), side, cfg.eval_batch_size)
+                res = preview(model, scores, shape.targets(spec, space.depth_by, space.criterion), side, cfg.eval_batch_size)
                 hit = preview_row(key, fp, skey, targets, data, cfg.eval_samples, cfg.eval_seq_len, res,
                                   "search", str(run.path))
                 store.record(path, hit)
@@ -276,7 +277,7 @@ def _student(model, scores, spec, space: SearchSpace, name: str):
     from engine.prune import apply_plan
 
     shape = shape_of(name)
-    plan = make_plan(scores, shape.targets(spec, space.depth_by))
+    plan = make_plan(scores, shape.targets(spec, space.depth_by, space.criterion))
     return apply_plan(model, plan, check_fingerprint=False), plan
 
 
