@@ -273,3 +273,17 @@ def test_score_and_prune_commands_take_the_criterion(tmp_path, capsys):
                  "--plan-only", "--out", str(tmp_path / "pruned")]) == 0
     plan = json.loads((tmp_path / "pruned" / "plan.json").read_text())
     assert plan["targets"]["criterion"] == "product" and plan["info"]["criterion"] == "product"
+
+
+def test_search_space_carries_the_criterion_into_each_shape():
+    from engine.errors import PlanError
+    from engine.search.shapes import SearchSpace, enumerate_shapes
+
+    spec = get_adapter(tiny_model("llama")).spec()
+    space = SearchSpace(budget=0.8, axes=("ffn",), criterion="weighted")
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    assert "criterion" not in SearchSpace(budget=0.8).to_dict()
+    shape = enumerate_shapes(spec, space)[0]
+    assert shape.targets(spec, space.depth_by, space.criterion).criterion == "weighted"
+    with pytest.raises(PlanError, match="criterion 'magnitude'"):
+        SearchSpace(budget=0.8, criterion="magnitude")

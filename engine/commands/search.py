@@ -32,6 +32,8 @@ def register(sub) -> None:
                    help="hidden / MLP widths in multiples of this (default: 64 where the source width is a "
                         "multiple of 64)")
     p.add_argument("--depth-by", default="bi", choices=["bi", "ppl", "taylor"], help="how layers are chosen")
+    p.add_argument("--criterion", default="activation", choices=["activation", "weighted", "product"],
+                   help="how heads, neurons and channels are ranked (see `prunescope prune --help`)")
     p.add_argument("--max-candidates", type=int, default=None, help="refuse a search with more shapes than this")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out blocks (default 8)")
     p.add_argument("--eval-seq-len", type=int, default=256, help="tokens per held-out block (default 256)")
@@ -85,7 +87,8 @@ def config_from_args(args: argparse.Namespace):
         if a.strip():
             axes.append(AXIS_NAMES[a.strip()])
     space = {"budget": args.params, "tolerance": args.tolerance, "axes": sorted(set(axes), key=AXES.index),
-             "bounds": _bounds(args), "rounding": args.round, "depth_by": args.depth_by}
+             "bounds": _bounds(args), "rounding": args.round, "depth_by": args.depth_by,
+             "criterion": args.criterion}
     d = replace(cpu_distill(), tokens=args.tokens, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
                 eval_every=args.eval_every, checkpoint_every=args.eval_every, seed=args.seed, dtype=args.dtype)
     return SearchConfig(model=args.model, data=args.data, text_column=args.text_column,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
 from engine.estimate import estimate
+from engine.importance.scores import CRITERIA
 from engine.targets import AXES, Targets, is_gqa, validate_targets
 
 ROUNDINGS = (1, 8, 32, 64, 128)
@@ -39,6 +40,7 @@ class SearchSpace:
     bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
     rounding: int = 0
     depth_by: str = "bi"
+    criterion: str = "activation"  # how heads, neurons and channels are ranked (engine.importance.criteria)
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -55,6 +57,8 @@ class SearchSpace:
                 raise PlanError(f"bounds for {name!r} must be an axis of {', '.join(AXES)} with min <= max, got {b}")
         if self.depth_by not in ("bi", "ppl", "taylor"):
             raise PlanError(f"the search ranks layers by bi, ppl or taylor, not {self.depth_by!r}")
+        if self.criterion not in CRITERIA:
+            raise PlanError(f"unknown importance criterion {self.criterion!r}; valid: {', '.join(CRITERIA)}")
         object.__setattr__(self, "axes", tuple(self.axes))
         object.__setattr__(self, "bounds", {k: (int(v[0]), int(v[1])) for k, v in self.bounds.items()})
 
@@ -66,6 +70,8 @@ class SearchSpace:
         d = asdict(self)
         d["axes"] = list(self.axes)
         d["bounds"] = {k: list(v) for k, v in self.bounds.items()}
+        if self.criterion == "activation":  # written only when chosen: older searches read the same
+            del d["criterion"]
         return d
 
     @classmethod
@@ -90,11 +96,11 @@ class Shape:
     fraction: float
     kind: str  # depth | width | mixed
 
-    def targets(self, spec: ArchSpec, depth_by: str = "bi") -> Targets:
+    def targets(self, spec: ArchSpec, depth_by: str = "bi", criterion: str = "activation") -> Targets:
         src = {"hidden": spec.hidden_size, "ffn": spec.intermediate_size, "heads": spec.n_heads,
                "layers": spec.n_layers}
         kw = {a: (getattr(self, a) if getattr(self, a) != src[a] else None) for a in AXES}
-        return Targets(**kw, depth_by=depth_by)
+        return Targets(**kw, depth_by=depth_by, criterion=criterion)
 
     @property
     def name(self) -> str:
