@@ -13,6 +13,9 @@ Data mixes (group "data mix", engine.mix): the best depth shape and the MLP + he
 distilled on WikiText only, teacher-generated text only and two mixes (70/30, 50/50) of the same
 budget, each evaluated in-domain (held-out WikiText) and on breadth (teacher text from prompts never
 trained on, cached in OUT/generated); their table is appended to the report.
+Importance criteria (group "criterion"): the weight-aware criteria (weighted, product) on the three width
+shapes, beside activation's rows (the strategies themselves); bench/optipfair_hybrid.py adds OptiPFair's hybrid
+at the MLP shape. Their table is appended to the report too.
 
     .venv/bin/python bench/quality.py --quick          # reduced, ~10 min on a quiet 2-core CPU
     .venv/bin/python bench/quality.py [--resume]       # full: hours; budget measured (~15 min/run)
@@ -239,7 +242,50 @@ def experiments(b: Bench, quick: bool) -> list[Experiment]:
                                   lambda s=s: prune(t, b.scores(), s.targets), True, method=method,
                                   corrected_teacher=corrected))
     out += data_mix_experiments(b, quick)
+    out += criterion_experiments(b, quick)
     return out
+
+
+CRITERION_SHAPES = ("width_mlp", "width_mlp_heads", "width_all")
+WEIGHTED_CRITERIA = ("weighted", "product")  # activation's rows are the width strategies themselves
+
+
+def criterion_experiments(b: Bench, quick: bool) -> list[Experiment]:
+    """The weight-aware importance criteria on the three width shapes, one-shot and (not --quick) after the
+    same distillation; bench/optipfair_hybrid.py adds OptiPFair's hybrid at the MLP shape to the same table."""
+    S, t = b.strategies, b.teacher
+    out = []
+    for name in CRITERION_SHAPES:
+        s = S[name]
+        for c in WEIGHTED_CRITERIA:
+            targets = replace(s.targets, criterion=c)
+            out.append(Experiment(f"criterion_{c}_{name}", "criterion", f"{s.label}, criterion {c} (ref: {name}, "
+                                  "activation)", targets, lambda targets=targets: prune(t, b.scores(), targets),
+                                  not quick))
+    return out
+
+
+def criterion_report(rows: list[dict]) -> str:
+    """A Markdown table: each criterion on each width shape, one-shot and distilled (activation = the strategy
+    rows; OptiPFair rows when bench/optipfair_hybrid.py added them)."""
+    by_name = {r["name"]: r for r in rows}
+    lines = []
+    for shape in CRITERION_SHAPES:
+        entries = [("activation (Minitron)", by_name.get(shape))]
+        entries += [(c, by_name.get(f"criterion_{c}_{shape}")) for c in WEIGHTED_CRITERIA]
+        entries += [(r["label"], r) for r in rows if r.get("group") == "criterion" and r.get("shape_of") == shape]
+        for label, r in entries:
+            if r is None:
+                continue
+            dist = (f"{r['ppl_distilled']:.2f} | {r['kl_distilled']:.3f}" if r.get("ppl_distilled") is not None
+                    else "- | -")
+            lines.append(f"| {shape} | {label} | {100 * r['fraction']:.1f}% | {r['ppl_oneshot']:.2f} | "
+                         f"{r['kl_oneshot']:.3f} | {dist} |")
+    if not lines:
+        return ""
+    head = ["| shape | criterion | params | one-shot ppl | one-shot KL | distilled ppl | distilled KL |",
+            "|---|---|---|---|---|---|---|"]
+    return "\n## Importance criteria: one-shot and after the same distillation\n\n" + "\n".join(head + lines) + "\n"
 
 
 MIX_SHARES = {0.0: "WikiText only", 1.0: "teacher-generated only", 0.3: "70% WikiText + 30% teacher text",
@@ -381,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = this["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(path, {"meta": meta, "rows": rows})
     print(write_report(args.out, stem, meta, rows))
-    extra = breadth_report(rows)
+    extra = breadth_report(rows) + criterion_report(rows)
     if extra:
         with (args.out / f"{stem}.md").open("a") as f:
             f.write(extra)

@@ -287,3 +287,40 @@ def test_search_space_carries_the_criterion_into_each_shape():
     assert shape.targets(spec, space.depth_by, space.criterion).criterion == "weighted"
     with pytest.raises(PlanError, match="criterion 'magnitude'"):
         SearchSpace(budget=0.8, criterion="magnitude")
+
+
+def _bench_module(name: str):
+    """A bench script as a module (bench/ first on sys.path, as when it runs: it imports `common`)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_quality_bench_criterion_rows_and_table():
+    quality = _bench_module("quality")
+    rows = [{"name": "width_mlp", "fraction": 0.75, "ppl_oneshot": 133.2, "kl_oneshot": 1.296,
+             "ppl_distilled": 60.0, "kl_distilled": 0.5},
+            {"name": "criterion_weighted_width_mlp", "fraction": 0.75, "ppl_oneshot": 120.0, "kl_oneshot": 1.2,
+             "ppl_distilled": None, "kl_distilled": None},
+            {"name": "optipfair_hybrid_width_mlp", "group": "criterion", "shape_of": "width_mlp",
+             "label": "OptiPFair 0.4.2 hybrid", "fraction": 0.75, "ppl_oneshot": 116.7, "kl_oneshot": 1.139,
+             "ppl_distilled": None, "kl_distilled": None}]
+    table = quality.criterion_report(rows).splitlines()
+    assert "| width_mlp | activation (Minitron) | 75.0% | 133.20 | 1.296 | 60.00 | 0.500 |" in table
+    assert "| width_mlp | weighted | 75.0% | 120.00 | 1.200 | - | - |" in table
+    assert "| width_mlp | OptiPFair 0.4.2 hybrid | 75.0% | 116.70 | 1.139 | - | - |" in table
+    assert quality.criterion_report([]) == ""
+
+
+def test_optipfair_hybrid_reaches_the_mlp_width_asked_for():
+    pytest.importorskip("optipfair", reason="OptiPFair is an optional bench extra (bench/optipfair_hybrid.py --install)")
+    bench = _bench_module("optipfair_hybrid")
+    model = tiny_model("llama")
+    pruned = bench.optipfair_prune(model, 20, random_ids(4, 16), batch_size=2)
+    assert pruned.config.intermediate_size == 20 and model.config.intermediate_size == 37
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape == (48, 20)
