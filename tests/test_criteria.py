@@ -252,6 +252,18 @@ def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monk
     assert not at.exception, at.exception
     fig = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_falloff"))
     assert [t["name"] for t in fig["data"]] == ["activation", "weighted", "product", "random"]
+    # Prune targets keeps the criterion, and a plan opened there brings its own
+    at.switch_page("screens/targets.py").run()
+    assert not at.exception, at.exception
+    assert at.session_state["targets"].get("criterion") == "weighted"
+    from engine.importance import Scores
+
+    plan = make_plan(Scores.load(scores_dir), Targets(ffn=24, criterion="product"))
+    plan.save(tmp_path / "product.json")
+    at.text_input(key="plan_open_path").set_value(str(tmp_path / "product.json"))
+    at.button(key="plan_open").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["targets"]["criterion"] == "product" and at.session_state["targets"]["ffn"] == 24
 
 
 def test_score_and_prune_commands_take_the_criterion(tmp_path, capsys):
@@ -324,3 +336,19 @@ def test_optipfair_hybrid_reaches_the_mlp_width_asked_for():
     pruned = bench.optipfair_prune(model, 20, random_ids(4, 16), batch_size=2)
     assert pruned.config.intermediate_size == 20 and model.config.intermediate_size == 37
     assert pruned.model.layers[0].mlp.down_proj.weight.shape == (48, 20)
+
+
+def test_a_run_config_keeps_the_criterion(tmp_path):
+    """`prunescope run --criterion` reaches make_plan through the run's saved targets."""
+    from engine.cli import build_parser
+    from engine.pipeline import PipelineConfig
+    from engine.target_args import targets_from_args
+
+    args = build_parser().parse_args(["run", "--model", "default", "--data", "x.txt", "--ffn", "1024",
+                                      "--criterion", "weighted", "--run-dir", str(tmp_path / "r")])
+    targets = targets_from_args(args)
+    assert targets.criterion == "weighted"
+    cfg = PipelineConfig(model="default", data="x.txt", targets=targets)
+    assert PipelineConfig.from_dict(cfg.to_dict()).targets.criterion == "weighted"
+    assert targets_from_args(build_parser().parse_args(["run", "--model", "default", "--data", "x.txt", "--ffn",
+                                                        "1024", "--run-dir", "r"])).criterion == "activation"

@@ -126,6 +126,7 @@ def _open_plan(text: str, name: str) -> None:
     st.session_state.pop("plan_open_error", None)
     st.session_state["t_round"] = 1  # the plan's sizes as written, whatever their rounding
     _load_targets(plan.targets)
+    state.put("targets", {**(state.get("targets") or {}), "criterion": plan.targets.criterion})  # read below
     st.session_state["loaded_plan"] = {"name": name, "plan": plan.to_dict()}
 
 
