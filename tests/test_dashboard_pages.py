@@ -520,6 +520,7 @@ def test_compare_page(finished_run, env):
     at.button(key="cmp_go").click().run()
     wait(at, lambda a: "Decode tokens/s" in metrics(a))
     assert len([m for m in at.metric if m.label == "Decode tokens/s"]) == 2
+    assert sum(" · weights in " in m.value for m in at.markdown) == 2  # the dtype each model ran in
     captions = [c.value for c in at.caption]  # the quality numbers and their meaning beside the answers
     assert any(c.startswith("Held-out perplexity **") and "lower is better" in c for c in captions)
     assert any(c.startswith("KL to the teacher **") and "nats per token" in c for c in captions)

@@ -146,7 +146,8 @@ else:
         d = res.get(who) or {}
         tp = d.get("throughput") or {}
         with col, st.container(border=True):
-            st.markdown(f"**{who.capitalize()}**")
+            st.markdown(f"**{who.capitalize()}**" + (f" · weights in {d['dtype'].replace('torch.', '')}"
+                                                       if d.get("dtype") else ""))
             m = st.columns(2)
             m[0].metric("Decode tokens/s", f"{tp.get('decode_tokens_per_s', 0):.1f}")
             m[1].metric("Prefill tokens/s", f"{tp.get('prefill_tokens_per_s', 0):,.0f}")
