@@ -92,7 +92,14 @@ def test_token_ppl_conversion():
 
 
 def test_cli_eval_tasks_side_by_side(tmp_path, capsys, tiny_llama_pair):
-    teacher, student = tiny_llama_pair
+    from transformers import AutoModelForCausalLM
+
+    from dashboard.exports import lm_eval_frame
+    from engine.export import export_model
+
+    teacher, plain = tiny_llama_pair
+    student = export_model(AutoModelForCausalLM.from_pretrained(plain), tiny_tokenizer(), tmp_path / "export",
+                           verify=False)  # a prunescope export: the results are recorded in it
     data = tmp_path / "docs.txt"
     data.write_text("".join(f" = Doc {i} = \n\n {d}\n\n" for i, d in enumerate(DOCS)))
     rc = main(["eval", str(student), "--teacher", str(teacher), "--data", str(data), "--data-range", "0:1",
@@ -104,7 +111,12 @@ def test_cli_eval_tasks_side_by_side(tmp_path, capsys, tiny_llama_pair):
     res = json.loads((tmp_path / "r.json").read_text())
     m, t = (res["results"][k][PPL_TASK]["word_perplexity,none"] for k in ("model", "teacher"))
     assert m != t and m > 1 and t > 1  # two different random models, scored separately
-    assert not (student / RESULT_FILE).exists()  # not a prunescope export: nothing written into it
+    assert json.loads((student / RESULT_FILE).read_text())["results"] == res["results"]
+    card = (student / "README.md").read_text()
+    assert "## lm-evaluation-harness" in card and f"teacher ({teacher})" in card and "| last-word accuracy |" in card
+    rows = lm_eval_frame(student)  # what Compare shows
+    assert {r["metric"] for r in rows} >= {"word perplexity", "last-word accuracy", "token perplexity (from words)"}
+    assert not (plain / RESULT_FILE).exists()
 
 
 def test_cli_eval_tasks_refusals(tmp_path, capsys, tiny_llama_pair):
