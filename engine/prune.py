@@ -43,6 +43,14 @@ Index = torch.Tensor | None  # LongTensor of kept indices, or None = keep all
 # ---------------------------------------------------------------- trimming ops, by module type
 
 
+def select(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
+    """`t` restricted to `idx` along `dim`; `t` itself when idx is None or keeps every index in order
+    (an axis that is not pruned costs no copy: column selection of a large bf16 matrix is slow)."""
+    if idx is None or (idx.numel() == t.shape[dim] and bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))):
+        return t
+    return t.index_select(dim, idx)
+
+
 def _conv1d_type() -> type:
 
     return Conv1D
@@ -51,19 +59,19 @@ def _conv1d_type() -> type:
 @torch.no_grad()
 def trim_linear(src: nn.Linear, dst: nn.Linear, out_idx: Index = None, in_idx: Index = None) -> None:
     """nn.Linear, weight (out, in)."""
-    w = src.weight if out_idx is None else src.weight.index_select(0, out_idx)
-    dst.weight.copy_(w if in_idx is None else w.index_select(1, in_idx))
+    w = select(src.weight, 0, out_idx)
+    dst.weight.copy_(select(w, 1, in_idx))
     if src.bias is not None:
-        dst.bias.copy_(src.bias if out_idx is None else src.bias.index_select(0, out_idx))
+        dst.bias.copy_(select(src.bias, 0, out_idx))
 
 
 @torch.no_grad()
 def trim_conv1d(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = None) -> None:
     """transformers' Conv1D (GPT-2), weight stored (in, out)."""
-    w = src.weight if out_idx is None else src.weight.index_select(1, out_idx)
-    dst.weight.copy_(w if in_idx is None else w.index_select(0, in_idx))
+    w = select(src.weight, 1, out_idx)
+    dst.weight.copy_(select(w, 0, in_idx))
     if src.bias is not None:
-        dst.bias.copy_(src.bias if out_idx is None else src.bias.index_select(0, out_idx))
+        dst.bias.copy_(select(src.bias, 0, out_idx))
 
 
 @torch.no_grad()
@@ -71,7 +79,7 @@ def trim_embedding(src: nn.Embedding, dst: nn.Embedding, out_idx: Index = None, 
     """nn.Embedding (rows, dim): `out_idx` selects embedding channels; rows (vocab, positions) stay."""
     if in_idx is not None:
         raise PlanError("embedding rows (vocabulary / positions) are never pruned")
-    dst.weight.copy_(src.weight if out_idx is None else src.weight.index_select(1, out_idx))
+    dst.weight.copy_(select(src.weight, 1, out_idx))
 
 
 @torch.no_grad()
@@ -80,7 +88,7 @@ def trim_norm(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Ind
     for name in ("weight", "bias"):
         t = getattr(src, name, None)
         if isinstance(t, torch.Tensor):
-            getattr(dst, name).copy_(t if out_idx is None else t.index_select(0, out_idx))
+            getattr(dst, name).copy_(select(t, 0, out_idx))
 
 
 def trim(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = None,
@@ -109,7 +117,7 @@ def copy_experts(src, dst, experts: list[int], neurons: list[list[int]], ch: Ind
     dev = src.router.weight.device
     e_idx = torch.tensor(experts, dtype=torch.long, device=dev)
     router = src.router.weight.index_select(0, e_idx)  # (E', D)
-    dst.router.weight.copy_(router if ch is None else router.index_select(1, ch))
+    dst.router.weight.copy_(select(router, 1, ch))
     F_src = src.expert_ffn
     for k, e in enumerate(experts):
         n = torch.tensor(neurons[k], dtype=torch.long, device=dev)
