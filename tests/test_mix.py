@@ -219,3 +219,40 @@ def test_cli_repeated_data_and_mix_build_the_configs_mix(tmp_path, two_files):
     assert PipelineConfig.from_dict(PipelineConfig(data=got).to_dict()).data == got
     with pytest.raises(DataError, match="2 weights for 3"):
         cfg("--data", "a", "--data", "b", "--data", "c", "--mix", "0.5,0.5")
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_mix_resumes_with_the_same_data_from_its_cache(tmp_path, corpus, tiny_llama_pair, monkeypatch):
+    """Cancelled during distillation and resumed, a pipeline on a mix repeats the uninterrupted run's
+    losses step for step; the resumed process takes the teacher's text from the run folder (generating
+    it again would fail here)."""
+    import engine.prompts
+    from engine.errors import Cancelled
+    from engine.pipeline import PipelineConfig, create_run, run_pipeline
+
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    cfg = PipelineConfig(model=str(tiny_llama_pair[0]), data=DataMix.of([str(corpus), "teacher"], "0.5,0.5").to_config(),
+                         calib_samples=4, calib_seq_len=32, targets={"ffn": 24}, eval_samples=2,
+                         distill=DistillConfig(steps=6, batch_size=2, seq_len=32, warmup_steps=1, eval_every=3,
+                                               checkpoint_every=2, eval_samples=2))
+
+    def losses(path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in read_jsonl(path / "metrics.jsonl") if not r.get("eval")}
+
+    ref = create_run(tmp_path / "a", cfg)
+    run_pipeline(ref.path)
+    run = create_run(tmp_path / "b", cfg)
+    stop = lambda: len(losses(run.path)) >= 3  # noqa: E731 - cancel after step 3 (checkpoint at step 4)
+    with pytest.raises(Cancelled):
+        run_pipeline(run.path, stop)
+    assert 3 <= len(losses(run.path)) < 6
+
+    def no_generation(*a, **k):
+        raise AssertionError("the resumed job generated teacher text again")
+
+    monkeypatch.setattr(engine.prompts, "generate_prompted", no_generation)
+    run_pipeline(run.path)
+    want, got = losses(ref.path), losses(run.path)
+    assert sorted(got) == list(range(1, 7))
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
