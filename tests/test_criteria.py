@@ -352,3 +352,27 @@ def test_a_run_config_keeps_the_criterion(tmp_path):
     assert PipelineConfig.from_dict(cfg.to_dict()).targets.criterion == "weighted"
     assert targets_from_args(build_parser().parse_args(["run", "--model", "default", "--data", "x.txt", "--ffn",
                                                         "1024", "--run-dir", "r"])).criterion == "activation"
+
+
+def test_scores_made_before_the_criteria_get_them_without_a_forward(tmp_path):
+    from engine.data import DataSource
+    from engine.importance import Scores
+    from engine.importance.cache import score
+    from engine.models import load
+    from tests.tiny_models import _CORPUS, save_tiny
+
+    folder = save_tiny("phi3", tmp_path / "tiny-phi3")
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"Article {i}. {_CORPUS * 2}" for i in range(10)))
+    loaded = load(str(folder), dtype="fp32", device="cpu")
+    source = DataSource(kind="file", path=str(data))
+    fresh, out = score(loaded, source, 4, 16, out_dir=tmp_path / "scores")
+    old = Scores.load(out)
+    for name in [k for k in old.tensors if ":" in k]:  # as written before the weight-aware criteria
+        del old.tensors[name]
+    old.save(out)
+    again, _ = score(loaded, source, 4, 16, out_dir=out)
+    assert again.meta["reused"] == "all" and again.meta["timings"] == fresh.meta["timings"]
+    for name in ("neurons:weighted", "neurons:product", "heads:weighted", "channels:weighted"):
+        torch.testing.assert_close(again[name], fresh[name])
+        torch.testing.assert_close(Scores.load(out)[name], fresh[name])

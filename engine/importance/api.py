@@ -35,7 +35,7 @@ from engine.importance.width import WidthCollector
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-ALGORITHM_VERSION = 2  # bump when a score's definition changes (invalidates caches); 2: weight-aware criteria
+ALGORITHM_VERSION = 1  # bump when a score's definition changes (invalidates caches)
 
 
 @dataclass(frozen=True)

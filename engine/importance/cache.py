@@ -38,6 +38,7 @@ import engine
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
 from engine.importance.api import ALGORITHM_VERSION, Progress, ScoreConfig, check_streaming, compute_scores
+from engine.importance.criteria import add_criteria
 from engine.importance.scores import ScoreError, Scores
 from engine.models import LoadedModel, cache_dir, fingerprint
 
@@ -169,6 +170,9 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
         if config.block_size and cb and cb != config.block_size and cached.has("block_bi"):
             raise ScoreError(f"{folder} holds block scores for blocks of {cb} layers, requested {config.block_size}; "
                              "use another output folder, or --force / force=True to replace them")
+        if add_criteria(loaded.model, cached):  # made before the weight-aware criteria: same model (key)
+            cached.save(folder)
+            log.info("weight-aware criteria added to the scores in %s", folder)
         todo = _missing(cached, config)
         if todo is None:
             log.info("scores reused from %s", folder)

@@ -66,6 +66,20 @@ def weight_norms(adapter: ArchAdapter, weights: Mapping[str, torch.Tensor] | Non
     return {k: torch.stack(v) for k, v in out.items()}
 
 
+def add_criteria(model: nn.Module, scores) -> bool:
+    """Add the weight-aware tensors to scores made before they existed (from their activation tensors and
+    the model's weights: no forward pass). True when they were added."""
+    from engine.arch import get_adapter
+    from engine.importance.stream import stream_info
+
+    if "neurons:weighted" in scores.tensors or "channels_per_layer" not in scores.tensors:
+        return False
+    info = stream_info(model)
+    scores.tensors.update(criterion_tensors(get_adapter(model), scores.tensors,
+                                            info.weights if info is not None else None))
+    return True
+
+
 def criterion_tensors(adapter: ArchAdapter, tensors: Mapping[str, torch.Tensor],
                       weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The weight-aware tensors from the activation tensors (heads, neurons, channels_per_layer):
