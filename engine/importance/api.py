@@ -127,6 +127,43 @@ def _sweep_batch(adapter, ids: torch.Tensor, final_hidden: torch.Tensor, capture
         timings["block_ppl"] = timings.get("block_ppl", 0.0) + time.perf_counter() - t0
 
 
+def _depth_results(tensors: dict, sums: dict, config: ScoreConfig, D: int, T: int) -> dict:
+    """Perplexity increases from the sweeps' summed NLLs (into `tensors`); their meta fields."""
+    meta: dict = {}
+    if not (config.depth_ppl or config.block_ppl):
+        return meta
+    n_pred = D * (T - 1)
+    meta["base_ppl"] = math.exp(sums["base"] / n_pred)
+    meta["depth_samples"] = D
+    if config.depth_ppl:
+        tensors["ppl_increase"] = (torch.exp(sums["layer"] / n_pred) - meta["base_ppl"]).float()
+        if "bi" in tensors:
+            meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
+    if config.block_ppl:
+        tensors["block_ppl_increase"] = (torch.exp(sums["block"] / n_pred) - meta["base_ppl"]).float()
+    return meta
+
+
+def _score_meta(model: torch.nn.Module, adapter, config: ScoreConfig, N: int, T: int, device: torch.device,
+                timings: dict) -> dict:
+    """What a scores file records about the model, the data sizes, the settings and the timings."""
+    p = next(model.parameters())
+    spec = adapter.spec()
+    stream = stream_info(model)
+    if stream is not None:  # `meta` placeholders all share data_ptr 0: tiedness was read before offloading
+        spec = replace(spec, tied=stream.tied)
+    return {
+        "model_type": spec.model_type, "n_layers": adapter.n_layers, "n_heads": spec.n_heads,
+        "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size, "arch": spec.to_dict(), "n_samples": N, "seq_len": T,
+        "aggregation": config.aggregation, "block_size": config.block_size, "engine_version": engine.__version__,
+        "algorithm_version": ALGORITHM_VERSION, "config": asdict(config),
+        "dtype": str(p.dtype).replace("torch.", ""), "device": str(device),
+        "stream": stream.offload if stream is not None else "off",
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
 def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreConfig = ScoreConfig(),
                    progress: Progress | None = None, width: bool = True) -> Scores:
     """Every importance score of `model` on calibration `blocks` (N, T) token ids; nothing written.
@@ -197,32 +234,9 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     finally:
         model.train(was_training)
 
-    n_pred = D * (T - 1)
-    meta: dict = {}
-    if need_ppl:
-        meta["base_ppl"] = math.exp(sums["base"] / n_pred)
-        meta["depth_samples"] = D
-    if config.depth_ppl:
-        tensors["ppl_increase"] = (torch.exp(sums["layer"] / n_pred) - meta["base_ppl"]).float()
-        if "bi" in tensors:
-            meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
-    if config.block_ppl:
-        tensors["block_ppl_increase"] = (torch.exp(sums["block"] / n_pred) - meta["base_ppl"]).float()
+    meta = _depth_results(tensors, sums, config, D, T)
     timings["total"] = time.perf_counter() - t_start
-    p = next(model.parameters())
-    spec = adapter.spec()
-    stream = stream_info(model)
-    if stream is not None:  # `meta` placeholders all share data_ptr 0: tiedness was read before offloading
-        spec = replace(spec, tied=stream.tied)
-    meta.update({
-        "model_type": spec.model_type, "n_layers": L, "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads,
-        "head_dim": spec.head_dim, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
-        "arch": spec.to_dict(), "n_samples": N, "seq_len": T, "aggregation": config.aggregation,
-        "block_size": n, "engine_version": engine.__version__, "algorithm_version": ALGORITHM_VERSION,
-        "config": asdict(config), "dtype": str(p.dtype).replace("torch.", ""), "device": str(device),
-        "stream": stream.offload if stream is not None else "off",
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-    })
+    meta.update(_score_meta(model, adapter, config, N, T, device, timings))
     meta.setdefault("spearman_bi_ppl", None)
     meta.setdefault("base_ppl", None)
     log.info("scored %d layers on %d x %d tokens in %.1fs", L, N, T, timings["total"])
