@@ -376,3 +376,16 @@ def test_scores_made_before_the_criteria_get_them_without_a_forward(tmp_path):
     for name in ("neurons:weighted", "neurons:product", "heads:weighted", "channels:weighted"):
         torch.testing.assert_close(again[name], fresh[name])
         torch.testing.assert_close(Scores.load(out)[name], fresh[name])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_falloff_runs_on_every_family_and_axis(family):
+    model = tiny_model(family)
+    ids = random_ids(2, 12)
+    s = compute_scores(model, ids, ScoreConfig(batch_size=2))
+    logits = model(ids).logits
+    for axis in ("neurons", "heads", "channels"):
+        for c in falloff(model, ids, s, layer=1, axis=axis, criteria=("weighted", RANDOM), fractions=(0.0, 0.5)):
+            assert c.rel_rmse[0] == 0.0 and c.cosine[0] == pytest.approx(1.0, abs=1e-5), (family, axis)
+            assert 0.0 < c.rel_rmse[1] and c.cosine[1] < 1.0, (family, axis, c)
+    torch.testing.assert_close(model(ids).logits, logits)  # every hook removed
