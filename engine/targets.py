@@ -34,12 +34,15 @@ class Targets:
     drop_layers: tuple[int, ...] | None = None  # source layer indices, with depth_by="list"
     merge_heads: bool = False  # Minitron residual merge of pruned query heads into kept ones
     criterion: str = DEFAULT_CRITERION  # how heads, neurons and channels are ranked (engine.importance.criteria)
+    experts: int | None = None  # experts per sparse layer of a mixture of experts (uniform across layers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["drop_layers"] = list(self.drop_layers) if self.drop_layers is not None else None
         if self.criterion == DEFAULT_CRITERION:  # written only when chosen: older plans read the same
             del d["criterion"]
+        if self.experts is None:  # likewise: only mixtures of experts have the axis
+            del d["experts"]
         return d
 
     @classmethod
@@ -55,7 +58,7 @@ class Targets:
                 raise PlanError(f"targets field 'drop_layers' must be a list of source layer indices such as "
                                 f"[3, 7], or null; got {drop!r}")
             d["drop_layers"] = tuple(int(i) for i in drop)
-        for name in AXES:
+        for name in (*AXES, "experts"):
             v = d.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, Integral)):
                 raise PlanError(f"{name} target must be a whole number or null (keep the source size), got {v!r}")
@@ -81,6 +84,8 @@ class Sizes:
     kv_heads: int
     layers: int
     head_dim: int
+    experts: int = 0  # experts per sparse layer (0: a dense model)
+    experts_per_tok: int = 0  # the router's top-k, clamped to the experts kept
 
 
 def is_gqa(spec: ArchSpec) -> bool:
@@ -95,7 +100,9 @@ def resolve(spec: ArchSpec, targets: Targets) -> Sizes:
     layers = targets.layers
     if layers is None and targets.depth_by == "list" and targets.drop_layers is not None:
         layers = spec.n_layers - len(set(targets.drop_layers))
+    experts = spec.n_experts if targets.experts is None else targets.experts
     return Sizes(
+        experts=experts, experts_per_tok=min(spec.experts_per_tok, experts),
         hidden=spec.hidden_size if targets.hidden is None else targets.hidden,
         ffn=spec.intermediate_size if targets.ffn is None else targets.ffn,
         heads=heads, kv_heads=spec.n_kv_heads if is_gqa(spec) else heads,
@@ -144,6 +151,7 @@ def validate_targets(spec: ArchSpec, targets: Targets) -> None:
             errors.append(f"{name} target {v} must be at least 1 (the source has {source[name]})")
         elif v > source[name]:
             errors.append(f"{name} target {v} is larger than the source ({source[name]}); pruning only removes")
+    errors += _experts_problems(spec, targets.experts)
     if errors:
         raise PlanError("; ".join(errors))
     s = resolve(spec, targets)
@@ -175,6 +183,18 @@ def validate_targets(spec: ArchSpec, targets: Targets) -> None:
         raise PlanError("; ".join(errors))
 
 
+def _experts_problems(spec: ArchSpec, experts) -> list[str]:
+    """What is wrong with an experts target on this source (empty when nothing)."""
+    if experts is None:
+        return []
+    if not spec.is_moe:
+        return [f"experts target {experts!r} needs a mixture-of-experts model; {spec.model_type} has no experts"]
+    if isinstance(experts, bool) or not isinstance(experts, int) or not 1 <= experts <= spec.n_experts:
+        return [f"experts target must be a whole number in 1..{spec.n_experts} (experts per layer of the source), "
+                f"got {experts!r}"]
+    return []
+
+
 def valid_values(spec: ArchSpec, targets: Targets | None = None, multiple: int = 1) -> dict[str, list[int]]:
     """Valid target values per axis, for sliders to snap to.
 
@@ -191,6 +211,7 @@ def valid_values(spec: ArchSpec, targets: Targets | None = None, multiple: int =
         "ffn": rounded_values(list(range(1, spec.intermediate_size + 1)), multiple, spec.intermediate_size),
         "heads": [h for h in heads_values(spec) if hidden_problem(spec, hidden, h) is None],
         "layers": list(range(1, spec.n_layers + 1)),
+        **({"experts": list(range(1, spec.n_experts + 1))} if spec.is_moe else {}),
     }
 
 

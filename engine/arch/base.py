@@ -63,20 +63,34 @@ class ArchSpec:
     # scores saved before they existed still match the models they were made from.
     norms_per_layer: int = 2  # hidden-size norms per decoder layer (Gemma: 4)
     qk_norm_full: bool = False  # q/k norms span the whole projection, H x head_dim (OLMo2)
+    # Mixtures of experts (engine.arch.moe): intermediate_size is then each expert's width (the MLP axis)
+    n_experts: int = 0  # experts per sparse layer (0: a dense model)
+    experts_per_tok: int = 0  # the router's top-k
+    dense_ffn: int = 0  # MLP width of the dense layers of a mixed model (never pruned)
+    dense_layers: tuple[int, ...] = ()  # source indices of those dense layers
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
         for name in _OPTIONAL_SPEC_FIELDS:
-            if d[name] == self.__dataclass_fields__[name].default:
+            if d[name] == self.__dataclass_fields__[name].default or d[name] == []:
                 del d[name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ArchSpec:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d or k not in _OPTIONAL_SPEC_FIELDS})
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d or k not in _OPTIONAL_SPEC_FIELDS}
+        if "dense_layers" in kw:
+            kw["dense_layers"] = tuple(kw["dense_layers"])
+        return cls(**kw)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
 
-_OPTIONAL_SPEC_FIELDS = ("norms_per_layer", "qk_norm_full")
+_OPTIONAL_SPEC_FIELDS = ("norms_per_layer", "qk_norm_full", "n_experts", "experts_per_tok", "dense_ffn",
+                         "dense_layers")
 
 
 class ArchAdapter:

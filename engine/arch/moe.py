@@ -7,15 +7,19 @@ or Mixtral's intermediate_size). The block calls `experts(hidden (N, D), top_k_i
 top_k_weights (N, k))`, so a hook on `experts` sees each token's chosen experts and their weights.
 
 Which layers are sparse comes from the config (Qwen3-MoE's mlp_only_layers and decoder_sparse_step);
-dense layers keep a plain MLP of config.intermediate_size. These families are not in the adapter
-registry yet: the experts axis is not wired into plans, scores files or the estimator; apply_plan's
-building blocks are `config_updates` here and `engine.prune.copy_experts`.
+dense layers keep a plain MLP of config.intermediate_size. `spec` gives the ArchSpec the targets and the
+estimator work on (engine.estimate counts total and active parameters); these families are not in the
+adapter registry yet, and plans / scores files do not carry the experts axis; apply_plan's building
+blocks are `config_updates` and `layer_updates` here and `engine.prune.copy_experts`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from engine.arch.base import ArchSpec
+from engine.arch.llama import LlamaAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +58,31 @@ class MoEParts:
         return h, F.linear(h, self.experts.down_proj[e])
 
 
+class _MoERules(LlamaAdapter):
+    """Config rules of the MoE families (head_dim, hidden vs heads) for targets and the estimator."""
+
+    hidden_multiple_of_heads = False
+
+
+class Qwen3MoeRules(_MoERules):
+    model_type = "qwen3_moe"
+
+
+class MixtralRules(_MoERules):
+    model_type = "mixtral"
+
+
+class OlmoeRules(_MoERules):
+    """OLMoE's q_norm spans hidden_size, so hidden = heads x head_dim (as GPT-2)."""
+
+    model_type = "olmoe"
+    explicit_head_dim = False
+    qk_norm_full = True
+
+
+RULES: dict[str, type[LlamaAdapter]] = {c.model_type: c for c in (Qwen3MoeRules, MixtralRules, OlmoeRules)}
+
+
 def n_experts(config) -> int:
     return int(getattr(config, MOE_FIELDS[config.model_type][0]))
 
@@ -80,6 +109,37 @@ def moe_parts(model: nn.Module, i: int) -> MoEParts | None:
         return None
     mlp = model.model.layers[i].mlp
     return MoEParts(block=mlp, router=mlp.gate, experts=mlp.experts)
+
+
+def spec(model: nn.Module) -> ArchSpec:
+    """The shape of a Hugging Face MoE causal LM as plain data: intermediate_size is the expert width
+    (the MLP axis), dense_ffn / dense_layers the dense MLPs of a mixed model."""
+    cfg = model.config
+    attn = model.model.layers[0].self_attn
+    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    q_norm = getattr(attn, "q_norm", None)
+    sparse = sparse_layers(cfg)
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    return ArchSpec(
+        model_type=cfg.model_type, vocab_size=int(emb.shape[0]), hidden_size=int(cfg.hidden_size),
+        intermediate_size=expert_ffn(cfg), n_heads=int(cfg.num_attention_heads),
+        n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads), head_dim=hd,
+        n_layers=int(cfg.num_hidden_layers), tied=head is emb or head.data_ptr() == emb.data_ptr(),
+        gated_mlp=True, qkv_bias=attn.q_proj.bias is not None, o_bias=attn.o_proj.bias is not None,
+        mlp_bias=False, norm_bias=False, qk_norm=q_norm is not None,
+        n_positions=0, qk_norm_full=q_norm is not None and int(q_norm.weight.shape[0]) != hd,
+        n_experts=n_experts(cfg), experts_per_tok=int(cfg.num_experts_per_tok),
+        dense_ffn=int(cfg.intermediate_size) if not all(sparse) else 0,
+        dense_layers=tuple(i for i, s in enumerate(sparse) if not s),
+    )
+
+
+def layer_updates(config, kept_layers: list[int]) -> dict:
+    """Config fields that keep each kept layer's kind (sparse or dense) once layers are renumbered."""
+    if config.model_type != "qwen3_moe":
+        return {}
+    sparse = sparse_layers(config)
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [k for k, i in enumerate(kept_layers) if not sparse[i]]}
 
 
 def config_updates(config, n_experts_kept: int, expert_width: int) -> dict:
