@@ -67,7 +67,7 @@ def _folder(loaded) -> Path | None:
 
 
 def run(args) -> int:
-    from engine.models import compute_dtype
+    from engine.devices import compute_dtype
 
     with compute_dtype(args.dtype):  # --dtype X computes in X: no bf16 autocast over an fp32 request
         return _run(args)
