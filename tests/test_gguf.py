@@ -146,3 +146,13 @@ def test_compare_section_shows_and_writes_gguf(tmp_path):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert sorted(r["type"] for r in gguf_rows(folder)) == ["f16", "q8_0"]
     assert (tmp_path / f"{folder.name}-q8_0.gguf").is_file()
+
+
+def test_type_lists_agree():
+    import dashboard.exports
+    import engine.commands.export
+    import engine.gguf_export
+
+    assert set(engine.commands.export.GGUF_TYPES) == set(engine.gguf_export.GGUF_TYPES) \
+        == set(dashboard.exports.GGUF_TYPES)
+    assert dashboard.exports.GGUF_FILE == engine.gguf_export.RESULT_FILE
