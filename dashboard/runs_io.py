@@ -35,7 +35,8 @@ TEACHER_SHARE = 0.0  # the Distill page's default share of teacher-generated tex
 def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, eval_every: int,
                 eval_samples: int, kl_weight: float = 1.0, ce_weight: float = 0.0, hidden_weight: float = 0.0,
                 temperature: float = 1.0, warmup: int | None = None, teacher_share: float = 0.0,
-                teacher_temperature: float = 0.8):
+                teacher_temperature: float = 0.8, method: str = "kd", lora_rank: int = 16, lora_loss: str = "kd",
+                correct_teacher_tokens: int = 0):
     """A PipelineConfig from the session's model/data/calibration settings and these knobs;
     teacher_share > 0 mixes that share of teacher-generated text into calibration and training."""
     from engine.distill import DistillConfig
@@ -49,7 +50,7 @@ def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, 
                          eval_samples=eval_samples, kl_weight=kl_weight, ce_weight=ce_weight,
                          hidden_weight=hidden_weight, temperature=temperature,
                          warmup_steps=min(10, max(1, steps // 10)) if warmup is None else warmup,
-                         checkpoint_every=max(eval_every, 50))
+                         checkpoint_every=max(eval_every, 50), method=method, lora_rank=lora_rank, lora_loss=lora_loss)
     t = {k: v for k, v in targets.items() if v not in (None, False) or k == "depth_by"}
     data = state.get("data")
     if teacher_share > 0:
@@ -57,7 +58,8 @@ def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, 
                 {"data": f"teacher:0:{teacher_temperature:g}", "weight": teacher_share}]
     return PipelineConfig(model=state.get("model"), data=data, text_column=state.get("text_column") or None,
                           train_range=train, eval_range=(train[1], 1.0), calib_samples=int(state.get("samples")),
-                          calib_seq_len=int(state.get("seq_len")), targets=t, distill=dcfg, eval_samples=eval_samples)
+                          calib_seq_len=int(state.get("seq_len")), targets=t, distill=dcfg, eval_samples=eval_samples,
+                          teacher_correction_tokens=int(correct_teacher_tokens))
 
 
 def launch(run_id: str, config) -> Path:
@@ -112,6 +114,12 @@ def cli_command(cfg: dict, path: Path) -> str:
                                ("--hidden-weight", "hidden_weight", 0.0), ("--temperature", "temperature", 1.0)):
         if d.get(key) is not None and float(d[key]) != default:
             cmd += [flag, f"{d[key]:g}"]
+    if d.get("method", "kd") != "kd":
+        cmd += ["--method", d["method"]]
+        if d["method"] == "lora":
+            cmd += ["--lora-rank", str(d.get("lora_rank", 16)), "--lora-loss", d.get("lora_loss", "kd")]
+    if cfg.get("teacher_correction_tokens"):
+        cmd += ["--correct-teacher-tokens", str(cfg["teacher_correction_tokens"])]
     cmd += ["--eval-samples", str(cfg.get("eval_samples", 16)), "--run-dir", str(path), "--detach"]
     return wrap_command(cmd)
 

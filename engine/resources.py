@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from engine.errors import ResourceError
 
@@ -355,3 +356,59 @@ def check_speed_test(config, sizes: list[int], *, prompt_len: int, new_tokens: i
     hint = f"--batch-sizes up to {fit} would fit" if fit >= 1 else "use --batch-sizes none"
     raise ResourceError(f"the speed test at batch {max(sizes)} needs about {est.total / GB:.1f} GB "
                         f"({est.describe()}) but {free / GB:.1f} GB are free on {device}; {hint}")
+
+
+# ---------------------------------------------------------------- retraining methods
+
+
+def lora_params(config, rank: int) -> int:
+    """Trainable values of LoRA adapters of `rank` on every linear layer of the decoder blocks
+    (rank x (in + out) each: q, k, v, o, gate, up, down; fused layouts count once: Phi-3's qkv_proj
+    and gate_up_proj, GPT-2's c_attn, c_proj, c_fc, c_proj)."""
+    s = Shape.of(config)
+    D, H, KV, hd, F = s.hidden, s.heads, s.kv_heads, s.head_dim, s.ffn
+    if not s.gated:  # GPT-2: c_attn (D -> 3D), attn c_proj (D -> D), c_fc (D -> F), mlp c_proj (F -> D)
+        per_layer = (D + 3 * D) + (D + D) + (D + F) + (F + D)
+    elif getattr(config, "model_type", "") == "phi3":  # fused qkv_proj and gate_up_proj
+        per_layer = (D + (H + 2 * KV) * hd) + (H * hd + D) + (D + 2 * F) + (F + D)
+    else:
+        per_layer = (D + H * hd) + 2 * (D + KV * hd) + (H * hd + D) + 3 * (D + F)
+    return rank * per_layer * s.layers
+
+
+def training_peak(config, *, method: str, batch: int, seq_len: int, teacher_config=None, lora_rank: int = 16,
+                  lora_loss: str = "kd", amp: bool = False, teacher_dtype_bytes: int | None = None) -> Estimate:
+    """Peak memory of one training step under a retraining method (engine.training.METHODS):
+    kd - estimate_peak's distillation step (student + frozen teacher); cpt and LoRA on ce - no teacher
+    and only the student's logits with the cross-entropy's fp32 copies; lora - gradients and AdamW
+    moments of the adapters only (plus the adapters), the frozen student's activations as for kd."""
+    uses_teacher = method == "kd" or (method == "lora" and lora_loss == "kd")
+    est = estimate_peak(config, kind="distill", batch=batch, seq_len=seq_len,
+                        teacher_config=teacher_config if uses_teacher else None,
+                        teacher_dtype_bytes=teacher_dtype_bytes, amp=amp)
+    parts = dict(est.parts)
+    per_sample = est.per_sample
+    if not uses_teacher:  # student logits (b) + CE's fp32 log-softmax and its gradient (4 + 4)
+        s, b = Shape.of(config), 2 if amp else 4
+        old = parts.get("logits", 0.0)
+        new = batch * seq_len * s.vocab * (b + 8)
+        parts["logits"], per_sample = new, per_sample - old / batch + new / batch
+    if method == "lora":
+        n = lora_params(config, lora_rank)
+        parts["gradients + AdamW"] = 3 * 4 * n
+        parts["LoRA adapters"] = 4 * n
+    return Estimate(kind=f"distill ({method})", batch=batch, seq_len=seq_len, parts=parts, per_sample=per_sample)
+
+
+def spec_config(spec, sizes=None) -> SimpleNamespace:
+    """A config-like object of an ArchSpec (optionally at pruned `sizes`) that Shape.of reads: the
+    memory of a student can be estimated before it exists."""
+    return SimpleNamespace(
+        model_type=spec.model_type, vocab_size=spec.vocab_size,
+        hidden_size=sizes.hidden if sizes else spec.hidden_size,
+        num_attention_heads=sizes.heads if sizes else spec.n_heads,
+        num_key_value_heads=sizes.kv_heads if sizes else spec.n_kv_heads,
+        head_dim=sizes.head_dim if sizes else spec.head_dim,
+        intermediate_size=sizes.ffn if sizes else spec.intermediate_size,
+        num_hidden_layers=sizes.layers if sizes else spec.n_layers, tie_word_embeddings=spec.tied,
+        n_positions=spec.n_positions)

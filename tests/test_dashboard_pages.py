@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 
@@ -542,3 +543,27 @@ def test_model_info_matches_a_real_load(family, tmp_path):
     for k in ("layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "intermediate_size", "vocab_size",
               "tied_embeddings", "parameters"):
         assert info[k] == real[k], k
+
+
+def test_distill_method_choice_reaches_the_run(scored, env):
+    """The method choice shows each method's estimated peak memory (LoRA and cpt below kd) and a LoRA
+    run launched from the page has method lora in its config and in its reproducing CLI command."""
+    from dashboard import runs_io
+    from engine.runs import cancel
+
+    at = app("distill", d_show_form=True, targets={"ffn": 20, "depth_by": "bi"})
+    at.radio(key="d_method").set_value("lora").run()
+    at.number_input(key="d_lora_rank").set_value(4).run()
+    cap = next(c.value for c in at.caption if c.value.startswith("Estimated peak memory"))
+    gb = dict(re.findall(r"(Distillation \(KD\)|Continued pretraining \(CE\)|LoRA adapters)\**? ([\d.]+) GB", cap))
+    assert set(gb) == {"Distillation (KD)", "Continued pretraining (CE)", "LoRA adapters"}
+    assert float(gb["LoRA adapters"]) <= float(gb["Distillation (KD)"])
+    assert "**LoRA adapters" in cap  # the chosen method is highlighted
+    for key, value in (("d_steps", 2), ("d_batch", 2), ("d_seq", 32), ("d_eval_every", 2), ("d_eval_samples", 2)):
+        at.number_input(key=key).set_value(value)
+    at.button(key="d_launch").click().run()
+    path = env["root"] / "runs" / at.query_params["run"]
+    cancel(path, wait=30)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["distill"]["method"] == "lora" and cfg["distill"]["lora_rank"] == 4
+    assert "--method lora" in runs_io.cli_command(cfg, path) and "--lora-rank 4" in runs_io.cli_command(cfg, path)

@@ -171,3 +171,28 @@ def test_peak_memory_sees_an_allocation_and_is_recorded(tmp_path, data):
     assert pm.added >= 48 * 2**20
     out = distill(None, tiny_model("llama", 1), *data, METHODS["cpt"], tmp_path)
     assert out["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma2", "phi3"])
+def test_lora_estimate_counts_exactly_what_peft_trains(family):
+    from engine.resources import lora_params
+    from engine.training import add_lora
+
+    model = tiny_model(family)
+    n = lora_params(model.config, 4)
+    trained = add_lora(model, DistillConfig(method="lora", lora_rank=4))
+    assert sum(p.numel() for p in trained.parameters() if p.requires_grad) == n
+
+
+def test_method_peaks_order_as_their_parts():
+    """kd holds the teacher and full AdamW state; cpt drops the teacher; LoRA keeps the teacher but
+    trains a sliver of the values; LoRA on ce needs neither."""
+    from engine.resources import training_peak
+
+    student, teacher = tiny_model("llama", 0, vocab_size=512).config, tiny_model("llama", 1, vocab_size=512).config
+    peak = {m: training_peak(student, method=m, batch=4, seq_len=64, teacher_config=teacher).total
+            for m in ("kd", "cpt", "lora")}
+    lora_ce = training_peak(student, method="lora", lora_loss="ce", batch=4, seq_len=64, teacher_config=teacher)
+    assert peak["cpt"] < peak["kd"] and peak["lora"] < peak["kd"] and lora_ce.total < peak["lora"]
+    assert "teacher weights" not in lora_ce.parts and "LoRA adapters" in lora_ce.parts
+    assert lora_ce.at_batch(8) > lora_ce.total  # activations grow with the batch

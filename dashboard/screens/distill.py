@@ -10,7 +10,8 @@ import time
 import streamlit as st
 
 from dashboard import badges, runs_io, state, train_charts
-from dashboard.common import user_message
+from dashboard.common import current_model_info, targets_obj, user_message
+from dashboard.device_panel import device_wait_notice
 from dashboard.views import show_fig
 
 STAGE_ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activity:"}
@@ -55,6 +56,52 @@ def launch(targets: dict, cfg, plan: dict | None) -> str:
     run.finish_stage("plan", opened_from=plan["name"])  # the pipeline applies this plan instead of making one
     start_job(path)
     return run_id
+
+
+METHODS = {"kd": "Distillation (KD)", "cpt": "Continued pretraining (CE)", "lora": "LoRA adapters"}
+METHOD_HELP = ("KD distils the pruned model from the original (forward KL on logits; Minitron). Continued "
+               "pretraining trains on next-token cross-entropy alone and never runs the teacher. LoRA trains small "
+               "adapters on the frozen student (with the KD or the CE loss) and merges them at export: the least "
+               "memory. Shortened LLaMA found continued pretraining recovers severely pruned models far better "
+               "than LoRA; docs/BENCHMARKS.md has the rows measured on the built-in model.")
+
+
+def method_choice(targets: dict, batch: int, seq_len: int) -> tuple[str, int, str, int]:
+    """Retraining method, LoRA settings and teacher correction, with each method's estimated peak memory."""
+    method = st.radio("Method", list(METHODS), format_func=METHODS.get, horizontal=True, key="d_method",
+                      help=METHOD_HELP)
+    c = st.columns(3)
+    rank = int(c[0].number_input("LoRA rank", 1, 1024, 16, key="d_lora_rank", disabled=method != "lora"))
+    lora_loss = c[1].selectbox("LoRA trains on", ["kd", "ce"], key="d_lora_loss", disabled=method != "lora",
+                               format_func={"kd": "the KD loss", "ce": "cross-entropy"}.get)
+    correct = int(c[2].number_input("Teacher correction (tokens, 0 = off)", 0, 10**12, 0, step=4096,
+                                    key="d_correct", help="First fine-tune the teacher on this many training "
+                                    "tokens (cross-entropy, small learning rate) and distil from the corrected "
+                                    "teacher (Minitron in practice)."))
+    peaks = method_peaks(targets, batch, seq_len, rank, lora_loss)
+    if peaks:
+        st.caption("Estimated peak memory of one training step (weights, gradients or adapter gradients, AdamW "
+                   "state, activations, teacher): " + " · ".join(
+                       f"{'**' if m == method else ''}{METHODS[m]} {gb:.2f} GB{'**' if m == method else ''}"
+                       for m, gb in peaks.items()) + ". The measured peak is recorded in the run's summary.")
+    return method, rank, lora_loss, correct
+
+
+def method_peaks(targets: dict, batch: int, seq_len: int, rank: int, lora_loss: str) -> dict[str, float]:
+    """GB per method for the session's model pruned to `targets` (empty when that cannot be worked out)."""
+    from engine.arch.base import ArchSpec
+    from engine.resources import spec_config, training_peak
+    from engine.targets import resolve
+
+    info = current_model_info()
+    try:
+        spec = ArchSpec.from_dict(info["arch"])
+        student = spec_config(spec, resolve(spec, targets_obj(targets)))
+    except Exception:  # noqa: BLE001 - invalid targets are reported on Prune targets
+        return {}
+    amp = state.defaults().device == "cuda"
+    return {m: training_peak(student, method=m, batch=batch, seq_len=seq_len, teacher_config=spec_config(spec),
+                             lora_rank=rank, lora_loss=lora_loss, amp=amp).total / 1e9 for m in METHODS}
 
 
 def launch_form() -> None:
@@ -108,12 +155,15 @@ def launch_form() -> None:
         gen_temp = c[1].number_input("Sampling temperature of the teacher's text", 0.1, 2.0, 0.8, 0.1,
                                      key="d_teacher_temp")
         st.caption("Every evaluation also reports a **breadth** set: teacher text from prompts never trained on.")
+    with st.expander("Retraining method"):
+        method, rank, lora_loss, correct = method_choice(targets, int(batch), int(seq_len))
     st.caption(f"{int(steps) * int(batch) * int(seq_len):,} training tokens")
     if st.button("Prune and distill", type="primary", key="d_launch", icon=":material/rocket_launch:"):
         try:
             cfg = runs_io.make_config(targets, int(steps), int(batch), int(seq_len), float(lr), int(eval_every),
                                       int(eval_samples), kl, ce, hid, temp, teacher_share=float(share),
-                                      teacher_temperature=float(gen_temp))
+                                      teacher_temperature=float(gen_temp), method=method, lora_rank=rank,
+                                      lora_loss=lora_loss, correct_teacher_tokens=correct)
             run_id = launch(targets, cfg, plan)
         except Exception as e:  # noqa: BLE001 - plain message, nothing written is lost
             st.error(f"Could not start the run: {user_message(e)}")
@@ -158,7 +208,9 @@ def live_view(run_id: str, smoothing: float, log_y: bool, x: str) -> None:
     st.progress(float(status.get("progress") or 0.0), text=f"{status.get('stage') or ''}: {status.get('message') or ''}")
     from engine.pipeline import DISTILL_STAGES, STAGES
 
-    st.caption(stage_line(status, STAGES if cfg.get("kind", "pipeline") == "pipeline" else DISTILL_STAGES))
+    first = ("correct_teacher",) if cfg.get("teacher_correction_tokens") else ()
+    st.caption(stage_line(status, first + (STAGES if cfg.get("kind", "pipeline") == "pipeline" else DISTILL_STAGES)))
+    device_wait_notice(status if eff == "queued" else None, "d")
     if eff == "failed":
         st.error(f"The run failed: {status.get('error') or 'see job.log'}")
     elif eff == "stale":
