@@ -24,8 +24,11 @@ import torch
 
 import engine
 from engine.arch import get_adapter
+from engine.estimate import _count, estimate
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, dumps
+from engine.roundtrip import RESULT_FILE, verify_export
+from engine.targets import Targets
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,6 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s parameters to %s", f"{count_parameters(model):,}", out)
-    from engine.roundtrip import RESULT_FILE, verify_export
 
     if verify:
         verify_export(out, model, expected_params=expected_params(model, plan))
@@ -164,8 +166,6 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: P
 
 def expected_params(model: torch.nn.Module, plan: Plan | None) -> int:
     """Parameters the estimator predicts: for the plan's shapes, or for the model's own architecture."""
-    from engine.estimate import _count, estimate
-    from engine.targets import Targets
 
     if plan is not None:
         return _count(plan.spec, plan.sizes)[0]

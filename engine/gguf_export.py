@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import ResourceError, UnsupportedArchitecture, UserError
 from engine.fileio import TMP_PREFIX, is_disk_full, read_json, write_json
+from engine.roundtrip import _check_ids, replace_section
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,6 @@ def check_supported(model: torch.nn.Module) -> str:
 
 def _reloaded_head_dim(cfg) -> int:
     """The head_dim transformers' GGUF reader gives a qwen2 / qwen3 model (it ignores the file's)."""
-    from transformers import AutoConfig
 
     if cfg.model_type == "qwen3":
         return AutoConfig.for_model("qwen3").head_dim
@@ -243,7 +244,6 @@ def _add_tokenizer(w, tok: dict, tokenizer, arch: str) -> None:
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a GGUF file through transformers' `gguf_file=` loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
@@ -257,7 +257,6 @@ SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital
 @torch.inference_mode()
 def verify_gguf(path: str | Path, model: torch.nn.Module, tokenizer, gguf_type: str) -> dict:
     """Reload `path` with transformers and compare its logits and tokenizer with `model` (fp32, CPU)."""
-    from engine.roundtrip import _check_ids
 
     back, back_tok = load_gguf(path)
     ids = _check_ids(model.get_input_embeddings().weight.shape[0])
@@ -287,7 +286,6 @@ def export_gguf(folder: str | Path, gguf_type: str = "f16", out: str | Path | No
     """Write the GGUF file of an exported folder (default `<folder>-<type>.gguf` beside it), reload and
     compare it; the result is added to `prunescope_gguf.json` and the model card. Raises GGUFError
     (after recording) when the reload check fails."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
@@ -317,7 +315,6 @@ def read_results(folder: str | Path) -> list[dict]:
 
 def record(folder: Path, info: dict) -> None:
     """Add `info` to the folder's GGUF record and rewrite the model card's GGUF section."""
-    from engine.roundtrip import replace_section
 
     data = read_json(folder / RESULT_FILE) or {}
     files = data.get("files") or {}

@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
 from engine.distill import DistillConfig, distill
 from engine.errors import Cancelled
+from engine.evaluate import evaluate_student
+from engine.export import export_model
 from engine.fileio import read_json, read_jsonl, write_json
+from engine.importance import Scores, score, score_config_for
 from engine.mix import DataMix, eval_sets, evaluate_sources, mix_blocks
+from engine.models import checkpoint_dtype, count_parameters, load, resolve_spec
+from engine.plan import Plan, make_plan
 from engine.prompts import is_teacher_spec
 from engine.runs import Run, barrier, world
 from engine.targets import Targets
@@ -157,9 +163,7 @@ def correct_teacher_stage(job: Job) -> None:
     """Teacher correction (Minitron in practice): fine-tune a copy of the teacher on the training
     data with next-token cross-entropy, keep it in the run folder (teacher_corrected/), and use it
     for every later stage. Resumable like distillation; a finished correction is loaded, not redone."""
-    from transformers import AutoModelForCausalLM
 
-    from engine.evaluate import evaluate_student
 
     folder = job.run.path / "teacher_corrected"
     if job.run.stage_done("correct_teacher") and folder.is_dir():
@@ -189,7 +193,6 @@ def correct_teacher_stage(job: Job) -> None:
 
 def score_stage(job: Job) -> None:
     """Importance scores of the teacher on the calibration data (the engine's cache, then a copy)."""
-    from engine.importance import score, score_config_for
 
     cb = job.begin("score")
     targets = job.cfg.targets
@@ -212,13 +215,11 @@ def score_stage(job: Job) -> None:
 
 
 def load_scores(job: Job) -> None:
-    from engine.importance import Scores
 
     job.scores = Scores.load(job.run.path / "scores")
 
 
 def plan_stage(job: Job) -> None:
-    from engine.plan import make_plan
 
     job.begin("plan")
     make_plan(job.scores, job.cfg.targets).save(job.run.path / "plan.json")
@@ -226,7 +227,6 @@ def plan_stage(job: Job) -> None:
 
 
 def load_plan(job: Job) -> None:
-    from engine.plan import Plan
 
     job.plan = Plan.load(job.run.path / "plan.json")
 
@@ -234,7 +234,6 @@ def load_plan(job: Job) -> None:
 def prune_stage(job: Job) -> None:
     """The student: trimmed from the teacher by the plan (rebuilt on resume: deterministic), or the
     given pruned model of a distill-only job."""
-    from engine.models import count_parameters
 
     job.begin("prune" if job.plan is not None else "evaluate", "building the student")
     if job.plan is not None:
@@ -260,7 +259,6 @@ def prune_stage(job: Job) -> None:
 
 def evaluate_stage(job: Job) -> None:
     """One-shot quality of the student on the held-out blocks, with the teacher's perplexity."""
-    from engine.evaluate import evaluate_student
 
     cb = job.begin("evaluate")
     r = evaluate_student(teacher_model(job), job.student, job.eval_blocks, job.dcfg.eval_batch_size,
@@ -295,7 +293,6 @@ def distill_stage(job: Job) -> None:
 
 def final_evaluate_stage(job: Job) -> None:
     """Quality after distillation: distillation's last evaluation when it covered the last step."""
-    from engine.evaluate import evaluate_student
 
     cb = job.begin("evaluate_final")
     last = (job.result or {}).get("last_eval") or {}
@@ -313,14 +310,12 @@ def export_dtype(job: Job):
     """Exports keep the source checkpoint's storage dtype (the student trains in fp32 master weights)."""
     if job.teacher is not None:
         return job.teacher.source_dtype
-    from engine.models import checkpoint_dtype, resolve_spec
 
     path, kw = resolve_spec(job.cfg.student)
     return checkpoint_dtype(path, **kw)
 
 
 def export_stage(job: Job) -> None:
-    from engine.export import export_model
 
     job.begin("export")
     out = export_model(job.student, job.tokenizer, job.run.path / "model", plan=job.plan,
@@ -366,7 +361,6 @@ def teacher_model(job: Job):
 
 def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
     """Load the teacher (when needed), parse the data sources, take the held-out blocks (every rank)."""
-    from engine.models import count_parameters, load
 
     cfg = PipelineConfig.from_dict(run.config())
     summary = read_json(run.path / "summary.json") or {"kind": cfg.kind, "model": cfg.model, "stage_seconds": {}}

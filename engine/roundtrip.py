@@ -25,9 +25,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import CheckpointError
 from engine.fileio import atomic_write_text, read_json, write_json
+from engine.models import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ def verify_export(folder: str | Path, student: torch.nn.Module, expected_params:
 
     Writes `prunescope_roundtrip.json` and the model card section; returns the result dict.
     Raises CheckpointError (after writing the record) when the check fails and `raise_on_failure`."""
-    from engine.models import count_parameters
 
     folder = Path(folder).resolve()
     was_training = student.training
@@ -164,7 +165,6 @@ def check_folder(folder: Path, ref: dict, device: str, tol: float, expected_para
                  dtype: str = "float32") -> dict:
     """Runs in the fresh process: reload (in the in-memory model's dtype), compare logits, generate,
     count parameters."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False,
                                                  dtype=getattr(torch, dtype)).to(device).eval()

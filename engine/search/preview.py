@@ -24,8 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.evaluate import autocast_ctx, logits_of, model_device
 from engine.fileio import atomic_write, read_json, write_json
 from engine.paths import cache_dir
+from engine.plan import make_plan
+from engine.prune import apply_plan
+from engine.search.shapes import kind_of
 from engine.search.store import arrays_digest, digest
 
 log = logging.getLogger(__name__)
@@ -55,7 +59,6 @@ class TeacherSide:
 @torch.inference_mode()
 def compute_teacher_side(teacher: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> TeacherSide:
     """The teacher's fp32 log-probabilities over `blocks` (one forward) and its perplexity."""
-    from engine.evaluate import autocast_ctx, logits_of, model_device
 
     dev = model_device(teacher)
     out, nll = [], 0.0
@@ -106,7 +109,6 @@ def _nll(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def student_quality(student: torch.nn.Module, side: TeacherSide, batch_size: int = 4) -> dict[str, float]:
     """{"kl", "ppl"} of `student` against the cached teacher side: one forward over the blocks."""
-    from engine.evaluate import autocast_ctx, logits_of, model_device
 
     dev = model_device(student)
     kl, nll = 0.0, 0.0
@@ -127,9 +129,6 @@ def preview(teacher: torch.nn.Module, scores, targets, side: TeacherSide, batch_
     """Prune `teacher` to `targets` in memory (plan from `scores`), measure one-shot KL and ppl.
 
     Returns {"kl", "ppl", "teacher_ppl", "params", "fraction", "sizes", "kind", "seconds": {...}}."""
-    from engine.plan import make_plan
-    from engine.prune import apply_plan
-    from engine.search.shapes import kind_of
 
     t0 = time.perf_counter()
     plan = make_plan(scores, targets)

@@ -34,6 +34,9 @@ try:
     from engine.distill import distill_loss
 except ImportError:  # engine.distill before the loss was named distill_loss
     from engine.distill import loss_terms as distill_loss
+from engine.devices import resolve_dtype
+from engine.errors import CheckpointError
+from engine.evaluate import autocast_ctx, model_device
 from engine.fileio import atomic_write, read_json, write_json
 from engine.search.preview import TeacherSide, student_quality
 
@@ -92,7 +95,6 @@ def _is_tied_copy(student: nn.Module, key: str) -> bool:
 def _load_student(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> None:
     from safetensors.torch import load_file
 
-    from engine.errors import CheckpointError
 
     try:
         t = load_file(str(path))
@@ -118,8 +120,6 @@ class Tournament:
     def __init__(self, teacher: nn.Module, students: dict[str, nn.Module], train_blocks: torch.Tensor,
                  side: TeacherSide, cfg: DistillConfig, folder: Path | None, halving: bool = False,
                  log_row: Callable[[dict], None] = lambda r: None, eval_batch_size: int = 4):
-        from engine.devices import resolve_dtype
-        from engine.evaluate import model_device
 
         self.teacher, self.students, self.cfg, self.side = teacher.eval(), students, cfg, side
         self.names = list(students)
@@ -180,7 +180,6 @@ class Tournament:
     # -- pieces ---------------------------------------------------------------
     def train_step(self) -> None:
         cfg, B, A = self.cfg, self.cfg.batch_size, self.cfg.grad_accum
-        from engine.evaluate import autocast_ctx
 
         t0 = time.perf_counter()
         idx = self.order.batch(self.step)  # (G,) the same blocks for every student
