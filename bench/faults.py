@@ -10,9 +10,9 @@ then `engine.runs.resume` relaunches it. Reported per run and in total:
 
 - kills and resumes;
 - metric rows that differ from the uninterrupted run: a row missing, extra or repeated, or a
-  number other than the timings (`*_s`, `*seconds*`) not equal within 1e-6 relative (the count
+  number other than the measurements (`*_s`, `*seconds*`, `*memory*`) not equal within 1e-6 relative (the count
   of bit-identical rows is reported too) - must be 0;
-- summary.json numbers that differ (timings excluded) - must be 0;
+- summary.json numbers that differ (measurements excluded) - must be 0;
 - torn lines in metrics.jsonl (a line that is not a JSON object, or a last line without its
   newline) - must be 0;
 - leftover temporary files (`.tmp-*` anywhere in the run folder) - must be 0;
@@ -162,7 +162,8 @@ def _same(a, b) -> bool:
 
 
 def _timing(key: str) -> bool:
-    return key in TIMING or key.endswith("_s") or "seconds" in key
+    """Measurements of the machine, not results: timings and peak memory."""
+    return key in TIMING or key.endswith("_s") or "seconds" in key or "memory" in key
 
 
 def _values(row: dict) -> dict:
