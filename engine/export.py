@@ -24,7 +24,7 @@ import torch
 
 import engine
 from engine.arch import get_adapter
-from engine.estimate import _count, estimate
+from engine.estimate import estimate
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, dumps
 from engine.roundtrip import RESULT_FILE, verify_export
@@ -168,7 +168,7 @@ def expected_params(model: torch.nn.Module, plan: Plan | None) -> int:
     """Parameters the estimator predicts: for the plan's shapes, or for the model's own architecture."""
 
     if plan is not None:
-        return _count(plan.spec, plan.sizes)[0]
+        return plan.estimate().params
     return estimate(get_adapter(model).spec(), Targets()).params
 
 

@@ -45,6 +45,10 @@ class Plan:
     head_merge: list[list[tuple[int, int]]] | None = None  # per kept layer: (kept head, pruned partner)
     model: str = ""
     info: dict = field(default_factory=dict)  # informational (scores summary); not applied
+    # mixtures of experts, per kept layer: kept experts, and per kept expert its kept neurons ([] for a
+    # dense layer, whose `neurons` then keep its whole MLP; a sparse layer's `neurons` are [])
+    experts: list[list[int]] | None = None
+    expert_neurons: list[list[list[int]]] | None = None
 
     @property
     def spec(self) -> ArchSpec:
@@ -55,11 +59,18 @@ class Plan:
         """Shapes of the pruned model, from the lists."""
         s = self.spec
         h = len(self.heads[0])
-        return Sizes(hidden=len(self.channels), ffn=len(self.neurons[0]), heads=h,
-                     kv_heads=s.n_kv_heads if is_gqa(s) else h, layers=len(self.kept_layers), head_dim=s.head_dim)
+        ffn, experts = len(self.neurons[0]), 0
+        if s.is_moe:
+            want = resolve(s, self.targets)
+            sparse = [k for k, e in enumerate(self.experts or []) if e]
+            experts = len(self.experts[sparse[0]]) if sparse else want.experts
+            ffn = len(self.expert_neurons[sparse[0]][0]) if sparse else want.ffn
+        return Sizes(hidden=len(self.channels), ffn=ffn, heads=h,
+                     kv_heads=s.n_kv_heads if is_gqa(s) else h, layers=len(self.kept_layers), head_dim=s.head_dim,
+                     experts=experts, experts_per_tok=min(s.experts_per_tok, experts))
 
     def estimate(self) -> Estimate:
-        return estimate(self.spec, self.targets)
+        return estimate(self.spec, self.targets, kept_layers=self.kept_layers)
 
     # -- serialisation ----------------------------------------------------
     def to_dict(self) -> dict:
@@ -68,6 +79,9 @@ class Plan:
             entry: dict = {"source": src, "heads": list(self.heads[i]), "neurons": list(self.neurons[i])}
             if self.head_merge is not None:
                 entry["merge"] = [list(p) for p in self.head_merge[i]]
+            if self.experts is not None and self.experts[i]:
+                entry["experts"] = list(self.experts[i])
+                entry["expert_neurons"] = [list(n) for n in self.expert_neurons[i]]
             layers.append(entry)
         return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint, "arch": self.arch,
                 "targets": self.targets.to_dict(), "result": self.sizes.__dict__, "info": self.info,
@@ -98,6 +112,9 @@ class Plan:
             kept_layers=[e["source"] for e in layers], heads=[e["heads"] for e in layers],
             neurons=[e["neurons"] for e in layers], channels=_int_list(d["channels"], "channels"),
             head_merge=merge, model=str(d.get("model", "")), info=dict(d.get("info") or {}),
+            experts=[e.get("experts", []) for e in layers] if any("experts" in e for e in layers) else None,
+            expert_neurons=[e.get("expert_neurons", []) for e in layers] if any("experts" in e for e in layers)
+            else None,
         )
         plan.validate()
         return plan
@@ -141,10 +158,14 @@ class Plan:
             raise PlanError("plan has per-layer lists of different lengths")
         _check_indices("kept layers", self.kept_layers, s.n_layers)
         _check_indices("channels", self.channels, s.hidden_size)
-        for src, heads, neurons in zip(self.kept_layers, self.heads, self.neurons, strict=True):
+        for src, heads in zip(self.kept_layers, self.heads, strict=True):
             _check_indices(f"layer {src} heads", heads, s.n_heads)
-            _check_indices(f"layer {src} neurons", neurons, s.intermediate_size)
-        for what, lists in (("heads", self.heads), ("neurons", self.neurons)):
+        if s.is_moe:
+            _check_moe(self, s)
+        for src, neurons in zip(self.kept_layers, self.neurons, strict=True):
+            if not s.is_moe:
+                _check_indices(f"layer {src} neurons", neurons, s.intermediate_size)
+        for what, lists in (("heads", self.heads), ("neurons", [] if s.is_moe else self.neurons)):
             counts = sorted({len(x) for x in lists})
             if len(counts) > 1:
                 raise PlanError(f"every layer must keep the same number of {what} (widths are uniform so the "
@@ -157,7 +178,7 @@ class Plan:
                     raise PlanError(f"layer {src} keeps {groups} query heads per KV group; every group must keep "
                                     "the same number (K/V heads are never pruned under GQA)")
         sz, want = self.sizes, resolve(s, self.targets)
-        for name in ("hidden", "ffn", "heads", "layers"):
+        for name in ("hidden", "ffn", "heads", "layers", "experts"):
             if getattr(sz, name) != getattr(want, name):
                 raise PlanError(f"targets give {name} {getattr(want, name)} but the lists keep {getattr(sz, name)}; "
                                 "edit both")
@@ -176,6 +197,36 @@ class Plan:
                                         "head of the same KV group")
                 if len(set(partners)) != len(partners) or len({a for a, _ in pairs}) != len(pairs):
                     raise PlanError(f"layer {src} merge pairs reuse a head")
+
+
+def _check_moe(plan: Plan, s: ArchSpec) -> None:
+    """A mixture of experts' lists: dense layers keep their whole MLP; every sparse layer keeps the same
+    number of experts, each the same number of neurons (uniform, as the configs require)."""
+    n = len(plan.kept_layers)
+    experts, neurons = plan.experts or [[]] * n, plan.expert_neurons or [[]] * n
+    if len(experts) != n or len(neurons) != n:
+        raise PlanError("plan has per-layer lists of different lengths")
+    for src, kept, per, dense in zip(plan.kept_layers, experts, neurons, plan.neurons, strict=True):
+        if src in s.dense_layers:
+            if kept or dense != list(range(s.dense_ffn)):
+                raise PlanError(f"layer {src} is a dense layer of a mixture of experts: it keeps no experts and "
+                                f"all of its {s.dense_ffn} neurons (neurons [0, ..., {s.dense_ffn - 1}])")
+            continue
+        if dense:
+            raise PlanError(f"layer {src} holds experts: its neurons are given per expert in 'expert_neurons', "
+                            "'neurons' must be []")
+        _check_indices(f"layer {src} experts", kept, s.n_experts)
+        if len(per) != len(kept):
+            raise PlanError(f"layer {src} keeps {len(kept)} experts but gives neurons for {len(per)}; "
+                            "'expert_neurons' holds one list per kept expert")
+        for e, idx in zip(kept, per, strict=True):
+            _check_indices(f"layer {src} expert {e} neurons", idx, s.intermediate_size)
+    sparse = [(k, p) for k, p in zip(experts, neurons, strict=True) if k]
+    for what, counts in (("experts", {len(k) for k, _ in sparse}), ("neurons per expert",
+                                                                   {len(x) for _, p in sparse for x in p})):
+        if len(counts) > 1:
+            raise PlanError(f"every sparse layer must keep the same number of {what} (uniform, so the result is "
+                            f"a standard config); the plan keeps {sorted(counts)}")
 
 
 def _kind(v) -> str:
@@ -246,6 +297,13 @@ def _layer_entries(v) -> list[dict]:
                 raise PlanError(f"plan field '{where}.merge' must be a list of [kept head, pruned head] pairs "
                                 f"such as [[0, 2], [1, 5]]; got {_kind(pairs)}")
             entry["merge"] = pairs
+        if "experts" in e:
+            per = e.get("expert_neurons")
+            if not isinstance(per, list):
+                raise PlanError(f"plan field '{where}.expert_neurons' must be a list with the kept neurons of each "
+                                f"kept expert, such as [[0, 3], [1, 2]]; got {_kind(per)}")
+            entry["experts"] = _int_list(e["experts"], f"{where}.experts")
+            entry["expert_neurons"] = [_int_list(x, f"{where}.expert_neurons[{j}]") for j, x in enumerate(per)]
         out.append(entry)
     return out
 
@@ -319,10 +377,25 @@ def _tensor_names(criterion: str) -> dict[str, str]:
     return {axis: criterion_tensor(axis, criterion) for axis in ("heads", "neurons", "channels")}
 
 
+def _sparse_rows(spec: ArchSpec) -> list[int]:
+    """Source layers holding experts, in the order of the expert score tensors' rows."""
+    return [i for i in range(spec.n_layers) if i not in spec.dense_layers]
+
+
 def _check_scores(scores: Scores, spec: ArchSpec, criterion: str = DEFAULT_CRITERION) -> None:
     shapes = {"heads": (spec.n_layers, spec.n_heads), "neurons": (spec.n_layers, spec.intermediate_size),
               "channels": (spec.hidden_size,)}
     names = _tensor_names(criterion)
+    if spec.is_moe:
+        if criterion != DEFAULT_CRITERION:
+            raise PlanError(f"mixtures of experts are ranked by {DEFAULT_CRITERION} only; got criterion {criterion!r}")
+        S = len(_sparse_rows(spec))
+        del shapes["neurons"], names["neurons"]
+        shapes.update(experts=(S, spec.n_experts), expert_neurons=(S, spec.n_experts, spec.intermediate_size))
+        names.update(experts="experts", expert_neurons="expert_neurons")
+        if scores.has("expert_layers") and scores["expert_layers"].tolist() != _sparse_rows(spec):
+            raise PlanError(f"the expert scores cover layers {scores['expert_layers'].tolist()}, the model has "
+                            f"experts in layers {_sparse_rows(spec)}; rescore the model")
     for axis, shape in shapes.items():
         name = names[axis]
         if not scores.has(name):
@@ -348,7 +421,8 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
     layers_kept = kept_layers(scores, spec, targets, s.layers)
     groups = spec.n_kv_heads if is_gqa(spec) else 1
     per, keep_per = spec.n_heads // groups, s.heads // groups
-    heads, neurons, merges = [], [], []
+    heads, neurons, merges, experts, expert_neurons = [], [], [], [], []
+    rows = _sparse_rows(spec)
     for layer in layers_kept:
         hs = scores[names["heads"]][layer]
         kept, pairs = [], []
@@ -360,7 +434,12 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
                       if 2 * keep_per - i + 1 <= per]
         heads.append(sorted(kept))
         merges.append(sorted(pairs))
-        neurons.append(_top(scores[names["neurons"]][layer], s.ffn))
+        if spec.is_moe:
+            experts.append([] if layer in spec.dense_layers else _top(scores["experts"][rows.index(layer)], s.experts))
+            expert_neurons.append([_top(scores["expert_neurons"][rows.index(layer)][e], s.ffn) for e in experts[-1]])
+            neurons.append(list(range(spec.dense_ffn)) if layer in spec.dense_layers else [])
+        else:
+            neurons.append(_top(scores[names["neurons"]][layer], s.ffn))
     info = {k: scores.meta[k] for k in ("data", "n_samples", "seq_len", "base_ppl", "aggregation", "model")
             if k in scores.meta}
     info["criterion"] = targets.criterion
@@ -371,7 +450,8 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
     return Plan(targets=targets, arch=spec.to_dict(), fingerprint=str(scores.meta.get("fingerprint", "")),
                 kept_layers=layers_kept, heads=heads, neurons=neurons, channels=_top(scores[names["channels"]], s.hidden),
                 head_merge=merges if targets.merge_heads else None, model=str(scores.meta.get("model", "")),
-                info=info)
+                info=info, experts=experts if spec.is_moe else None,
+                expert_neurons=expert_neurons if spec.is_moe else None)
 
 
 def step_targets(spec: ArchSpec, final: Targets, step: int, steps: int) -> Targets:

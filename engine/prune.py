@@ -28,7 +28,6 @@ from transformers.pytorch_utils import Conv1D
 from engine.arch import get_adapter
 from engine.arch.base import ArchAdapter
 from engine.errors import PlanError
-from engine.estimate import estimate
 from engine.importance import compute_scores, score_config_for
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, make_plan, step_targets
@@ -174,6 +173,11 @@ def build_config(model: nn.Module, plan: Plan):
     for key in ("_name_or_path", "transformers_version", "_commit_hash"):
         d.pop(key, None)
     d.update(updates)
+    if plan.spec.is_moe:
+        from engine.arch import moe
+
+        d.update(moe.config_updates(model.config, sz.experts, sz.ffn))
+        d.update(moe.layer_updates(model.config, plan.kept_layers))
     d["architectures"] = [type(model).__name__]
     if isinstance(d.get("layer_types"), list):
         d["layer_types"] = [d["layer_types"][i] for i in plan.kept_layers]
@@ -227,12 +231,24 @@ def _copy_layer(src: ArchAdapter, dst: ArchAdapter, i_src: int, i_dst: int, plan
     for a, b, rows in ((s.q_norm, d.q_norm, q_rows), (s.k_norm, d.k_norm, kv_rows)):
         if a is not None:  # over head_dim: head pruning leaves it intact; over the projection: trimmed
             put(a, b, out_idx=rows if spec.qk_norm_full else None)
+    if s.down is None:  # a mixture of experts' sparse layer: _copy_experts
+        return
     n = _idx(plan.neurons[k], dev)
     up_rows = torch.cat([n, spec.intermediate_size + n]) if src.fused_gate_up else n  # gate rows, then up rows
     put(s.up, d.up, out_idx=up_rows, in_idx=ch)
     if s.gate is not None:
         put(s.gate, d.gate, out_idx=n, in_idx=ch)
     put(s.down, d.down, out_idx=ch, in_idx=n)
+
+
+def _copy_experts(model: nn.Module, new: nn.Module, i_src: int, k: int, plan: Plan, ch: torch.Tensor,
+                  written: set[int]) -> None:
+    """Router rows, experts and their neurons of kept layer k (source layer i_src)."""
+    from engine.arch.moe import moe_parts
+
+    a, b = moe_parts(model, i_src), moe_parts(new, k)
+    copy_experts(a, b, plan.experts[k], plan.expert_neurons[k], None if len(ch) == plan.spec.hidden_size else ch)
+    written.update(id(p) for p in (b.router.weight, b.experts.gate_up_proj, b.experts.down_proj))
 
 
 @torch.no_grad()
@@ -266,9 +282,10 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
                         f"this model {fingerprint(model)}); rescore this model")
     config = build_config(model, plan)
     p0 = next(model.parameters())
+    kw = {"experts_implementation": model.config._experts_implementation} if plan.spec.is_moe else {}
     with torch.device(p0.device), no_init_weights():
         new = AutoModelForCausalLM.from_config(config, dtype=p0.dtype,
-                                               attn_implementation=model.config._attn_implementation)
+                                               attn_implementation=model.config._attn_implementation, **kw)
     new.train(model.training)
     new.tie_weights()  # no_init_weights skips the tying done in init_weights
     dst = get_adapter(new)
@@ -283,6 +300,8 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         put(src.lm_head, dst.lm_head, in_idx=ch)
     for k, i_src in enumerate(plan.kept_layers):
         _copy_layer(src, dst, i_src, k, plan, k, ch, put)
+        if plan.experts is not None and plan.experts[k]:
+            _copy_experts(model, new, i_src, k, plan, ch, written)
     if src.scaled_embedding and len(plan.channels) != spec.hidden_size:
         _rescale_post_norms(dst, math.sqrt(len(plan.channels) / spec.hidden_size))
     if getattr(model, "generation_config", None) is not None:
@@ -295,7 +314,7 @@ def _check_result(new: nn.Module, plan: Plan, written: set[int]) -> None:
     a = get_adapter(new)
     if plan.spec.tied and a.lm_head.weight is not a.embed_tokens.weight:
         raise RuntimeError("tied embeddings came apart while pruning")
-    want = estimate(plan.spec, plan.targets).params
+    want = plan.estimate().params
     if count_parameters(new) != want:
         raise RuntimeError(f"pruned model has {count_parameters(new)} parameters, the plan expects {want}")
     missed = [name for name, p in new.named_parameters() if id(p) not in written]

@@ -8,9 +8,11 @@ top_k_weights (N, k))`, so a hook on `experts` sees each token's chosen experts 
 
 Which layers are sparse comes from the config (Qwen3-MoE's mlp_only_layers and decoder_sparse_step);
 dense layers keep a plain MLP of config.intermediate_size. `spec` gives the ArchSpec the targets and the
-estimator work on (engine.estimate counts total and active parameters); these families are not in the
-adapter registry yet, and plans / scores files do not carry the experts axis; apply_plan's building
-blocks are `config_updates` and `layer_updates` here and `engine.prune.copy_experts`.
+estimator work on (engine.estimate counts total and active parameters). The adapters below are found
+by get_adapter but not yet listed among the supported families (README table, conformance suite):
+scoring adds the expert tensors (engine.importance.experts), plan.json keeps experts and expert
+neurons per sparse layer, apply_plan trims them with `config_updates`, `layer_updates` and
+`engine.prune.copy_experts`. Only the activation criterion ranks them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.arch.base import ArchSpec
+from engine.arch.base import ArchSpec, LayerParts
 from engine.arch.llama import LlamaAdapter
 
 if TYPE_CHECKING:
@@ -59,9 +61,34 @@ class MoEParts:
 
 
 class _MoERules(LlamaAdapter):
-    """Config rules of the MoE families (head_dim, hidden vs heads) for targets and the estimator."""
+    """Adapter of the MoE families: Llama's attention and norms; a sparse layer's MLP parts (gate, up,
+    down) are None, its experts are `moe_parts`; `config_updates` writes the expert width."""
 
     hidden_multiple_of_heads = False
+
+    def layer(self, i: int) -> LayerParts:
+        p = super().layer(i) if not sparse_layers(self.config)[i] else _sparse_layer(self.layers[i])
+        return p
+
+    def spec(self) -> ArchSpec:
+        return spec(self.model)
+
+    @property
+    def intermediate_size(self) -> int:
+        return expert_ffn(self.config)
+
+    def config_updates(self, hidden, ffn, heads, kv_heads, layers, head_dim) -> dict:
+        d = super().config_updates(hidden, ffn, heads, kv_heads, layers, head_dim)
+        del d["intermediate_size"]  # the dense layers' width (Qwen3-MoE) is kept; the expert width is the axis
+        return {**d, MOE_FIELDS[self.config.model_type][1]: ffn}
+
+
+def _sparse_layer(block: nn.Module) -> LayerParts:
+    attn = block.self_attn
+    return LayerParts(block=block, attn=attn, mlp=block.mlp, attn_norm=block.input_layernorm,
+                      mlp_norm=block.post_attention_layernorm, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj,
+                      o=attn.o_proj, up=None, down=None, q_norm=getattr(attn, "q_norm", None),
+                      k_norm=getattr(attn, "k_norm", None))
 
 
 class Qwen3MoeRules(_MoERules):

@@ -22,12 +22,13 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def adapter_class(model_type: str, loadable: bool = False) -> type[ArchAdapter]:
-    """The adapter class of a `model_type` (for rules that need no model instance): a registered family,
-    or (unless `loadable`) a mixture-of-experts family whose targets and estimates work before it loads."""
+def adapter_class(model_type: str) -> type[ArchAdapter]:
+    """The adapter class of a `model_type` (for rules that need no model instance): a registered family
+    or a mixture-of-experts one (engine.arch.moe: scored, planned, pruned and exported, not yet listed
+    among the supported families)."""
     from engine.arch.moe import RULES
 
-    cls = _REGISTRY.get(model_type) or (None if loadable else RULES.get(model_type))
+    cls = _REGISTRY.get(model_type) or RULES.get(model_type)
     if cls is None:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
@@ -55,4 +56,4 @@ def families_table() -> str:
 
 def get_adapter(model: nn.Module) -> ArchAdapter:
     """The adapter for this model, chosen by `model.config.model_type` (never by name)."""
-    return adapter_class(getattr(getattr(model, "config", None), "model_type", None), loadable=True)(model)
+    return adapter_class(getattr(getattr(model, "config", None), "model_type", None))(model)

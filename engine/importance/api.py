@@ -13,6 +13,7 @@ refused (it needs every layer's gradients at once), and meta["stream"] says how 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from engine.arch import get_adapter
 from engine.importance.aggregate import DEFAULT_AGGREGATION, parse_aggregation, spearman
 from engine.importance.criteria import criterion_tensors
 from engine.importance.depth import lm_nll, removal_nll
+from engine.importance.experts import ExpertCollector
 from engine.importance.scores import ScoreError, Scores
 from engine.importance.stream import execution_device, stream_info
 from engine.importance.sweep import format_seconds, lm_head_layers
@@ -201,8 +203,10 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     model.eval()
     t_start = time.perf_counter()
     collector = WidthCollector(adapter, config.aggregation, n, capture=need_ppl)
+    experts = ExpertCollector(model, when=lambda: collector.enabled) if width and ExpertCollector.applies(model) \
+        else None  # mixtures of experts: experts and their neurons, from the same pass
     try:
-        with torch.no_grad(), collector:
+        with torch.no_grad(), collector, experts or contextlib.nullcontext():
             for k in range(n_batches):
                 ids = blocks[k * bs:min((k + 1) * bs, rows)].to(device)  # (b, T)
                 m = max(0, min(D - k * bs, ids.shape[0]))  # rows of this batch the sweeps use
@@ -222,7 +226,9 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
                 del out
                 collector.clear_batch()
         tensors = collector.result() if width else {}
-        if width:  # the weight-aware criteria: weight norms only, no extra pass
+        if experts is not None:
+            tensors.update(experts.result())
+        elif width:  # the weight-aware criteria: weight norms only, no extra pass
             info = stream_info(model)
             tensors.update(criterion_tensors(adapter, tensors, info.weights if info is not None else None))
         if config.taylor:

@@ -13,16 +13,19 @@ expert on its tokens from the module's weights (one extra expert pass during sco
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from engine.arch.moe import MoEParts, moe_parts
+from engine.arch.moe import MOE_FIELDS, MoEParts, moe_parts
 
 
 class ExpertCollector:
     """Attach with `with collector:`; run forward passes; read `result()`."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, when: Callable[[], bool] = lambda: True):
+        self.when = when  # hooks record only while this says so (the depth sweep reruns layers)
         n = int(model.config.num_hidden_layers)
         self.parts: dict[int, MoEParts] = {i: p for i in range(n) if (p := moe_parts(model, i)) is not None}
         self.sq: dict[int, torch.Tensor] = {}  # (E,) sum of squared weighted output norms
@@ -36,6 +39,8 @@ class ExpertCollector:
 
         @torch.no_grad()
         def hook(module, args, output):
+            if not self.when():
+                return
             x, index, weights = args[0], args[1], args[2]  # (N, D), (N, k), (N, k)
             E, F = parts.n_experts, parts.expert_ffn
             if i not in self.sq:
@@ -52,6 +57,11 @@ class ExpertCollector:
                 self.neuron_sq[i][e] += (w * h.float()).pow(2).sum(0).double()
                 self.count[i][e] += tok.numel()
         return hook
+
+    @staticmethod
+    def applies(model: torch.nn.Module) -> bool:
+        """Is `model` a mixture of experts this collector scores?"""
+        return getattr(model.config, "model_type", None) in MOE_FIELDS
 
     def __enter__(self) -> ExpertCollector:
         for i, p in self.parts.items():

@@ -100,7 +100,8 @@ class WidthCollector:
             for i in range(self.n_layers):
                 p = a.layer(i)
                 self._handles.append(p.o.register_forward_pre_hook(self._stat_pre_hook(self.heads[i])))
-                self._handles.append(p.down.register_forward_pre_hook(self._stat_pre_hook(self.neurons[i])))
+                if p.down is not None:  # None: a mixture-of-experts layer (engine.importance.experts)
+                    self._handles.append(p.down.register_forward_pre_hook(self._stat_pre_hook(self.neurons[i])))
                 for norm, stats in zip(a.norms(i), self.norms[i], strict=True):
                     self._handles.append(norm.register_forward_hook(self._stat_out_hook(stats)))
                 self._handles.append(p.block.register_forward_hook(self._block_hook(i), with_kwargs=True))
@@ -135,7 +136,8 @@ class WidthCollector:
         how = self.batch_how
         try:
             channels_o = torch.stack([s.result(how) for s in self.heads])  # (L, H*hd)
-            neurons = torch.stack([s.result(how) for s in self.neurons])  # (L, F)
+            sparse = any(self.adapter.layer(i).down is None for i in range(self.n_layers))
+            neurons = None if sparse else torch.stack([s.result(how) for s in self.neurons])  # (L, F)
             per_layer = torch.stack([sum(s.result(how) for s in layer) for layer in self.norms])  # (L, D)
         except RuntimeError as e:  # torch.stack on different widths
             raise ScoreError(f"layers have different widths; scoring needs uniform layers ({e})") from e
@@ -148,6 +150,8 @@ class WidthCollector:
             "heads": heads, "neurons": neurons, "channels": per_layer.sum(0),
             "channels_per_layer": per_layer, "bi": 1 - self.cos_sum / self.tokens,
         }
+        if neurons is None:  # the experts' neurons are scored per expert instead
+            del out["neurons"]
         if self.block_cos_sum is not None:
             out["block_bi"] = 1 - self.block_cos_sum / self.tokens
         return {k: v.detach().float().cpu() for k, v in out.items()}
