@@ -155,6 +155,27 @@ def execute(run_dir: str | Path, if_busy: str = "queue") -> str:
     return run_worker(run, body, device=cfg.get("device", "auto"), if_busy=if_busy)
 
 
+def run_or_detach(path: Path, detach: bool, if_busy: str = "queue") -> str:
+    """What the CLI does with a new run folder: start it detached (its state is then "started") or
+    run it here; one line says where it is and how to follow or stop it."""
+    from engine.runs import start_job
+
+    if detach:
+        pid = start_job(path, if_busy=if_busy)
+        kind = (read_json(path / "config.json") or {}).get("kind", "pipeline")
+        print(f"started {kind} job in {path} (pid {pid}); follow it with `prunescope status {path}`, "
+              f"stop it with `prunescope cancel {path}`")
+        return "started"
+    state = execute(path, if_busy=if_busy)
+    print(f"{path}: {state}")
+    return state
+
+
+def exit_code(state: str) -> int:
+    """0 when a job ended done, cancelled or was started in the background; 1 otherwise."""
+    return 0 if state in ("done", "cancelled", "started") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry of the detached worker: `python -m engine.jobs RUN_DIR [--if-busy queue|refuse]`."""
     p = argparse.ArgumentParser(prog="python -m engine.jobs")

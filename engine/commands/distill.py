@@ -98,9 +98,9 @@ def distill_config(args, layer_map=None):
 
 def launch(args, config) -> int:
     """Create the run folder, then run in the foreground or start a detached job."""
-    from engine.jobs import execute
+    from engine.jobs import execute, exit_code, run_or_detach
     from engine.pipeline import create_run
-    from engine.runs import RunError, barrier, init_distributed, start_job, world
+    from engine.runs import RunError, barrier, init_distributed, world
 
     rank, n = world()
     if n > 1:  # torchrun / accelerate launch: rank 0 creates the folder, every rank runs the job
@@ -117,14 +117,7 @@ def launch(args, config) -> int:
 
         ensure_device_free(config.device)
     run = create_run(args.run_dir, config, force=args.force)
-    if args.detach:
-        pid = start_job(run.path, if_busy=args.if_busy)
-        print(f"started {config.kind} job in {run.path} (pid {pid}); follow it with "
-              f"`prunescope status {run.path}`, stop it with `prunescope cancel {run.path}`")
-        return 0
-    state = execute(run.path, if_busy=args.if_busy)
-    print(f"{run.path}: {state}")
-    return 0 if state in ("done", "cancelled") else 1
+    return exit_code(run_or_detach(run.path, args.detach, args.if_busy))
 
 
 def register(sub) -> None:

@@ -101,23 +101,19 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args) -> int:
-    from engine.jobs import execute
-    from engine.runs import start_job
+    from engine.fileio import read_json
+    from engine.jobs import exit_code, run_or_detach
     from engine.search.job import create_search
 
     cfg = config_from_args(args)
-    run_ = create_search(args.out, cfg, force=args.force)
-    if args.detach:
-        pid = start_job(run_.path, if_busy=args.if_busy)
-        print(f"started search job in {run_.path} (pid {pid}); follow it with `prunescope status {run_.path}`, "
-              f"stop it with `prunescope cancel {run_.path}`")
-        return 0
-    state = execute(run_.path, if_busy=args.if_busy)
-    summary = run_.path / "summary.json"
-    print(f"{run_.path}: {state}; candidates: {run_.path / 'candidates.csv'}")
-    if state == "done":
-        from engine.fileio import read_json
+    if args.if_busy == "refuse":  # refused before a run folder exists: nothing is left behind
+        from engine.device_lock import ensure_device_free
 
-        s = read_json(summary) or {}
-        print(f"{s.get('n_candidates')} shapes; winner {s.get('winner')}; ranking {', '.join(s.get('final_ranking', []))}")
-    return 0 if state in ("done", "cancelled") else 1
+        ensure_device_free(args.device)
+    run_ = create_search(args.out, cfg, force=args.force)
+    state = run_or_detach(run_.path, args.detach, args.if_busy)
+    if state == "done":
+        s = read_json(run_.path / "summary.json") or {}
+        print(f"candidates: {run_.path / 'candidates.csv'}; {s.get('n_candidates')} shapes; winner {s.get('winner')}; "
+              f"ranking {', '.join(s.get('final_ranking', []))}")
+    return exit_code(state)
