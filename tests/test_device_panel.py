@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -70,3 +71,13 @@ def test_device_jobs_table_lists_the_holder(holder):
     assert not at.exception
     text = "\n".join(m.value for m in at.markdown)
     assert "holds it" in text and str(run.path.resolve()) in text and f"pid {os.getpid()}" in text
+
+
+def test_runs_page_lists_jobs_holding_a_device_in_other_runs_folders(holder):
+    """The Runs page shows the holder although it lives outside this dashboard's runs folder (and this one is empty)."""
+    run, _ = holder
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("screens/runs.py").run()
+    assert not at.exception
+    assert any("holds it" in m.value and str(run.path.resolve()) in m.value for m in at.markdown)

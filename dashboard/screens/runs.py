@@ -9,12 +9,16 @@ import streamlit as st
 
 from dashboard import badges, runs_io, state
 from dashboard.common import user_message
+from dashboard.device_panel import device_jobs_table
+from engine.device_lock import device_jobs
 
 st.title("Runs")
 
 root = state.runs_root()
 runs = runs_io.list_runs(root)  # a run with damaged files is listed with its problems, never a crash
 st.caption(f"Run folders in `{root}` (set with `prunescope app --runs-dir` or PRUNESCOPE_RUNS).")
+with st.expander("Jobs on this machine's devices (any runs folder)", expanded=bool(device_jobs())):
+    device_jobs_table("runs_devjobs")
 if not runs:
     st.info("No runs yet. Launch one on **Distill**.")
     st.page_link("screens/distill.py", label="Go to Distill", icon=":material/school:")
