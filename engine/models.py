@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.arch import get_adapter
+from engine.arch.moe import fit_experts_kernel
 from engine.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from engine.errors import ModelLoadError  # noqa: F401  (re-exported)
 from engine.importance.stream import execution_device, offloaded_weights, stream_info
@@ -292,6 +293,7 @@ def load(
         raise ModelLoadError(f"could not load {spec!r}: {e}") from e
 
     get_adapter(model)
+    fit_experts_kernel(model)  # mixtures of experts whose widths the grouped kernel cannot take
     if stream == "cpu":
         from engine.importance.stream import stream_model
 

@@ -287,6 +287,10 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         new = AutoModelForCausalLM.from_config(config, dtype=p0.dtype,
                                                attn_implementation=model.config._attn_implementation, **kw)
     new.train(model.training)
+    if plan.spec.is_moe:
+        from engine.arch.moe import fit_experts_kernel
+
+        fit_experts_kernel(new)
     new.tie_weights()  # no_init_weights skips the tying done in init_weights
     dst = get_adapter(new)
     ch = _idx(plan.channels, p0.device)

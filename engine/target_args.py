@@ -14,12 +14,16 @@ DEPTH_HELP = ("which layers go: lowest block importance (bi), lowest perplexity 
 
 
 def add_target_args(p: argparse.ArgumentParser, preset: bool = False) -> None:
-    """--hidden/--ffn/--heads/--layers, --depth-by, --drop-layers, --criterion, --merge-heads (and --preset)."""
+    """--hidden/--ffn/--heads/--layers/--experts, --depth-by, --drop-layers, --criterion, --merge-heads (and
+    --preset)."""
     t = p.add_argument_group("pruning targets (omitted: keep that axis)")
     t.add_argument("--hidden", type=int, default=None, help="target hidden size (embedding channels)")
     t.add_argument("--ffn", type=int, default=None, help="target MLP intermediate size")
     t.add_argument("--heads", type=int, default=None, help="target query heads (a multiple of the KV heads)")
     t.add_argument("--layers", type=int, default=None, help="target number of layers")
+    t.add_argument("--experts", type=int, default=None,
+                   help="mixtures of experts: experts kept per layer, the same in every layer (the router's "
+                        "top-k is clamped to it); --ffn then sets each expert's width")
     if preset:
         t.add_argument("--preset", default=None, metavar="AXIS-PCT",
                        help="targets near PCT%% of the parameters, e.g. width-75, depth-75, mlp-75, all-50")
@@ -51,6 +55,7 @@ def targets_from_args(args: argparse.Namespace, base: Targets | None = None) -> 
         return value if value is not None else getattr(base, name)
 
     return Targets(hidden=pick("hidden"), ffn=pick("ffn"), heads=pick("heads"), layers=pick("layers"),
+                   experts=pick("experts"),
                    depth_by="list" if drop is not None else args.depth_by, drop_layers=drop,
                    merge_heads=bool(args.merge_heads),
                    criterion=getattr(args, "criterion", None) or base.criterion)

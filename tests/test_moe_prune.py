@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import MOE_FAMILIES, random_ids, tiny_model, tiny_tokenizer
+from tiny_models import MOE_FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from engine.arch.moe import moe_parts, spec
@@ -112,3 +112,27 @@ def test_plan_rules_for_experts(scored):
         d["layers"][1]["neurons"] = d["layers"][1]["neurons"][:-1]
         with pytest.raises(PlanError, match="dense layer of a mixture of experts"):
             Plan.from_dict(d)
+
+
+def test_cli_prune_with_experts(tmp_path, capsys):
+    """A saved qwen3_moe folder loads, scores, and `prunescope prune --experts` plans, prunes and exports it;
+    an experts target beyond the source is refused with the valid range."""
+    from engine.cli import main
+    from engine.models import fingerprint, load
+
+    folder = save_tiny("qwen3_moe", tmp_path / "model")
+    loaded = load(str(folder), dtype="float32", device="cpu")
+    sc = compute_scores(loaded.model, random_ids(4, 16))
+    sc.meta.update(model=str(folder), dtype="float32", fingerprint=fingerprint(loaded.model))
+    sc.save(tmp_path / "scores")
+    rc = main(["prune", "--scores", str(tmp_path / "scores"), "--experts", "3", "--ffn", "8",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    plan = Plan.load(tmp_path / "out" / "plan.json")
+    assert plan.targets.experts == 3 and plan.sizes.experts == 3 and plan.sizes.ffn == 8
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.num_experts == 3 and back.config.moe_intermediate_size == 8
+    assert back.config.intermediate_size == loaded.model.config.intermediate_size  # the dense layer's width
+    capsys.readouterr()
+    rc = main(["prune", "--scores", str(tmp_path / "scores"), "--experts", "9", "--out", str(tmp_path / "bad")])
+    assert rc != 0 and "1..6" in capsys.readouterr().err

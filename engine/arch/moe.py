@@ -17,6 +17,7 @@ neurons per sparse layer, apply_plan trims them with `config_updates`, `layer_up
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ from engine.arch.llama import LlamaAdapter
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+log = logging.getLogger(__name__)
 
 # model_type -> (config field with the number of experts, config field with the expert width)
 MOE_FIELDS: dict[str, tuple[str, str]] = {
@@ -175,3 +178,16 @@ def config_updates(config, n_experts_kept: int, expert_width: int) -> dict:
     experts_field, width_field = MOE_FIELDS[config.model_type]
     return {experts_field: n_experts_kept, width_field: expert_width,
             "num_experts_per_tok": min(int(config.num_experts_per_tok), n_experts_kept)}
+
+
+def fit_experts_kernel(model: nn.Module) -> None:
+    """Switch a MoE model to transformers' per-expert loop ("eager") when its widths rule out the grouped
+    matmul kernel, which needs 16-byte row strides (hidden and expert width x bytes per element); other
+    models are left as they are."""
+    if getattr(model.config, "model_type", None) not in MOE_FIELDS:
+        return
+    nbytes = next(model.parameters()).element_size()
+    widths = (int(model.config.hidden_size), expert_ffn(model.config))
+    if any(w * nbytes % 16 for w in widths) and model.config._experts_implementation != "eager":
+        log.info("expert widths %s do not give 16-byte strides: experts run one by one (eager)", widths)
+        model.set_experts_implementation("eager")
