@@ -281,13 +281,6 @@ def criterion_picker(key: str) -> str:
 FALLOFF_AXES = ("neurons", "heads", "channels")  # engine.importance.falloff's (not imported: it needs torch)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def _falloff(folder: str, mtime: float, layer: int, axis: str, n_samples: int) -> list[dict]:
-    from engine.importance.falloff import falloff_for_scores
-
-    return [c.to_dict() for c in falloff_for_scores(folder, layer, axis, n_samples=n_samples)]
-
-
 def render_falloff(folder: Path, meta: dict, key: str) -> None:
     """For a chosen layer and axis: the layer output's error as its lowest-ranked units are zeroed."""
     L = int(meta.get("n_layers") or 1)
@@ -298,23 +291,37 @@ def render_falloff(folder: Path, meta: dict, key: str) -> None:
                             key=f"{key}_fo_n", help="calibration blocks the layer's output is measured on"))
     metric = c4.segmented_control("Measure", ["rel_rmse", "cosine"], default="rel_rmse", key=f"{key}_fo_metric",
                                   format_func={"rel_rmse": "relative RMSE", "cosine": "cosine"}.get) or "rel_rmse"
-    args = (str(folder), (folder / "scores.safetensors").stat().st_mtime, layer, axis, n)
-    done = st.session_state.get(f"{key}_fo_done")
-    if st.button("Compute the curves", key=f"{key}_fo_go",
-                 help="Loads the scored model here and runs the calibration blocks up to this layer once per "
-                      "point (about 40 partial forward passes)."):
-        done = args
-        st.session_state[f"{key}_fo_done"] = args
-    if done != args:
+    from engine.falloff_job import falloff_job_dir, falloff_result, start_falloff_job
+    from engine.runs import job_status
+
+    path = falloff_job_dir(folder, layer, axis, n)
+    job = job_status(path)
+    if job is None or job.get("state") in ("failed", "cancelled"):
+        if job is not None and job.get("state") == "failed":
+            st.error(f"The fall-off job failed: {job.get('error')}")
+        if st.button("Compute the curves", key=f"{key}_fo_go",
+                     help="A background job loads the scored model and runs the calibration blocks up to this "
+                          "layer once per point (about 40 partial forward passes)."):
+            start_falloff_job(folder, layer, axis, n)
+            st.rerun()
         st.caption("Each curve zeroes the lowest-ranked units of the layer, 0-90%, and compares the layer's output "
                    "with the untouched one; the dashed random order is the baseline a useful criterion stays under.")
         return
-    from engine.errors import UserError
-
-    try:
-        with st.spinner("Zeroing units and measuring the layer's output…"):
-            curves = _falloff(*args)
-    except UserError as e:
-        st.error(user_message(e))
+    if job.get("state") in ("queued", "running"):
+        falloff_progress(str(path), key)
         return
+    curves = falloff_result(path) or []
     show_fig(figure("falloff_chart", curves, layer, axis, metric=metric), f"{key}_falloff")
+
+
+@st.fragment(run_every=1.0)
+def falloff_progress(path: str, key: str) -> None:
+    """Live progress of the fall-off job; reruns the page when it ends."""
+    from engine.runs import job_status
+
+    job = job_status(Path(path)) or {}
+    if job.get("state") in ("queued", "running"):
+        st.progress(float(job.get("progress") or 0.0), text=f"Fall-off curves: {job.get('message') or job.get('state')}")
+        device_wait_notice(job, f"{key}_fo")
+    else:
+        st.rerun(scope="app")

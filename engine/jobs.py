@@ -38,7 +38,8 @@ JOB_KINDS: dict[str, str] = {
     "distill": "engine.pipeline:run_pipeline",  # distill an already-pruned student
     "score": "engine.score_job:run_score_job",  # importance scores for the dashboard
     "compare": "engine.compare:run_compare_job",  # teacher vs student: speed and answers
-    "search": "engine.search:run_search_job",  # candidate shapes within a budget + tournament
+    "search": "engine.search:run_search_job",
+    "falloff": "engine.falloff_job:run_falloff_job",  # importance fall-off curves of one layer  # candidate shapes within a budget + tournament
     "preview": "engine.search:run_preview_job",  # one-shot KL / ppl of one set of targets
 }
 

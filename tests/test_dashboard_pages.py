@@ -567,3 +567,16 @@ def test_distill_method_choice_reaches_the_run(scored, env):
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["distill"]["method"] == "lora" and cfg["distill"]["lora_rank"] == 4
     assert "--method lora" in runs_io.cli_command(cfg, path) and "--lora-rank 4" in runs_io.cli_command(cfg, path)
+
+
+def test_importance_falloff_curves_come_from_a_job(scored, env):
+    """'Compute the curves' starts a detached "falloff" job; the chart appears when it is done (the page
+    process never loads the model)."""
+    at = app("importance")
+    at.number_input(key="imp_fo_n").set_value(2).run()
+    at.button(key="imp_fo_go").click().run()
+    folder = next((env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")).parent
+    assert (folder / "falloff").is_dir()
+    wait(at, lambda a: "falloff" in charts(a), timeout=180)
+    fig = charts(at)["falloff"]
+    assert len(fig["data"]) >= 2  # one line per criterion + the random baseline

@@ -58,3 +58,21 @@ def test_compare_job_is_a_run_folder(tmp_path, tiny_llama_pair):
     res = read_json(out / "result.json")
     assert res["prompt"] == "Hello" and res["teacher"]["params"] == res["student"]["params"]
     assert res["student"]["throughput"]["decode_tokens_per_s"] > 0
+
+
+def test_falloff_is_a_job_whose_curves_equal_the_direct_computation(tmp_path, tiny_llama_pair, corpus):
+    """The Importance page's fall-off curves come from a "falloff" job (the dashboard never runs the model)."""
+    from engine.falloff_job import falloff_job_dir, falloff_result
+    from engine.importance.falloff import falloff_for_scores
+
+    out = tmp_path / "scores"
+    _run_score(score_job_config(out, str(tiny_llama_pair[0]), str(corpus), 4, 32, "0:0.6"))
+    path = falloff_job_dir(out, 1, "neurons", 2)
+    Run.create(path, {"kind": "falloff", "scores": str(out), "layer": 1, "axis": "neurons", "n_samples": 2,
+                      "device": "cpu"})
+    assert execute(path) == "done", job_status(path)
+    got = falloff_result(path)
+    ref = [c.to_dict() for c in falloff_for_scores(out, 1, "neurons", n_samples=2)]
+    assert [c["criterion"] for c in got] == [c["criterion"] for c in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert a["rel_rmse"] == pytest.approx(b["rel_rmse"], rel=1e-5, abs=1e-7)
