@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from dashboard import state
-from engine.commands.status import number, read_status
 from engine.data import parse_doc_range
+from engine.run_files import number, read_status
 
 TERMINAL = ("done", "failed", "cancelled", "stale")
 

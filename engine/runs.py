@@ -40,13 +40,11 @@ from engine.fileio import (  # noqa: F401  (re-exported for readers of run folde
     write_json,
 )
 from engine.procs import pid_alive  # noqa: F401  (re-exported)
+from engine.run_files import ACTIVE, STALE_AFTER_S, STATES, clean_status, effective_state  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
-ACTIVE = ("queued", "running")
 HEARTBEAT_S = 5.0
-STALE_AFTER_S = 60.0
 CANCEL_FILE = "cancel.request"
 
 
@@ -110,9 +108,11 @@ class Run:
 
     # -- status -------------------------------------------------------------
     def status(self) -> dict:
-        """The status as on disk, with `effective` = state, or "stale" for a dead running job."""
-        st = read_json(self.status_file) or {}
-        st["effective"] = effective_state(st)
+        """The status as on disk, cleaned (a damaged field reads as missing, listed in `problems`), with
+        `effective` = state, or "stale" for a dead running job."""
+        st, problems = clean_status(read_json(self.status_file) or {})
+        if problems and read_json(self.status_file) is not None:
+            st["problems"] = problems
         return st
 
     def update(self, force: bool = True, **fields) -> None:
@@ -181,22 +181,6 @@ def refuse_foreign_folder(path: Path) -> None:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise RunError(f"{path} is not a prunescope run folder (it holds {shown}); it is left untouched: "
                        "choose an empty or new --run-dir")
-
-
-def effective_state(status: dict) -> str:
-    """status["state"], except "stale" for a queued/running job whose process is gone or silent."""
-    state = status.get("state", "unknown")
-    if state in ACTIVE:
-        hb = status.get("heartbeat") or status.get("updated") or 0
-        if not isinstance(hb, int | float):
-            hb = 0
-        if not status.get("pid") and time.time() - hb > STALE_AFTER_S:  # created, never started
-            return "stale"
-        if status.get("pid") and not pid_alive(status.get("pid")):
-            return "stale"
-        if status.get("pid") and time.time() - hb > STALE_AFTER_S:
-            return "stale"
-    return state
 
 
 def is_live(status: dict) -> bool:

@@ -264,3 +264,16 @@ def test_runs_root_env(monkeypatch, tmp_path):
     time.sleep(0.01)
     Run.create(tmp_path / "two", {"kind": "distill"})
     assert [r["name"] for r in list_runs()] == ["two", "one"]
+
+
+def test_damaged_status_types_never_crash_the_readers(tmp_path):
+    """A text pid or a text creation time (hand-edited or damaged files) reads as that run's problem."""
+    good = Run.create(tmp_path / "good", {"kind": "pipeline"})
+    bad = Run.create(tmp_path / "bad", {"kind": "pipeline"})
+    (bad.path / "status.json").write_text(json.dumps({"state": "running", "pid": "12a", "created": "yesterday",
+                                                      "heartbeat": "now", "stages": []}))
+    st = Run.open(bad.path).status()
+    assert st["effective"] == "stale" and st["pid"] is None and st["problems"]
+    names = [r["name"] for r in list_runs(tmp_path)]
+    assert sorted(names) == ["bad", "good"] and Run.open(good.path).status().get("problems") is None
+    assert cancel(bad.path) == "cancelled"  # a damaged stale run can still be stopped for good

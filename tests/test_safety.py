@@ -218,7 +218,7 @@ def test_status_command_reports_a_damaged_status(tmp_path, capsys, name):
 
 
 def test_clean_status_keeps_a_good_status_unchanged(tmp_path):
-    from engine.commands.status import read_status
+    from engine.run_files import read_status
     from engine.runs import Run
 
     path = _good_run(tmp_path)

@@ -3,68 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import time
-from pathlib import Path
 
-from engine.fileio import read_json
-
-STATES = ("queued", "running", "done", "failed", "cancelled")
-_TIMES = ("heartbeat", "updated", "created", "started", "finished")
-_TEXTS = ("stage", "message", "error", "host")
-
-
-def number(v) -> float | None:
-    """A finite int/float (not a bool) as float, else None."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-def clean_status(raw) -> tuple[dict, list[str]]:
-    """status.json content with every known field of the right type, and what was wrong with it.
-
-    A reader of run folders calls this instead of trusting the file: a list, a string pid or a
-    text heartbeat reads as a damaged run (problems listed), never as an exception. Unknown fields
-    pass through unchanged; `effective` is computed from the cleaned fields."""
-    from engine.runs import effective_state, pid_alive
-
-    problems: list[str] = []
-    if not isinstance(raw, dict):
-        return {"state": "unknown", "stages": {}, "effective": "unknown"}, \
-            ["status.json is missing, unreadable or not a JSON object"]
-    st = dict(raw)
-    if st.get("state") not in STATES:
-        problems.append(f"status.json: state {st.get('state')!r} is not one of {', '.join(STATES)}")
-        st["state"] = "unknown"
-    pid = st.get("pid")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
-        problems.append(f"status.json: pid {pid!r} is not a process id")
-        st["pid"] = None
-    for key in _TIMES + ("progress",):
-        if st.get(key) is not None and number(st[key]) is None:
-            problems.append(f"status.json: {key} {st[key]!r} is not a number")
-            st[key] = None
-    if st.get("progress") is not None:
-        st["progress"] = min(1.0, max(0.0, st["progress"]))
-    for key in _TEXTS:
-        if st.get(key) is not None and not isinstance(st[key], str):
-            problems.append(f"status.json: {key} {st[key]!r} is not text")
-            st[key] = str(st[key])
-    stages = st.get("stages")
-    if stages is not None and not isinstance(stages, dict):
-        problems.append("status.json: stages is not an object")
-        stages = {}
-    st["stages"] = {str(k): v for k, v in (stages or {}).items() if isinstance(v, dict)}
-    st["effective"] = effective_state(st)
-    if problems and st["effective"] in ("queued", "running") and not pid_alive(st.get("pid")):
-        st["effective"] = "stale"  # a damaged status whose worker cannot be found is not live
-    return st, problems
-
-
-def read_status(run_dir: str | Path) -> tuple[dict, list[str]]:
-    """`clean_status` of a run folder's status.json."""
-    return clean_status(read_json(Path(run_dir) / "status.json"))
+from engine.run_files import read_status
 
 
 def _safe(text: str) -> str:
