@@ -105,9 +105,28 @@ class PipelineConfig:
         return cls(**kw)
 
 
+def check_sizes(config: PipelineConfig) -> None:
+    """Before a job exists: sequence lengths within the models' positions, and the estimated peak
+    memory of a distillation step within the device's free memory (ResourceError naming what fits)."""
+    from engine.devices import resolve_device, resolve_dtype
+    from engine.resources import model_config, preflight
+
+    d = config.distill
+    dev = resolve_device(config.device)
+    amp = resolve_dtype(d.dtype, dev) == torch.bfloat16
+    source = model_config(config.model)
+    if source is not None and config.kind == "pipeline":
+        from engine.resources import check_seq_len
+
+        check_seq_len(source, config.calib_seq_len, "--calib-seq-len")
+    preflight(config.student or config.model, kind="distill", batch=d.batch_size, seq_len=d.seq_len,
+              device=config.device, teacher=config.model if d.needs_teacher else None, amp=amp)
+
+
 def create_run(run_dir: str | Path, config: PipelineConfig, force: bool = False) -> Run:
     """A new run folder holding this config (refuses an existing run unless force); the targets
-    were validated when the config was made, before any job starts."""
+    were validated when the config was made, and the sizes are checked here, before any job starts."""
+    check_sizes(config)
     return Run.create(run_dir, config.to_dict(), force=force)
 
 

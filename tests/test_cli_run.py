@@ -99,3 +99,18 @@ def test_refused_job_leaves_no_run_folder(tmp_path, model_dir, monkeypatch, caps
     err = capsys.readouterr().err
     assert "device cpu is busy with run" in err and str((tmp_path / "other-run").resolve()) in err
     assert not (tmp_path / "r").exists()
+
+
+def test_sizes_are_checked_before_a_job_exists(tmp_path, model_dir, capsys):
+    """A sequence beyond the model's positions, or a distillation step far beyond the memory, is one line
+    naming what would fit, and no run folder is made."""
+    from engine.resources import model_config
+
+    limit = model_config(model_dir).max_position_embeddings
+    assert main(["run", "--model", model_dir, "--data", "d.txt", "--ffn", "16", "--seq-len", str(limit * 4),
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert f"maximum of {limit} positions" in capsys.readouterr().err
+    assert main(["run", "--model", model_dir, "--data", "d.txt", "--ffn", "16", "--batch", "100000000",
+                 "--seq-len", str(limit), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "--batch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
