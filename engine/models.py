@@ -373,12 +373,9 @@ def describe(loaded: LoadedModel) -> dict:
     }
 
 
-def read_arch_spec(spec: str):
-    """The ArchSpec of a model spec without its weights (built on the meta device from its config),
-    for checking targets before a job starts."""
-
-
-
+def meta_model(spec: str) -> tuple[torch.nn.Module, object, str]:
+    """(model on the meta device, its config, the resolved path) of a model spec: the architecture
+    without any weights (seconds even for a large model; a GGUF file is converted once first)."""
     path, kw = resolve_spec(spec)
     try:
         config = AutoConfig.from_pretrained(path, **kw)
@@ -386,6 +383,17 @@ def read_arch_spec(spec: str):
         raise ModelLoadError(f"could not read the config of {spec!r}: {e}") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    return model, config, path
+
+
+def arch_of(model: torch.nn.Module, config) -> object:
+    """The ArchSpec of a (meta-device) model; tying read from its config, as meta tensors share data_ptr 0."""
     a = get_adapter(model)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or a.lm_head.weight is a.embed_tokens.weight
-    return dataclasses.replace(a.spec(), tied=tied)  # meta tensors share data_ptr 0: tying from the config
+    return dataclasses.replace(a.spec(), tied=tied)
+
+
+def read_arch_spec(spec: str):
+    """The ArchSpec of a model spec without its weights, for checking targets before a job starts."""
+    model, config, _ = meta_model(spec)
+    return arch_of(model, config)
