@@ -131,6 +131,29 @@ def heads_heatmap(heads: np.ndarray, removed: np.ndarray | None = None, kv_heads
     return _layout(fig, "Attention heads", height=max(300, 60 + 16 * n_layers))
 
 
+def experts_heatmap(experts: np.ndarray, frequency: np.ndarray, layers: list[int],
+                    removed: np.ndarray | None = None, normalise: bool = False) -> go.Figure:
+    """Layer x expert importance of a mixture of experts (router-weighted L2 of each expert's output), the
+    router's selection frequency in the hover; rows are the sparse layers `layers` (source indices),
+    `removed` (S, E) bool marks experts the targets would cut."""
+    z = np.asarray(experts, dtype=np.float32)  # (S, E)
+    freq = np.asarray(frequency, dtype=np.float32)
+    shown = _normalise_rows(z) if normalise else z
+    custom = np.stack([z, _normalise_rows(z), freq], axis=-1)
+    y = [str(i) for i in layers]
+    fig = go.Figure(go.Heatmap(
+        z=shown.astype(np.float32), y=y, colorscale=HEAT_SCALE, customdata=custom.astype(np.float32),
+        colorbar=dict(title=REL_TITLE if normalise else "importance", thickness=12),
+        hovertemplate="layer %{y}<br>expert %{x}<br>" + _value_hover(0, normalise)
+                      + "<br>selected for %{customdata[2]:.1%} of tokens<extra></extra>",
+    ))
+    if removed is not None and removed.any():
+        fig.add_trace(_overlay(np.asarray(removed, dtype=np.uint8) * 255, y=y))
+    fig.update_xaxes(title="expert", dtick=1 if z.shape[1] <= 64 else None)
+    fig.update_yaxes(title="layer", type="category", autorange="reversed")
+    return _layout(fig, "Experts", height=max(300, 60 + 16 * z.shape[0]))
+
+
 def neurons_heatmap(neurons: np.ndarray, removed: np.ndarray | None = None, sort: bool = True,
                     normalise: bool = True, max_bins: int = MAX_BINS) -> go.Figure:
     """Layer x MLP-neuron importance, binned to <= max_bins columns.

@@ -26,24 +26,13 @@ def model_info(spec: str, identity: str) -> dict:
     """Architecture of a model spec without loading its weights: the model is built on the meta device
     from its config (seconds even for a large model; the UI process holds no weights). A GGUF file is
     converted once into the cache first, as `engine.models.load` would."""
-    import dataclasses
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from engine.arch import get_adapter
-    from engine.models import BUILTIN_NAME, ModelLoadError, count_parameters, resolve_spec
+    from engine.models import BUILTIN_NAME, arch_of, count_parameters, meta_model
 
-    path, kw = resolve_spec(spec)
-    try:
-        config = AutoConfig.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not read the config of {spec!r}: {e}") from e
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model, config, path = meta_model(spec)
     a = get_adapter(model)
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or a.lm_head.weight is a.embed_tokens.weight
-    arch = dataclasses.replace(a.spec(), tied=tied)  # meta tensors share data_ptr 0: take tying from config
+    arch = arch_of(model, config)
+    tied = arch.tied
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return {
         "name": BUILTIN_NAME if spec in ("default", "builtin", "") else spec, "model_type": a.model_type,
@@ -121,10 +110,12 @@ class Cut:
     channels: np.ndarray  # (D,)
     layers: np.ndarray  # (L,)
     error: str | None = None
+    experts: np.ndarray | None = None  # (S, E) over the sparse layers of a mixture of experts
 
     @property
     def any(self) -> bool:
-        return bool(self.heads.any() or self.neurons.any() or self.channels.any() or self.layers.any())
+        return bool(self.heads.any() or self.neurons.any() or self.channels.any() or self.layers.any()
+                    or (self.experts is not None and self.experts.any()))
 
 
 def targets_obj(d: dict | None):
@@ -143,7 +134,8 @@ def cut_masks(tensors: dict[str, np.ndarray], meta: dict, targets: dict) -> dict
     from engine.plan import make_plan
 
     cut = plan_cut(make_plan(Scores(dict(tensors), meta), targets_obj(targets)).to_dict())
-    return {"heads": cut.heads, "neurons": cut.neurons, "channels": cut.channels, "layers": cut.layers}
+    return {"heads": cut.heads, "neurons": cut.neurons, "channels": cut.channels, "layers": cut.layers,
+            "experts": cut.experts}
 
 
 def same_targets(a: dict, b: dict) -> bool:
@@ -161,6 +153,8 @@ def plan_cut(plan: dict) -> Cut:
     """What a plan.json (as a dict, already validated) removes, from its own lists (True = pruned)."""
     a = plan["arch"]
     L, H, F, D = a["n_layers"], a["n_heads"], a["intermediate_size"], a["hidden_size"]
+    if a.get("n_experts"):  # a mixture of experts: experts per sparse layer (its neurons are per expert)
+        return _moe_plan_cut(plan)
     layers, heads, neurons, channels = np.ones(L, bool), np.ones((L, H), bool), np.ones((L, F), bool), np.ones(D, bool)
     for e in plan["layers"]:
         i = e["source"]
@@ -169,6 +163,23 @@ def plan_cut(plan: dict) -> Cut:
         neurons[i, e["neurons"]] = False
     channels[plan["channels"]] = False
     return Cut(heads, neurons, channels, layers)
+
+
+def _moe_plan_cut(plan: dict) -> Cut:
+    """plan_cut of a mixture of experts: heads, channels, layers, and experts of the sparse layers."""
+    a = plan["arch"]
+    L, H, D, E = a["n_layers"], a["n_heads"], a["hidden_size"], a["n_experts"]
+    sparse = [i for i in range(L) if i not in a.get("dense_layers", [])]
+    layers, heads, channels = np.ones(L, bool), np.ones((L, H), bool), np.ones(D, bool)
+    experts = np.ones((len(sparse), E), bool)
+    for e in plan["layers"]:
+        i = e["source"]
+        layers[i] = False
+        heads[i, e["heads"]] = False
+        if i in sparse:
+            experts[sparse.index(i), e.get("experts", [])] = False
+    channels[plan["channels"]] = False
+    return Cut(heads, np.zeros((L, 0), bool), channels, layers, experts=experts)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -188,8 +199,9 @@ def current_cut(folder: Path, targets: dict | None) -> Cut:
     """Masks for the session's targets; errors (bad targets) come back in `.error`, not raised."""
     tensors, _ = load_scores(folder)
     L, H = tensors["heads"].shape
-    none = Cut(np.zeros((L, H), bool), np.zeros(tensors["neurons"].shape, bool),
-               np.zeros(tensors["channels"].shape, bool), np.zeros(L, bool))
+    none = Cut(np.zeros((L, H), bool), np.zeros(tensors["neurons"].shape if "neurons" in tensors else (L, 0), bool),
+               np.zeros(tensors["channels"].shape, bool), np.zeros(L, bool),
+               experts=np.zeros(tensors["experts"].shape, bool) if "experts" in tensors else None)
     if not targets or all(v in (None, False, [], "bi") for v in targets.values()):
         return none
     try:

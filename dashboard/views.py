@@ -41,6 +41,8 @@ def cut_summary(tensors: dict[str, np.ndarray], cut: Cut) -> str:
             parts.append(f"{h} of {H} query heads per layer")
         if n:
             parts.append(f"{n} of {tensors['neurons'].shape[1]} MLP neurons per layer")
+    if cut.experts is not None and cut.experts.any():
+        parts.append(f"{int(cut.experts.sum(1).min())} of {cut.experts.shape[1]} experts per layer")
     if cut.channels.any():
         parts.append(f"{int(cut.channels.sum())} of {len(cut.channels)} embedding channels")
     return "Red marks what the current targets would remove: " + "; ".join(parts) if parts else \
@@ -66,8 +68,13 @@ def render_score_charts(tensors: dict[str, np.ndarray], meta: dict, cut: Cut, ke
                             normalise=norm), f"{key}_heads")
     if neurons.open:
         with neurons:
-            show_fig(figure("neurons_heatmap", tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
-                     f"{key}_neurons")
+            if "experts" in tensors:  # a mixture of experts: layer x expert, selection frequency in the hover
+                show_fig(figure("experts_heatmap", tensors["experts"], tensors["expert_frequency"],
+                                [int(i) for i in tensors["expert_layers"]], cut.experts, normalise=norm),
+                         f"{key}_experts")
+            else:
+                show_fig(figure("neurons_heatmap", tensors["neurons"], cut.neurons, sort=sort, normalise=norm),
+                         f"{key}_neurons")
     if channels.open:
         with channels:
             show_fig(figure("channels_heatmap", tensors["channels_per_layer"], cut.channels, cut.layers,
@@ -253,6 +260,8 @@ def criterion_view(tensors: dict[str, np.ndarray], criterion: str) -> dict[str, 
     view = dict(tensors)
     for axis in ("heads", "neurons", "channels", "channels_per_layer"):
         name = criterion_tensor(axis, criterion)
+        if name not in tensors and axis == "neurons" and "experts" in tensors and name == axis:
+            continue  # a mixture of experts: its neurons are scored per expert
         if name not in tensors:
             return None
         view[axis] = tensors[name]

@@ -61,6 +61,7 @@ def _load_targets(t: Targets) -> None:
         v = getattr(t, axis)
         st.session_state[f"t_{axis}"] = source[axis] if v is None else int(v)
     st.session_state["t_depth_by"] = t.depth_by
+    st.session_state["t_experts"] = t.experts or spec.n_experts
     st.session_state["t_drop"] = list(t.drop_layers or [])
     st.session_state["t_merge"] = bool(t.merge_heads)
 
@@ -212,6 +213,11 @@ with left:
                                      help=f"source: {source[axis]}")
         else:
             picked[axis] = st.select_slider(label, vals, key=key, help=f"source: {source[axis]}")
+    if spec.is_moe:  # uniform across layers, as the configs require
+        st.session_state.setdefault("t_experts", spec.n_experts)
+        picked["experts"] = st.slider("Experts per layer", 1, spec.n_experts, key="t_experts",
+                                      help=f"source: {spec.n_experts}; the router picks {spec.experts_per_tok} per "
+                                      "token, clamped to the experts kept. The MLP size is each expert's width.")
     st.session_state["t_depth_prev"] = st.session_state.get("t_depth_by")
     depth_by = st.radio("Choose the layers to drop by", depth_options, key="t_depth_by", horizontal=True,
                         format_func=DEPTH_LABELS.get, on_change=_prefill_drop_list)
@@ -230,6 +236,7 @@ targets = Targets(
     layers=None if depth_by == "list" or picked.get("layers") == source["layers"] else picked.get("layers"),
     depth_by=depth_by, drop_layers=tuple(sorted(drop)) if depth_by == "list" else None,
     merge_heads=merge, criterion=(state.get("targets") or {}).get("criterion", "activation"),  # set on Importance
+    experts=picked["experts"] if picked.get("experts", spec.n_experts) != spec.n_experts else None,
 )
 state.put("targets", targets.to_dict())
 
@@ -255,6 +262,14 @@ with right:
                   help=f"Forward pass at a context of {est.context} tokens.")
         c4.metric("Memory (bf16 weights)", state.human_bytes(est.memory_bytes_bf16),
                   f"{(est.memory_bytes_bf16 / base.memory_bytes_bf16 - 1) * 100:+.1f}%", delta_color="off")
+        if spec.is_moe:
+            c5, c6 = st.columns(2)
+            act = est.active_params
+            c5.metric("Active parameters per token", f"{act / 1e6:.2f} M" if act >= 1e6 else f"{act:,}",
+                      f"{(est.active_params / base.active_params - 1) * 100:+.2f}%", delta_color="off",
+                      help=f"{est.active_params:,} of {est.params:,}: all but the experts the router skips "
+                           f"(source: {base.active_params:,})")
+            c6.metric("Experts per layer", f"{est.sizes.experts} (top-{est.sizes.experts_per_tok})")
         sz = est.sizes
         st.caption(f"Result: {sz.layers} layers · {sz.heads} query / {sz.kv_heads} KV heads · hidden {sz.hidden} · "
                    f"MLP {sz.ffn} · from {state.human(base.params)} parameters · "
