@@ -478,4 +478,4 @@ def step_targets(spec: ArchSpec, final: Targets, step: int, steps: int) -> Targe
     layers = at("layers")
     return Targets(hidden=hidden, ffn=at("ffn"), heads=heads, layers=layers,
                    depth_by=final.depth_by if final.depth_by != "list" else "bi", merge_heads=final.merge_heads,
-                   criterion=final.criterion)
+                   criterion=final.criterion, experts=at("experts") if spec.is_moe else None)

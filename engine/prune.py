@@ -31,11 +31,11 @@ from engine.errors import PlanError
 from engine.importance import compute_scores, score_config_for
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, make_plan, step_targets
+from engine.progress import Progress
 from engine.targets import Targets, is_gqa, resolve, validate_targets
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 Index = torch.Tensor | None  # LongTensor of kept indices, or None = keep all
 
 
@@ -349,7 +349,7 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
         cur_spec = get_adapter(current).spec()
         t = step_targets(spec, targets, step, iterations)
         if targets.depth_by == "list":
-            t = Targets(hidden=t.hidden, ffn=t.ffn, heads=t.heads, merge_heads=targets.merge_heads,
+            t = Targets(hidden=t.hidden, ffn=t.ffn, heads=t.heads, merge_heads=targets.merge_heads, experts=t.experts,
                         depth_by="list" if step == 1 else "bi", drop_layers=targets.drop_layers if step == 1 else None)
         if resolve(cur_spec, t) == resolve(cur_spec, Targets()):
             continue  # nothing left to cut on any axis

@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from engine.arch.moe import moe_parts, spec
 from engine.errors import PlanError
+from engine.estimate import estimate
 from engine.export import export_model
 from engine.importance import ScoreConfig, compute_scores
 from engine.importance.experts import ExpertCollector
 from engine.models import count_parameters
 from engine.plan import Plan, make_plan
-from engine.prune import apply_plan
+from engine.prune import apply_plan, prune_iteratively
 from engine.targets import Targets
 
 
@@ -127,8 +128,11 @@ def test_cli_prune_with_experts(tmp_path, capsys):
     sc.save(tmp_path / "scores")
     rc = main(["prune", "--scores", str(tmp_path / "scores"), "--experts", "3", "--ffn", "8",
                "--out", str(tmp_path / "out")])
-    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert rc == 0, out.err
     plan = Plan.load(tmp_path / "out" / "plan.json")
+    src, est = estimate(plan.spec, Targets()), plan.estimate()
+    assert f"active parameters per token: {src.active_params:,} -> {est.active_params:,}" in out.out
     assert plan.targets.experts == 3 and plan.sizes.experts == 3 and plan.sizes.ffn == 8
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert back.config.num_experts == 3 and back.config.moe_intermediate_size == 8
@@ -136,3 +140,11 @@ def test_cli_prune_with_experts(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["prune", "--scores", str(tmp_path / "scores"), "--experts", "9", "--out", str(tmp_path / "bad")])
     assert rc != 0 and "1..6" in capsys.readouterr().err
+
+
+def test_iterative_pruning_takes_the_experts_down_step_by_step():
+    model = tiny_model("mixtral")  # 5 experts of 11 neurons
+    pruned, plans = prune_iteratively(model, random_ids(4, 16), Targets(experts=2, ffn=8), iterations=2)
+    assert [p.sizes.experts for p in plans] == [3, 2] and [p.sizes.ffn for p in plans] == [9, 8]
+    assert moe_parts(pruned, 0).n_experts == 2 and moe_parts(pruned, 0).expert_ffn == 8
+    assert count_parameters(pruned) == plans[-1].estimate().params

@@ -109,6 +109,8 @@ def run(args) -> int:
         print(f"plan: {path}")
         print(f"estimate: {est.params:,} parameters ({100 * est.fraction_of_source:.1f}% of {est.source_params:,}), "
               f"{est.memory_bytes_bf16 / 2**20:.1f} MiB in bf16")
+        if plan.spec.is_moe:
+            print(_active_line(plan.spec, plan))
         return 0
     return _prune(args, plan, scores, out)
 
@@ -158,4 +160,15 @@ def _prune(args, plan, scores, out: Path) -> int:
     n = count_parameters(pruned)
     print(f"pruned model: {path}")
     print(f"parameters: {source_params:,} -> {n:,} ({100 * n / source_params:.1f}%)")
+    if plan.spec.is_moe:
+        print(_active_line(plan.spec, final))
     return 0
+
+
+def _active_line(spec, plan) -> str:
+    """A mixture of experts' parameters per token (all but the experts the router skips)."""
+    from engine.estimate import estimate
+    from engine.targets import Targets
+
+    a, b = estimate(spec, Targets()).active_params, plan.estimate().active_params
+    return f"active parameters per token: {a:,} -> {b:,} ({100 * b / a:.1f}%)"
