@@ -107,3 +107,22 @@ def test_experts_target_in_plan_json_form():
     assert "experts" not in Targets(ffn=8).to_dict()  # dense targets read and write as before
     with pytest.raises(PlanError, match="experts target must be a whole number"):
         Targets.from_dict({"experts": "4"})
+
+
+def test_experts_option_of_prune_and_run(tmp_path):
+    """--experts is one of the target options prune and run share; a job's targets are checked against the saved model
+    (read without its weights) before it starts."""
+    import argparse
+
+    from tiny_models import save_tiny
+
+    from engine.target_args import add_target_args, targets_from_args, validate_for_model
+
+    p = argparse.ArgumentParser()
+    add_target_args(p)
+    t = targets_from_args(p.parse_args(["--experts", "3", "--ffn", "8"]))
+    assert (t.experts, t.ffn) == (3, 8) and targets_from_args(p.parse_args([])).experts is None
+    folder = save_tiny("qwen3_moe", tmp_path / "m")
+    validate_for_model(t, str(folder))
+    with pytest.raises(PlanError, match=r"1\.\.6"):
+        validate_for_model(Targets(experts=9), str(folder))
