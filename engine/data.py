@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import DataError
+from engine.progress import Progress
 from engine.textcheck import (
     TextReport,
     check_characters,
@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # imported where blocks are made: parsing a data spec (the da
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]  # (fraction done, message)
 
 FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet", ".csv")
 _ARTICLE_HEADING = re.compile(r"^ = [^=].*[^=] = $")

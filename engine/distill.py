@@ -58,13 +58,13 @@ from engine.evaluate import autocast_ctx, evaluate_student
 from engine.fileio import append_jsonl
 from engine.parallel import strategy_for_launch
 from engine.peak_memory import PeakMemory
+from engine.progress import Progress
 from engine.runs import Run, truncate_metrics
 from engine.training import (  # noqa: F401  (DataOrder, lr_lambda, param_groups re-exported)
     DataOrder,
     Distillable,
     DistillConfig,
     LayerTap,
-    Progress,
     add_lora,
     distill_loss,
     lr_lambda,

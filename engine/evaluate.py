@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from engine.devices import resolve_dtype
 from engine.models import count_parameters
+from engine.progress import Progress
 from engine.speed import measure_throughput, size_on_disk
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.data import DataSource, Progress, load_documents, make_blocks, tokenize_documents
+from engine.data import DataSource, load_documents, make_blocks, tokenize_documents
 from engine.errors import DataError
+from engine.progress import Progress
 from engine.prompts import TeacherText, cached_teacher_text, is_teacher_spec
 from engine.textcheck import check_token_ratio
 

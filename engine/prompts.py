@@ -17,16 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.errors import DataError
 from engine.fileio import read_json, write_json
+from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "The best way to cook rice is",

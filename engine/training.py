@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -36,7 +36,6 @@ from engine.evaluate import token_kl
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 
 
 METHODS = ("kd", "cpt", "lora")

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -33,10 +32,10 @@ from engine.importance.stream import execution_device, stream_info
 from engine.importance.sweep import format_seconds, lm_head_layers
 from engine.importance.taylor import taylor_scores
 from engine.importance.width import WidthCollector
+from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 ALGORITHM_VERSION = 1  # bump when a score's definition changes (invalidates caches)
 
 

@@ -37,10 +37,11 @@ from pathlib import Path
 import engine
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
-from engine.importance.api import ALGORITHM_VERSION, Progress, ScoreConfig, check_streaming, compute_scores
+from engine.importance.api import ALGORITHM_VERSION, ScoreConfig, check_streaming, compute_scores
 from engine.importance.criteria import add_criteria
 from engine.importance.scores import ScoreError, Scores
 from engine.models import LoadedModel, cache_dir, fingerprint
+from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 
