@@ -263,9 +263,11 @@ def _check_arch(a) -> None:
                                 "prunescope writes it (model_type, vocab_size, hidden_size, ...)")
             continue
         v, kind = a[f.name], f.type if isinstance(f.type, str) else f.type.__name__
-        ok = {"str": isinstance(v, str), "bool": isinstance(v, bool), "int": _is_int(v) and v >= 0}.get(kind, True)
+        ok = {"str": isinstance(v, str), "bool": isinstance(v, bool), "int": _is_int(v) and v >= 0,
+              "tuple[int, ...]": isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)}.get(kind, True)
         if not ok:
-            form = {"str": "a string", "bool": "true or false", "int": "a whole number >= 0"}[kind]
+            form = {"str": "a string", "bool": "true or false", "int": "a whole number >= 0",
+                    "tuple[int, ...]": "a list of layer indices"}[kind]
             raise PlanError(f"plan field 'arch.{f.name}' must be {form}; got {_kind(v)}")
 
 
