@@ -196,7 +196,7 @@ def test_pruned_config_keeps_family_settings(family, tmp_path):
     pruning on every axis and a save / reload; head_dim stays explicit; layer_types follow the layers."""
     from dataclasses import replace
 
-    from test_plan import fake_scores
+    from tiny_models import fake_scores
     from transformers import AutoModelForCausalLM
 
     from engine.plan import make_plan
@@ -257,7 +257,7 @@ def test_unsupported_family_fails_at_load(tmp_path):
 def test_phi3_longrope_limits_are_reported_as_plan_errors():
     """LongRoPE Phi-3 configs check their rotary factors against hidden // heads: shapes that change it
     are refused with the config's reason; the other axes prune."""
-    from test_plan import fake_scores
+    from tiny_models import fake_scores
 
     from engine.errors import PlanError
     from engine.plan import make_plan

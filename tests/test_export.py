@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_plan import fake_scores
-from tiny_models import FAMILIES, random_ids, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import FAMILIES, fake_scores, random_ids, save_tiny, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.arch import get_adapter
@@ -88,7 +87,7 @@ def test_failed_export_leaves_nothing(tmp_path):
 
 
 @pytest.fixture
-def tiny_setup(tmp_path):
+def model_and_scores(tmp_path):
     """A saved tiny llama folder and a scores folder computed for it."""
     folder = save_tiny("llama", tmp_path / "model")
     loaded = load(str(folder), dtype="float32", device="cpu")
@@ -104,8 +103,8 @@ def _run(capsys, *argv) -> tuple[int, str]:
     return rc, cap.err.strip() if rc else cap.out
 
 
-def test_cli_prune_and_export(tiny_setup, capsys):
-    folder, scores, tmp = tiny_setup
+def test_cli_prune_and_export(model_and_scores, capsys):
+    folder, scores, tmp = model_and_scores
     rc, out = _run(capsys, "--scores", scores, "--heads", 4, "--ffn", 20, "--layers", 3, "--merge-heads",
                    "--out", tmp / "out")
     assert rc == 0 and "parameters: 73,008 ->" in out
@@ -118,8 +117,8 @@ def test_cli_prune_and_export(tiny_setup, capsys):
     assert rc == 0  # same plan, same model: fine
 
 
-def test_cli_plan_only_then_edited_plan(tiny_setup, capsys):
-    _, scores, tmp = tiny_setup
+def test_cli_plan_only_then_edited_plan(model_and_scores, capsys):
+    _, scores, tmp = model_and_scores
     rc, out = _run(capsys, "--scores", scores, "--preset", "mlp-75", "--plan-only", "--out", tmp / "p")
     assert rc == 0 and "estimate:" in out and [p.name for p in (tmp / "p").iterdir()] == ["plan.json"]
     d = json.loads((tmp / "p" / "plan.json").read_text())
@@ -141,19 +140,19 @@ def test_cli_plan_only_then_edited_plan(tiny_setup, capsys):
     (["--layers", 2, "--depth-by", "ppl"], "needs the 'ppl_increase' scores"),
     (["--drop-layers", "1,x"], "--drop-layers takes comma-separated layer indices"),
 ])
-def test_cli_bad_targets(tiny_setup, capsys, args, message):
-    _, scores, tmp = tiny_setup
+def test_cli_bad_targets(model_and_scores, capsys, args, message):
+    _, scores, tmp = model_and_scores
     rc, err = _run(capsys, "--scores", scores, *args, "--out", tmp / "out")
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp / "out").exists()
 
 
-def test_cli_dtype_rule(tiny_setup, capsys):
+def test_cli_dtype_rule(model_and_scores, capsys):
     """The export keeps the source checkpoint's dtype unless --dtype says otherwise, and a plan made from
     scores of a bf16 load applies to the model loaded in any dtype (its identity ignores the load dtype)."""
     from safetensors import safe_open
 
-    folder, _, tmp = tiny_setup
+    folder, _, tmp = model_and_scores
     bf16 = load(str(folder), dtype="bf16", device="cpu")
     assert bf16.source_dtype == torch.float32 and next(bf16.model.parameters()).dtype == torch.bfloat16
     assert fingerprint(bf16.model) == fingerprint(load(str(folder), dtype="fp32", device="cpu").model)
@@ -175,15 +174,15 @@ def test_cli_dtype_rule(tiny_setup, capsys):
         assert f"- weights stored as: {dtype}" in (out / "README.md").read_text()
 
 
-def test_cli_scores_of_another_model(tiny_setup, capsys):
-    _, scores, tmp = tiny_setup
+def test_cli_scores_of_another_model(model_and_scores, capsys):
+    _, scores, tmp = model_and_scores
     other = save_tiny("llama", tmp / "other", seed=3)
     rc, err = _run(capsys, "--scores", scores, "--model", other, "--ffn", 20, "--out", tmp / "out")
     assert rc == 2 and "came from another model" in err and not (tmp / "out").exists()
 
 
-def test_cli_never_overwrites_without_force(tiny_setup, capsys):
-    _, scores, tmp = tiny_setup
+def test_cli_never_overwrites_without_force(model_and_scores, capsys):
+    _, scores, tmp = model_and_scores
     assert _run(capsys, "--scores", scores, "--ffn", 20, "--out", tmp / "out")[0] == 0
     before = {p.name: p.read_bytes() for p in (tmp / "out").iterdir()}
     rc, err = _run(capsys, "--scores", scores, "--ffn", 10, "--out", tmp / "out")
@@ -234,8 +233,8 @@ def test_builtin_prune_export_reload(builtin, builtin_scores, wikitext, tmp_path
     assert Path(out, "README.md").read_text().count(builtin.name) >= 1
 
 
-def test_cli_iterative(tiny_setup, capsys, wikitext):
-    _, scores, tmp = tiny_setup
+def test_cli_iterative(model_and_scores, capsys, wikitext):
+    _, scores, tmp = model_and_scores
     rc, out = _run(capsys, "--scores", scores, "--heads", 2, "--ffn", 17, "--layers", 2, "--iterations", 2,
                    "--data", wikitext, "--samples", 4, "--seq-len", 16, "--out", tmp / "it")
     assert rc == 0, out

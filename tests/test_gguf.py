@@ -8,8 +8,7 @@ import json
 import gguf
 import pytest
 import torch
-from test_plan import fake_scores
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
+from tiny_models import fake_scores, random_ids, tiny_model, tiny_tokenizer
 
 from engine.arch import get_adapter
 from engine.cli import main

@@ -292,7 +292,7 @@ def test_pruned_shapes_are_read_from_the_model():
 
 
 @pytest.fixture
-def tiny_setup(tmp_path, monkeypatch):
+def loaded_and_corpus(tmp_path, monkeypatch):
     from engine.models import load
 
     monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
@@ -302,10 +302,10 @@ def tiny_setup(tmp_path, monkeypatch):
     return load(str(folder), device="cpu"), DataSource.parse(str(text)), folder, text
 
 
-def test_score_caches_reuses_extends_and_refuses(tiny_setup, tmp_path, monkeypatch):
+def test_score_caches_reuses_extends_and_refuses(loaded_and_corpus, tmp_path, monkeypatch):
     import engine.importance.cache as cache
 
-    loaded, source, _, _ = tiny_setup
+    loaded, source, _, _ = loaded_and_corpus
     calls: list[ScoreConfig] = []
     real = cache.compute_scores
     monkeypatch.setattr(cache, "compute_scores", lambda m, b, c, progress=None, **kw: calls.append(c) or real(m, b, c, progress, **kw))
@@ -331,13 +331,13 @@ def test_score_caches_reuses_extends_and_refuses(tiny_setup, tmp_path, monkeypat
         score(loaded, source, 4, 16, config=ScoreConfig(block_size=3), out_dir=bfolder)
 
 
-def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(tiny_setup, tmp_path, caplog, capsys):
+def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(loaded_and_corpus, tmp_path, caplog, capsys):
     import json
     import logging
 
     from engine.cli import main
 
-    loaded, source, _, _ = tiny_setup
+    loaded, source, _, _ = loaded_and_corpus
     s1, folder = score(loaded, source, 4, 16)
     tensors = folder / "scores.safetensors"
     assert s1.meta["tensors_file"]["bytes"] == tensors.stat().st_size
@@ -368,20 +368,20 @@ def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(tiny_s
     assert "is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_score_sweeps_eight_samples_by_default_on_a_cpu(tiny_setup):
-    loaded, source, _, _ = tiny_setup
+def test_score_sweeps_eight_samples_by_default_on_a_cpu(loaded_and_corpus):
+    loaded, source, _, _ = loaded_and_corpus
     s, _ = score(loaded, source, 12, 16, config=ScoreConfig(depth_ppl=True))
     assert s.meta["depth_samples"] == 8 and s.meta["n_samples"] == 12
     s, _ = score(loaded, source, 12, 16, config=ScoreConfig(depth_ppl=True, depth_samples=12))
     assert s.meta["depth_samples"] == 12 and s.meta["reused"] == "partial"
 
 
-def test_add_depth_scores_keeps_the_width_scores(tiny_setup, tmp_path, monkeypatch):
+def test_add_depth_scores_keeps_the_width_scores(loaded_and_corpus, tmp_path, monkeypatch):
     import engine.importance.cache as cache
     from engine.data import get_blocks
     from engine.importance import add_depth_scores
 
-    loaded, source, _, _ = tiny_setup
+    loaded, source, _, _ = loaded_and_corpus
     folder = tmp_path / "scores"
     first, _ = score(loaded, source, 4, 16, config=ScoreConfig(block_size=2), out_dir=folder)
     widths = {k: v.clone() for k, v in first.tensors.items()}
@@ -410,10 +410,10 @@ def test_add_depth_scores_keeps_the_width_scores(tiny_setup, tmp_path, monkeypat
     assert one.meta["depth_samples"] == 1 and torch.equal(one["heads"], widths["heads"])
 
 
-def test_cli_end_to_end(tiny_setup, tmp_path, capsys):
+def test_cli_end_to_end(loaded_and_corpus, tmp_path, capsys):
     from engine.cli import main
 
-    _, _, model_dir, text = tiny_setup
+    _, _, model_dir, text = loaded_and_corpus
     out = tmp_path / "scores"
     argv = ["score", "--model", str(model_dir), "--data", str(text), "--data-range", "0:1", "--samples", "4",
             "--seq-len", "16", "--depth-ppl", "--blocks", "2", "--block-ppl", "--taylor", "--batch-size", "3",
@@ -430,10 +430,10 @@ def test_cli_end_to_end(tiny_setup, tmp_path, capsys):
     assert main(["score", "--model", str(model_dir), "--data", str(text), "--block-ppl"]) == 2
 
 
-def test_cli_depth_samples_estimate_and_add_to(tiny_setup, tmp_path, capsys):
+def test_cli_depth_samples_estimate_and_add_to(loaded_and_corpus, tmp_path, capsys):
     from engine.cli import main
 
-    _, _, model_dir, text = tiny_setup
+    _, _, model_dir, text = loaded_and_corpus
     out = tmp_path / "scores"
     base = ["score", "--model", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
             "--device", "cpu", "--out", str(out)]
@@ -551,10 +551,10 @@ def test_streamed_model_describes_counts_and_generates_like_the_original():
     assert generate_texts(model, tok, 2, 6, seed=3) == generate_texts(ref, tok, 2, 6, seed=3)
 
 
-def test_cli_stream_from_ram_and_disk_matches_and_shares_the_cache(tiny_setup, tmp_path, capsys):
+def test_cli_stream_from_ram_and_disk_matches_and_shares_the_cache(loaded_and_corpus, tmp_path, capsys):
     from engine.cli import main
 
-    _, _, model_dir, text = tiny_setup
+    _, _, model_dir, text = loaded_and_corpus
     base = ["score", "--model", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "16",
             "--depth-ppl", "--blocks", "2", "--block-ppl", "--batch-size", "3", "--device", "cpu"]
     disk, plain = tmp_path / "disk", tmp_path / "plain"

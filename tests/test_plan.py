@@ -9,13 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, fake_scores, tiny_model
 
 from engine.arch import ArchSpec, get_adapter
 from engine.errors import PlanError
 from engine.estimate import estimate
-from engine.importance import Scores
-from engine.models import fingerprint
 from engine.plan import Plan, make_plan, step_targets
 from engine.presets import preset_targets
 from engine.targets import Targets, valid_values, validate_targets
@@ -24,17 +22,6 @@ from engine.targets import Targets, valid_values, validate_targets
 SMOL = ArchSpec(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_heads=9,
                 n_kv_heads=3, head_dim=64, n_layers=30, tied=True, gated_mlp=True, qkv_bias=False, o_bias=False,
                 mlp_bias=False, norm_bias=False, qk_norm=False, n_positions=0)
-
-
-def fake_scores(model, seed: int = 0, **extra: torch.Tensor) -> Scores:
-    """Random importance of the right shapes, with the model's arch and fingerprint."""
-    s = get_adapter(model).spec()
-    g = torch.Generator().manual_seed(seed)
-    t = {"heads": torch.rand(s.n_layers, s.n_heads, generator=g),
-         "neurons": torch.rand(s.n_layers, s.intermediate_size, generator=g),
-         "channels": torch.rand(s.hidden_size, generator=g), "bi": torch.rand(s.n_layers, generator=g)}
-    t.update(extra)
-    return Scores(t, {"arch": s.to_dict(), "fingerprint": fingerprint(model), "model": "tiny", "data": "test"})
 
 
 @pytest.fixture(scope="module")

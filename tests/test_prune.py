@@ -10,8 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_plan import fake_scores
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, fake_scores, random_ids, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

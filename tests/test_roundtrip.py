@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from test_plan import fake_scores
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import fake_scores, tiny_model, tiny_tokenizer
 
 from engine.arch import get_adapter
 from engine.errors import CheckpointError

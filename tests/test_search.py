@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_plan import fake_scores
-from tiny_models import random_ids, save_tiny, tiny_model
+from tiny_models import fake_scores, random_ids, save_tiny, tiny_model
 
 from engine.arch import adapter_class, get_adapter
 from engine.distill import DistillConfig

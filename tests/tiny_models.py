@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from engine.arch import get_adapter
+from engine.importance import Scores
+from engine.models import fingerprint
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2", "granite"]
 
 # mixtures of experts (engine.arch.moe; not in the adapter registry yet)
@@ -133,3 +137,14 @@ def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
 
 def random_ids(n: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def fake_scores(model, seed: int = 0, **extra: torch.Tensor) -> Scores:
+    """Random importance of the right shapes, with the model's arch and fingerprint."""
+    s = get_adapter(model).spec()
+    g = torch.Generator().manual_seed(seed)
+    t = {"heads": torch.rand(s.n_layers, s.n_heads, generator=g),
+         "neurons": torch.rand(s.n_layers, s.intermediate_size, generator=g),
+         "channels": torch.rand(s.hidden_size, generator=g), "bi": torch.rand(s.n_layers, generator=g)}
+    t.update(extra)
+    return Scores(t, {"arch": s.to_dict(), "fingerprint": fingerprint(model), "model": "tiny", "data": "test"})
