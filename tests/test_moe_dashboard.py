@@ -14,6 +14,9 @@ from dashboard.common import cut_masks
 from engine.arch.moe import spec
 from engine.estimate import estimate
 from engine.importance import compute_scores
+from engine.models import count_parameters
+from engine.plan import make_plan
+from engine.prune import apply_plan
 from engine.targets import Targets
 
 
@@ -87,4 +90,13 @@ def test_importance_experts_heatmap_with_the_cut(moe_env):
     at.slider(key="t_experts").set_value(4).run()
     overlay = array(charts(open_tab(at, "tgt", "MLP neurons"))["experts"]["data"][1]["z"])
     assert ((overlay == 255).sum(axis=1) == 2).all()
+    # dropping a layer: the readout counts the layers the plan keeps (dense or sparse), as the pruned model
+    at.slider(key="t_layers").set_value(2).run()
+    from engine.importance import Scores
+
+    folder = next((moe_env["root"] / "cache" / "dashboard-scores").glob("*/scores.json")).parent
+    plan = make_plan(Scores.load(folder), Targets(experts=4, layers=2))
+    assert metrics(at)["Parameters"] == f"{plan.estimate().params:,}"
+    assert count_parameters(apply_plan(tiny_model("qwen3_moe"), plan, check_fingerprint=False)) == \
+        plan.estimate().params
     assert not at.exception

@@ -45,7 +45,7 @@ if arch is None:
 from engine.arch.base import ArchSpec  # noqa: E402
 from engine.estimate import estimate  # noqa: E402
 from engine.presets import preset_targets  # noqa: E402
-from engine.targets import ROUNDINGS, Targets, default_multiple, valid_values, validate_targets  # noqa: E402  # noqa: E402
+from engine.targets import ROUNDINGS, Targets, default_multiple, resolve, valid_values, validate_targets  # noqa: E402
 
 spec = ArchSpec.from_dict(arch)
 source = {"hidden": spec.hidden_size, "ffn": spec.intermediate_size, "heads": spec.n_heads, "layers": spec.n_layers}
@@ -241,11 +241,24 @@ targets = Targets(
 state.put("targets", targets.to_dict())
 
 # ---------------------------------------------------------------- readout
+def _kept_layers(t: Targets) -> list[int] | None:
+    """The layers the plan keeps, where the count depends on which (a MoE mixing dense and sparse layers)."""
+    if not (spec.dense_layers and have and resolve(spec, t).layers < spec.n_layers):
+        return None
+    from engine.importance import Scores
+    from engine.plan import kept_layers
+
+    try:
+        return kept_layers(Scores(dict(tensors), meta), spec, t, resolve(spec, t).layers)
+    except Exception:  # noqa: BLE001 - the targets' own error is shown by validation
+        return None
+
+
 with right:
     t0 = time.perf_counter()
     try:
         validate_targets(spec, targets)
-        est = estimate(spec, targets)
+        est = estimate(spec, targets, kept_layers=_kept_layers(targets))
     except Exception as e:  # noqa: BLE001
         st.error(f"These targets are not valid: {user_message(e)}")
         st.stop()
