@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from engine.arch.base import ArchSpec, LayerParts
 from engine.arch.llama import LlamaAdapter
+from engine.arch.registry import register_unlisted
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +111,8 @@ class OlmoeRules(_MoERules):
     qk_norm_full = True
 
 
-RULES: dict[str, type[LlamaAdapter]] = {c.model_type: c for c in (Qwen3MoeRules, MixtralRules, OlmoeRules)}
+RULES: dict[str, type[LlamaAdapter]] = {c.model_type: register_unlisted(c)
+                                         for c in (Qwen3MoeRules, MixtralRules, OlmoeRules)}
 
 
 def n_experts(config) -> int:

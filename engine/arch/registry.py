@@ -18,6 +18,15 @@ def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
     return cls
 
 
+_UNLISTED: dict[str, type[ArchAdapter]] = {}  # mixture-of-experts rules (engine.arch.moe), not yet listed
+
+
+def register_unlisted(cls: type[ArchAdapter]) -> type[ArchAdapter]:
+    """An adapter that prunes, scores and exports but is not yet among the supported families."""
+    _UNLISTED[cls.model_type] = cls
+    return cls
+
+
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -26,9 +35,7 @@ def adapter_class(model_type: str) -> type[ArchAdapter]:
     """The adapter class of a `model_type` (for rules that need no model instance): a registered family
     or a mixture-of-experts one (engine.arch.moe: scored, planned, pruned and exported, not yet listed
     among the supported families)."""
-    from engine.arch.moe import RULES
-
-    cls = _REGISTRY.get(model_type) or RULES.get(model_type)
+    cls = _REGISTRY.get(model_type) or _UNLISTED.get(model_type)
     if cls is None:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
