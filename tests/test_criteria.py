@@ -3,6 +3,8 @@ fall-off curves, and the criterion carried through plan.json and the model card.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -250,7 +252,18 @@ def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monk
     at.session_state["imp_fo_layer"] = 1
     at.button(key="imp_fo_go").click().run()
     assert not at.exception, at.exception
-    fig = next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_falloff"))
+
+    def falloff_chart() -> dict | None:  # drawn once the "falloff" job is done
+        return next((json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_falloff")),
+                    None)
+
+    deadline = time.time() + 180
+    while falloff_chart() is None and time.time() < deadline:
+        time.sleep(1.0)
+        at.run()
+        assert not at.exception, at.exception
+    fig = falloff_chart()
+    assert fig is not None, "the fall-off job did not finish"
     assert [t["name"] for t in fig["data"]] == ["activation", "weighted", "product", "random"]
     # Prune targets keeps the criterion, and a plan opened there brings its own
     at.switch_page("screens/targets.py").run()
