@@ -84,7 +84,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict, keep: int = 2)
     skeleton = _split(state, "", tensors)
     sidecar = d / f"step-{step:06d}.json"
     blob = save_safetensors(tensors)
-    atomic_write(tensor_file(sidecar), lambda f: f.write(blob), binary=True, fsync=True)
+    atomic_write(tensor_file(sidecar), lambda f: f.write(blob), binary=True, fsync=True, needed=len(blob))
     meta = {"format": FORMAT, "step": step, "tensor_bytes": len(blob),
             "sha256": sha256_file(tensor_file(sidecar)), "state": skeleton}
     atomic_write(sidecar, lambda f: f.write(json.dumps(meta)), fsync=True)

@@ -42,10 +42,10 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 def atomic_write(path: Path, write: Callable, binary: bool = False, fsync: bool = False,
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, needed: int | None = None) -> None:
     """Call `write(file)` on a temp file in the same folder, then rename it over `path`: readers
     see the old or the new file, never half of one; a failed write leaves nothing behind. A full
-    disk raises ResourceError with a one-line message."""
+    disk raises ResourceError with a one-line message (naming `needed` bytes when given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix or f"{TMP_PREFIX}{path.name}.", dir=path.parent)
@@ -60,7 +60,7 @@ def atomic_write(path: Path, write: Callable, binary: bool = False, fsync: bool 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if is_disk_full(e):
-            raise ResourceError(_disk_full_message(path)) from e
+            raise ResourceError(_disk_full_message(path, needed)) from e
         raise
 
 
