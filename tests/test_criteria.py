@@ -181,8 +181,8 @@ def test_an_unknown_criterion_is_a_one_line_error():
 
 def test_falloff_for_scores_reads_the_model_and_data_of_the_scores_folder(tmp_path):
     from engine.data import DataSource
-    from engine.importance.cache import score
     from engine.importance.falloff import falloff_for_scores
+    from engine.importance.scoring import score
     from engine.models import load
     from tests.tiny_models import _CORPUS, save_tiny
 
@@ -219,7 +219,7 @@ def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monk
     from streamlit.testing.v1 import AppTest
 
     from engine.data import DataSource
-    from engine.importance.cache import score
+    from engine.importance.scoring import score
     from engine.models import load
     from tests.tiny_models import _CORPUS, save_tiny
 
@@ -370,7 +370,7 @@ def test_a_run_config_keeps_the_criterion(tmp_path):
 def test_scores_made_before_the_criteria_get_them_without_a_forward(tmp_path):
     from engine.data import DataSource
     from engine.importance import Scores
-    from engine.importance.cache import score
+    from engine.importance.scoring import score
     from engine.models import load
     from tests.tiny_models import _CORPUS, save_tiny
 

@@ -303,7 +303,7 @@ def loaded_and_corpus(tmp_path, monkeypatch):
 
 
 def test_score_caches_reuses_extends_and_refuses(loaded_and_corpus, tmp_path, monkeypatch):
-    import engine.importance.cache as cache
+    import engine.importance.scoring as cache
 
     loaded, source, _, _ = loaded_and_corpus
     calls: list[ScoreConfig] = []
@@ -348,7 +348,7 @@ def test_damaged_scores_are_recomputed_in_the_cache_and_refused_elsewhere(loaded
         Scores.load(folder)
     with pytest.raises(ScoreError, match="is damaged"):
         Scores.load_numpy(folder)
-    with caplog.at_level(logging.WARNING, logger="engine.importance.cache"):
+    with caplog.at_level(logging.WARNING, logger="engine.importance.scoring"):
         s2, folder2 = score(loaded, source, 4, 16)  # the cache's own entry: recomputed, said in the log
     assert folder2 == folder and s2.meta["reused"] == "none" and "damaged, recomputing" in caplog.text
     assert tensors.read_bytes() == good and torch.equal(Scores.load(folder)["heads"], s1["heads"])
@@ -377,7 +377,7 @@ def test_score_sweeps_eight_samples_by_default_on_a_cpu(loaded_and_corpus):
 
 
 def test_add_depth_scores_keeps_the_width_scores(loaded_and_corpus, tmp_path, monkeypatch):
-    import engine.importance.cache as cache
+    import engine.importance.scoring as cache
     from engine.data import get_blocks
     from engine.importance import add_depth_scores
 

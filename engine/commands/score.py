@@ -140,7 +140,7 @@ def _estimate(loaded, arch: dict, seq_len: int, depth_samples: int, block_size, 
 
 def _add_to(args) -> int:
     from engine.importance import ScoreError, Scores, add_depth_scores
-    from engine.importance.cache import model_spec_of
+    from engine.importance.scoring import model_spec_of
     from engine.importance.stream import execution_device
     from engine.importance.sweep import default_depth_samples
     from engine.models import load

@@ -11,7 +11,7 @@ import importlib
 _WHERE = {
     "AGGREGATIONS": "aggregate", "spearman": "aggregate",
     "ScoreConfig": "api", "compute_scores": "api", "score_config_for": "api",
-    "cache_key": "cache", "score": "cache", "add_depth_scores": "cache",
+    "cache_key": "scoring", "score": "scoring", "add_depth_scores": "scoring",
     "estimate_sweep_seconds": "sweep", "default_depth_samples": "sweep",
     "ScoreError": "scores", "Scores": "scores",
 }

@@ -146,7 +146,7 @@ def falloff_for_scores(folder, layer: int, axis: str, n_samples: int = 4, loaded
     """`falloff` for the model and calibration data recorded in a scores folder, on its first `n_samples`
     calibration blocks (the model is loaded from the scores' spec and dtype unless `loaded` is given)."""
     from engine.data import DataSource, get_blocks
-    from engine.importance.cache import model_spec_of
+    from engine.importance.scoring import model_spec_of
     from engine.models import fingerprint, load
 
     scores = Scores.load(folder)
