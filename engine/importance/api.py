@@ -165,6 +165,17 @@ def _score_meta(model: torch.nn.Module, adapter, config: ScoreConfig, N: int, T:
     }
 
 
+def _progress_units(adapter, config: ScoreConfig, N: int, rows: int, D: int) -> tuple[dict, float]:
+    """Progress in layer passes per sample: the cost of each kind of pass, and the whole job's."""
+    L, n = adapter.n_layers, config.block_size
+    head = lm_head_layers(adapter.spec().to_dict())
+    units = {"forward": L, "base": head, "layer": L * (L - 1) / 2 + L * head,
+             "block": sum(L - b - n for b in range(L - n + 1)) + (L - n + 1) * head if n else 0.0}
+    total = rows * L + D * (head + (units["layer"] if config.depth_ppl else 0)
+                            + (units["block"] if config.block_ppl else 0))
+    return units, total + (3 * L * N if config.taylor else 0)
+
+
 def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreConfig = ScoreConfig(),
                    progress: Progress | None = None, width: bool = True) -> Scores:
     """Every importance score of `model` on calibration `blocks` (N, T) token ids; nothing written.
@@ -189,12 +200,8 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
     D = min(config.depth_samples or N, N) if need_ppl else 0  # samples the sweeps run on
     rows = N if width else D  # samples that go through the (capturing) forward pass
     n_batches = math.ceil(rows / bs)
-    head = lm_head_layers(adapter.spec().to_dict())  # progress units: layer passes per sample
-    units = {"forward": L, "base": head, "layer": L * (L - 1) / 2 + L * head,
-             "block": sum(L - b - n for b in range(L - n + 1)) + (L - n + 1) * head if n else 0.0}
-    total = rows * L + D * (head + (units["layer"] if config.depth_ppl else 0)
-                            + (units["block"] if config.block_ppl else 0))
-    meter = _Meter(total + (3 * L * N if config.taylor else 0), progress)
+    units, total = _progress_units(adapter, config, N, rows, D)
+    meter = _Meter(total, progress)
     timings: dict[str, float] = {"width_bi": 0.0} if width else {}
     sums = {"base": 0.0, "layer": torch.zeros(L, dtype=torch.float64),
             "block": torch.zeros(L - n + 1, dtype=torch.float64) if n else None}
