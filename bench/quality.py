@@ -59,8 +59,10 @@ from common import (
 )
 
 from engine.arch import get_adapter
+from engine.devices import compute_dtype
 from engine.distill import DistillConfig, distill
 from engine.evaluate import evaluate_student, teacher_logits, token_nll
+from engine.export import export_model
 from engine.importance import AGGREGATIONS
 from engine.mix import BREADTH, DataMix, eval_sets, mix_blocks
 from engine.models import count_parameters, load
@@ -131,7 +133,8 @@ class Bench:
         warmup = self.s["warmup"] or max(1, total // 20)
         return DistillConfig(steps=steps, tokens=tokens, batch_size=self.s["batch"], seq_len=self.s["seq_len"],
                              lr=self.s["lr"], warmup_steps=min(warmup, total), ce_weight=1.0 if loss == "kl+ce" else 0.0,
-                             eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, seed=0, method=method)
+                             eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, seed=0, method=method,
+                             dtype=self.s["dtype"])
 
     def distill(self, student: torch.nn.Module, loss: str, method: str = "kd", corrected: bool = False,
                 train: torch.Tensor | None = None) -> dict:
@@ -349,6 +352,9 @@ def run_one(b: Bench, e: Experiment) -> dict:
         if e.teacher_share is not None:
             br = evaluate_student(br_logits, student, br_blocks)
             row.update(ppl_breadth_distilled=br["ppl"], kl_breadth_distilled=br["kl"])
+        if b.args.save_students:  # a from_pretrained folder, for lm-eval or a look by hand
+            row["saved_to"] = str(export_model(student, b.loaded.tokenizer, b.args.save_students / e.name,
+                                               source_name=b.loaded.name, verify=False))
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["machine"] = machine_note()
     del student
@@ -373,12 +379,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip experiments already in the output JSON")
     p.add_argument("--minutes", type=float, default=15.0, help="full mode: distillation minutes per run")
     p.add_argument("--tokens", type=int, default=None, help="distillation token budget (skips the measurement)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="compute dtype of every evaluation and distillation (default fp32, as every recorded row; "
+                        "--resume refuses another)")
+    p.add_argument("--save-students", type=Path, default=None, metavar="DIR",
+                   help="export every distilled student to DIR/NAME (a from_pretrained folder)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
+    settings = dict(QUICK if args.quick else FULL, dtype=args.dtype)
     stem = "quality_quick" if args.quick else "quality"
     path = args.out / f"{stem}.json"
     old = json.loads(path.read_text()) if args.resume and path.is_file() else {"meta": {}, "rows": []}
@@ -386,6 +397,17 @@ def main(argv: list[str] | None = None) -> int:
     if pinned and args.tokens not in (None, pinned):
         sys.exit(f"{path} holds rows distilled on {pinned} tokens each, not --tokens {args.tokens}: resume "
                  f"without --tokens (or with --tokens {pinned}), or start over without --resume")
+    pinned_dtype = old["meta"].get("settings", {}).get("dtype", "fp32") if old["rows"] else None
+    if pinned_dtype and args.dtype != pinned_dtype:
+        sys.exit(f"{path} holds rows computed in {pinned_dtype}, not --dtype {args.dtype}: resume with "
+                 f"--dtype {pinned_dtype}, or start over in another --out")
+    with compute_dtype(args.dtype):
+        return run_all(args, settings, stem, path, old, pinned, argv)
+
+
+def run_all(args: argparse.Namespace, settings: dict, stem: str, path: Path, old: dict, pinned: int | None,
+            argv: list[str] | None) -> int:
+    """Every experiment asked for, each row written as soon as it is done; then the report."""
     t_start = time.perf_counter()
     notes = [f"start: {machine_note()}"]
     print(notes[0], flush=True)
