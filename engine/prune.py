@@ -50,27 +50,23 @@ def select(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
     return t.index_select(dim, idx)
 
 
-def _conv1d_type() -> type:
-
-    return Conv1D
-
-
 @torch.no_grad()
+def _trim_matrix(src: nn.Module, dst: nn.Module, out_idx: Index, in_idx: Index, out_dim: int) -> None:
+    """A 2-D weight whose outputs lie along `out_dim` (its inputs along the other), and its bias."""
+    w = select(src.weight, out_dim, out_idx)
+    dst.weight.copy_(select(w, 1 - out_dim, in_idx))
+    if src.bias is not None:
+        dst.bias.copy_(select(src.bias, 0, out_idx))
+
+
 def trim_linear(src: nn.Linear, dst: nn.Linear, out_idx: Index = None, in_idx: Index = None) -> None:
     """nn.Linear, weight (out, in)."""
-    w = select(src.weight, 0, out_idx)
-    dst.weight.copy_(select(w, 1, in_idx))
-    if src.bias is not None:
-        dst.bias.copy_(select(src.bias, 0, out_idx))
+    _trim_matrix(src, dst, out_idx, in_idx, out_dim=0)
 
 
-@torch.no_grad()
 def trim_conv1d(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = None) -> None:
     """transformers' Conv1D (GPT-2), weight stored (in, out)."""
-    w = select(src.weight, 1, out_idx)
-    dst.weight.copy_(select(w, 0, in_idx))
-    if src.bias is not None:
-        dst.bias.copy_(select(src.bias, 0, out_idx))
+    _trim_matrix(src, dst, out_idx, in_idx, out_dim=1)
 
 
 @torch.no_grad()
@@ -98,7 +94,7 @@ def trim(src: nn.Module, dst: nn.Module, out_idx: Index = None, in_idx: Index = 
         written.update(id(p) for p in dst.parameters(recurse=False))
     if isinstance(src, nn.Linear):
         trim_linear(src, dst, out_idx, in_idx)
-    elif isinstance(src, _conv1d_type()):
+    elif isinstance(src, Conv1D):
         trim_conv1d(src, dst, out_idx, in_idx)
     elif isinstance(src, nn.Embedding):
         trim_embedding(src, dst, out_idx, in_idx)
@@ -147,7 +143,7 @@ def _merged(module: nn.Module, pairs: list[tuple[int, int]], head_dim: int, side
     """A merged copy of a projection: side "out" merges output features (+bias), "in" input features."""
     if not pairs:
         return module
-    conv = isinstance(module, _conv1d_type())
+    conv = isinstance(module, Conv1D)
     out_dim, in_dim = (1, 0) if conv else (0, 1)
     m = copy.deepcopy(module)
     with torch.no_grad():
@@ -270,7 +266,6 @@ def _rescale_post_norms(dst: ArchAdapter, c: float) -> None:
 
 def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> nn.Module:
     """A new model of the same class holding the kept units of `model`; `model` is left untouched."""
-
     plan.validate()
     src = get_adapter(model)
     spec = src.spec()
