@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from engine.arch.base import LayerParts
 from engine.arch.llama import LlamaAdapter
 from engine.arch.registry import register
 
@@ -33,18 +32,8 @@ class Gemma2Adapter(LlamaAdapter):
     hidden_multiple_of_heads = True  # Gemma2Config validates hidden_size % num_attention_heads
     scaled_embedding = True
     norm_weight_offset = 1.0
-
-    def layer(self, i: int) -> LayerParts:
-        block = self.layers[i]
-        attn, mlp = block.self_attn, block.mlp
-        return LayerParts(
-            block=block, attn=attn, mlp=mlp,
-            attn_norm=block.input_layernorm, attn_post_norm=block.post_attention_layernorm,
-            mlp_norm=block.pre_feedforward_layernorm, mlp_post_norm=block.post_feedforward_layernorm,
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
-            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-        )
+    block_norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                   "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         import torch

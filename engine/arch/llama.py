@@ -8,7 +8,7 @@ each family is its own small class so its flags are explicit and it has its own 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,13 @@ class LlamaAdapter(ArchAdapter):
     layout = "explicit head_dim; hidden a multiple of the query heads (LlamaConfig checks it)"
     # transformers' LlamaConfig validates hidden_size % num_attention_heads == 0
     hidden_multiple_of_heads = True
+    # Where each LayerParts slot lives, as data: LayerParts field -> attribute of the decoder block
+    # (None: the family has no such norm), of its `self_attn` and of its `mlp`. q_norm / k_norm are
+    # taken from `self_attn` wherever the family has them.
+    block_norms: ClassVar[dict[str, str | None]] = {
+        "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    attn_projections: ClassVar[dict[str, str]] = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    mlp_projections: ClassVar[dict[str, str]] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
     @property
     def base_model(self) -> nn.Module:
@@ -40,13 +47,11 @@ class LlamaAdapter(ArchAdapter):
     def layer(self, i: int) -> LayerParts:
         block = self.layers[i]
         attn, mlp = block.self_attn, block.mlp
-        return LayerParts(
-            block=block, attn=attn, mlp=mlp,
-            attn_norm=block.input_layernorm, mlp_norm=block.post_attention_layernorm,
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
-            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-        )
+        norms = {field: getattr(block, name) if name else None for field, name in self.block_norms.items()}
+        projections = {**{field: getattr(attn, name) for field, name in self.attn_projections.items()},
+                       **{field: getattr(mlp, name) for field, name in self.mlp_projections.items()}}
+        return LayerParts(block=block, attn=attn, mlp=mlp, **norms, **projections,
+                          q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
 
     def config_updates(self, hidden, ffn, heads, kv_heads, layers, head_dim) -> dict:
         return {
@@ -112,13 +117,5 @@ class Olmo2Adapter(LlamaAdapter):
     layout = "norms after attention and the MLP only; q/k norms over the whole projection, trimmed with the heads"
     hidden_multiple_of_heads = False
     qk_norm_full = True
-
-    def layer(self, i: int) -> LayerParts:
-        block = self.layers[i]
-        attn, mlp = block.self_attn, block.mlp
-        return LayerParts(
-            block=block, attn=attn, mlp=mlp, attn_norm=None, mlp_norm=None,
-            attn_post_norm=block.post_attention_layernorm, mlp_post_norm=block.post_feedforward_layernorm,
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj, q_norm=attn.q_norm, k_norm=attn.k_norm,
-        )
+    block_norms = {"attn_norm": None, "mlp_norm": None, "attn_post_norm": "post_attention_layernorm",
+                   "mlp_post_norm": "post_feedforward_layernorm"}

@@ -10,7 +10,6 @@ shapes where that differs from head_dim, and the pruning plan says so.
 
 from __future__ import annotations
 
-from engine.arch.base import LayerParts
 from engine.arch.llama import LlamaAdapter
 from engine.arch.registry import register
 
@@ -22,12 +21,5 @@ class Phi3Adapter(LlamaAdapter):
     fused_qkv = True
     fused_gate_up = True
     hidden_multiple_of_heads = False
-
-    def layer(self, i: int) -> LayerParts:
-        block = self.layers[i]
-        attn, mlp = block.self_attn, block.mlp
-        return LayerParts(
-            block=block, attn=attn, mlp=mlp,
-            attn_norm=block.input_layernorm, mlp_norm=block.post_attention_layernorm,
-            qkv=attn.qkv_proj, o=attn.o_proj, up=mlp.gate_up_proj, down=mlp.down_proj,
-        )
+    attn_projections = {"qkv": "qkv_proj", "o": "o_proj"}
+    mlp_projections = {"up": "gate_up_proj", "down": "down_proj"}
