@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from engine.data_args import DATA_SOURCES, add_block_args
+
 log = logging.getLogger(__name__)
 
 
@@ -32,15 +34,9 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default="default", help="default, hub id, HF folder or .gguf")
     p.add_argument("--teacher", default=None, metavar="MODEL",
                    help="reference model for KL (same tokenizer); also evaluated as its own row")
-    p.add_argument("--data", default=None,
-                   help="text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]"
-                        " (required, except with --tasks of lm-eval's own registry)")
-    p.add_argument("--data-range", default="0.6:1", metavar="START:END",
-                   help="fraction of the documents to evaluate on (default 0.6:1, the WikiText held-out split)")
-    p.add_argument("--text-column", default=None, help="text column for jsonl/parquet/csv/hf (default: text)")
-    p.add_argument("--samples", type=int, default=32, help="evaluation blocks (default 32)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    add_block_args(p, data_help=f"text: {DATA_SOURCES} (required, except with --tasks of lm-eval's own registry)",
+                   data_range="0.6:1", role="evaluation",
+                   range_help="fraction of the documents to evaluate on (default 0.6:1, the WikiText held-out split)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass for perplexity / KL")
     p.add_argument("--batch-sizes", default="1,16", help="throughput batch sizes, comma-separated, or 'none'")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the throughput test")

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from engine.target_args import add_target_args, targets_from_args
-
-log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
+from engine.data_args import DATA_SOURCES, add_block_args
 
 
 def register(sub) -> None:
@@ -13,15 +11,9 @@ def register(sub) -> None:
                                    "layers (BI, optional perplexity sweep, blocks, Taylor+), written to a folder "
                                    "as scores.safetensors + scores.json and reused when asked again.")
     p.add_argument("--model", default="default", help="default, hub id, HF folder or .gguf")
-    p.add_argument("--data", default=None,
-                   help="(required unless --add-to) calibration text: a file (.txt/.raw/.jsonl/.parquet/.csv), hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] "
-                        "or generated[:N]")
-    p.add_argument("--data-range", default="0:1", metavar="START:END",
-                   help="fraction of the documents to use (WikiText convention: 0:0.6 for calibration)")
-    p.add_argument("--text-column", default=None, help="text column for jsonl/parquet/csv/hf (default: text)")
-    p.add_argument("--samples", type=int, default=32, help="calibration blocks (default 32)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    add_block_args(p, data_help=f"(required unless --add-to) calibration text: {DATA_SOURCES}",
+                   data_range="0:1", role="calibration",
+                   range_help="fraction of the documents to use (WikiText convention: 0:0.6 for calibration)")
     p.add_argument("--aggregation", default="l2_mean",
                    help="<batch>_<seq>, each of l2|mean|var (default l2_mean, as Minitron)")
     p.add_argument("--depth-ppl", action="store_true", help="perplexity increase with each layer removed")
