@@ -1,21 +1,25 @@
 """`prunescope search`: every valid shape within a parameter budget, previewed one-shot, then a
 tournament of the best K distilled side by side. Writes candidates.csv and the tournament's metrics
-in a run folder that `prunescope status / cancel / resume` handle like any other job."""
+in a run folder that `prunescope status / cancel / resume` handle like any other job.
+
+Every valid shape within --params ± --tolerance is pruned one-shot in memory and scored by
+KL(teacher || pruned) on held-out text; the best --top are then distilled on the same batches and
+ranked again. Mixtures of experts add the experts axis (experts per layer, --experts N fixes it)."""
 
 from __future__ import annotations
 
 import argparse
 
-from engine.targets import AXES
+from engine.search.shapes import SEARCH_AXES
 
-AXIS_NAMES = {"hidden": "hidden", "ffn": "ffn", "mlp": "ffn", "heads": "heads", "layers": "layers", "depth": "layers"}
+AXIS_NAMES = {"hidden": "hidden", "ffn": "ffn", "mlp": "ffn", "heads": "heads", "layers": "layers", "depth": "layers",
+              "experts": "experts"}
+HELP = "search the shapes within a parameter budget (one-shot KL + tournament)"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("search", help="search the shapes within a parameter budget (one-shot KL + tournament)",
-                       description="Enumerate every valid shape within --params ± --tolerance, prune each one-shot "
-                                   "in memory and score it by KL(teacher || pruned) on held-out text, then distill "
-                                   "the best --top on the same batches and rank them again.")
+    p = sub.add_parser("search", help=HELP, description=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="default, hub id, folder or .gguf")
     p.add_argument("--data", default="generated", help="file, hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] or generated[:N]")
     p.add_argument("--text-column", default=None)
@@ -25,9 +29,13 @@ def register(sub) -> None:
     p.add_argument("--params", type=float, required=True,
                    help="parameter budget: a fraction of the source (0.75) or a count (100e6)")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance of the budget (default 0.02)")
-    p.add_argument("--axes", default=",".join(AXES), help="axes that may change: hidden,ffn,heads,layers")
-    for axis in AXES:
+    p.add_argument("--axes", default=",".join(SEARCH_AXES),
+                   help="axes that may change: hidden,ffn,heads,layers,experts (experts: mixtures of experts only)")
+    for axis in SEARCH_AXES:
         p.add_argument(f"--{axis}-range", default=None, metavar="MIN:MAX", help=f"bounds of the {axis} axis")
+    p.add_argument("--experts", type=int, default=None, metavar="N",
+                   help="mixtures of experts: keep N experts per layer in every candidate (the router's top-k is "
+                        "clamped to N); the other axes are searched around it")
     p.add_argument("--round", type=int, default=0, choices=[0, 1, 8, 32, 64, 128],
                    help="hidden / MLP widths in multiples of this (default: 64 where the source width is a "
                         "multiple of 64)")
@@ -61,7 +69,7 @@ def _bounds(args) -> dict[str, tuple[int, int]]:
     from engine.errors import PlanError
 
     out = {}
-    for axis in AXES:
+    for axis in SEARCH_AXES:
         text = getattr(args, f"{axis}_range")
         if text:
             lo, _, hi = text.partition(":")
@@ -69,6 +77,12 @@ def _bounds(args) -> dict[str, tuple[int, int]]:
                 out[axis] = (int(lo or 1), int(hi or 10**12))
             except ValueError:
                 raise PlanError(f"--{axis}-range takes MIN:MAX whole numbers, e.g. 256:512; got {text!r}") from None
+    if args.experts is not None:
+        if args.experts_range:
+            raise PlanError("give --experts N (a fixed count) or --experts-range MIN:MAX, not both")
+        if args.experts < 1:
+            raise PlanError(f"--experts takes the experts kept per layer, a whole number >= 1; got {args.experts}")
+        out["experts"] = (args.experts, args.experts)
     return out
 
 
@@ -83,10 +97,12 @@ def config_from_args(args: argparse.Namespace):
     axes = []
     for a in args.axes.split(","):
         if a.strip() and a.strip() not in AXIS_NAMES:
-            raise PlanError(f"unknown axis {a.strip()!r} in --axes; valid: {', '.join(AXES)}")
+            raise PlanError(f"unknown axis {a.strip()!r} in --axes; valid: {', '.join(SEARCH_AXES)}")
         if a.strip():
             axes.append(AXIS_NAMES[a.strip()])
-    space = {"budget": args.params, "tolerance": args.tolerance, "axes": sorted(set(axes), key=AXES.index),
+    if args.experts is not None:
+        axes.append("experts")
+    space = {"budget": args.params, "tolerance": args.tolerance, "axes": sorted(set(axes), key=SEARCH_AXES.index),
              "bounds": _bounds(args), "rounding": args.round, "depth_by": args.depth_by,
              "criterion": args.criterion}
     d = replace(cpu_distill(), tokens=args.tokens, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
@@ -106,6 +122,11 @@ def run(args) -> int:
     from engine.search.job import create_search
 
     cfg = config_from_args(args)
+    if args.experts is not None:  # checked on the saved architecture before a run folder exists
+        from engine.target_args import validate_for_model
+        from engine.targets import Targets
+
+        validate_for_model(Targets(experts=args.experts), args.model)
     if args.if_busy == "refuse":  # refused before a run folder exists: nothing is left behind
         from engine.device_lock import ensure_device_free
 

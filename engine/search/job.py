@@ -37,7 +37,8 @@ from engine.search.store import PreviewConfig, eval_data  # noqa: F401  (re-expo
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("rank", "name", "kind", "hidden", "ffn", "heads", "layers", "params", "fraction", "kl", "ppl",
-               "teacher_ppl", "seconds", "tournament_kl", "tournament_ppl", "tournament_steps", "tournament_rank")
+               "teacher_ppl", "seconds", "tournament_kl", "tournament_ppl", "tournament_steps", "tournament_rank",
+               "experts")  # experts: per sparse layer of a mixture of experts (0: a dense model)
 
 
 def cpu_distill() -> DistillConfig:
@@ -184,8 +185,10 @@ def search_job(run, should_stop: Callable[[], bool]) -> dict:
     from engine.arch.base import ArchSpec
     from engine.data import DataSource
     from engine.models import load
+    from engine.plan import kept_layers
     from engine.search.preview import scores_digest, teacher_side
     from engine.search.shapes import enumerate_shapes
+    from engine.targets import Targets
 
     cfg = SearchConfig.from_dict(run.config())
     space = SearchSpace.from_dict(cfg.space)
@@ -210,7 +213,8 @@ def search_job(run, should_stop: Callable[[], bool]) -> dict:
     scores, fp = _scores(cfg.scores, loaded, run.path, make_scores)
     spec = ArchSpec.from_dict(scores.meta["arch"])
     st.start("enumerate")
-    shapes = enumerate_shapes(spec, space)
+    shapes = enumerate_shapes(spec, space, kept_layers=lambda n: kept_layers(
+        scores, spec, Targets(layers=n, depth_by=space.depth_by), n))
     if cfg.max_candidates and len(shapes) > cfg.max_candidates:
         raise PlanError(f"{len(shapes)} shapes are within the budget, more than the {cfg.max_candidates} allowed; "
                         "use a coarser rounding, tighter bounds, fewer axes or a smaller tolerance")
@@ -282,9 +286,8 @@ def _student(model, scores, spec, space: SearchSpace, name: str):
 
 
 def shape_of(name: str) -> Shape:
-    """A Shape from its name h<hidden>-f<ffn>-q<heads>-l<layers> (sizes only)."""
-    parts = dict((p[0], int(p[1:])) for p in name.split("-"))
-    return Shape(parts["h"], parts["f"], parts["q"], parts["l"], 0, 0.0, "")
+    """A Shape from its name h<hidden>-f<ffn>-q<heads>-l<layers>[-e<experts>] (sizes only)."""
+    return Shape.from_name(name)
 
 
 def _truncate_metrics(run, step: int) -> None:

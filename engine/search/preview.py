@@ -142,5 +142,5 @@ def preview(teacher: torch.nn.Module, scores, targets, side: TeacherSide, batch_
     del student
     return {**q, "teacher_ppl": side.ppl, "params": est.params, "fraction": est.fraction_of_source,
             "source_params": est.source_params, "sizes": dict(sz.__dict__),
-            "kind": kind_of(spec, sz.hidden, sz.ffn, sz.heads, sz.layers),
+            "kind": kind_of(spec, sz.hidden, sz.ffn, sz.heads, sz.layers, sz.experts),
             "seconds": {"plan": t1 - t0, "prune": t2 - t1, "forward_kl": t3 - t2, "total": t3 - t0}}
