@@ -260,8 +260,12 @@ def criterion_view(tensors: dict[str, np.ndarray], criterion: str) -> dict[str, 
     view = dict(tensors)
     for axis in ("heads", "neurons", "channels", "channels_per_layer"):
         name = criterion_tensor(axis, criterion)
-        if name not in tensors and axis == "neurons" and "experts" in tensors and name == axis:
-            continue  # a mixture of experts: its neurons are scored per expert
+        if axis == "neurons" and "experts" in tensors:  # a mixture of experts: neurons scored per expert
+            name = criterion_tensor("expert_neurons", criterion)
+            if name not in tensors:
+                return None
+            view["expert_neurons"] = tensors[name]
+            continue
         if name not in tensors:
             return None
         view[axis] = tensors[name]

@@ -389,12 +389,10 @@ def _check_scores(scores: Scores, spec: ArchSpec, criterion: str = DEFAULT_CRITE
               "channels": (spec.hidden_size,)}
     names = _tensor_names(criterion)
     if spec.is_moe:
-        if criterion != DEFAULT_CRITERION:
-            raise PlanError(f"mixtures of experts are ranked by {DEFAULT_CRITERION} only; got criterion {criterion!r}")
         S = len(_sparse_rows(spec))
         del shapes["neurons"], names["neurons"]
         shapes.update(experts=(S, spec.n_experts), expert_neurons=(S, spec.n_experts, spec.intermediate_size))
-        names.update(experts="experts", expert_neurons="expert_neurons")
+        names.update(experts="experts", expert_neurons=criterion_tensor("expert_neurons", criterion))
         if scores.has("expert_layers") and scores["expert_layers"].tolist() != _sparse_rows(spec):
             raise PlanError(f"the expert scores cover layers {scores['expert_layers'].tolist()}, the model has "
                             f"experts in layers {_sparse_rows(spec)}; rescore the model")
@@ -438,7 +436,8 @@ def make_plan(scores: Scores, targets: Targets) -> Plan:
         merges.append(sorted(pairs))
         if spec.is_moe:
             experts.append([] if layer in spec.dense_layers else _top(scores["experts"][rows.index(layer)], s.experts))
-            expert_neurons.append([_top(scores["expert_neurons"][rows.index(layer)][e], s.ffn) for e in experts[-1]])
+            per_expert = scores[criterion_tensor("expert_neurons", targets.criterion)]  # (S, E, F)
+            expert_neurons.append([_top(per_expert[rows.index(layer)][e], s.ffn) for e in experts[-1]])
             neurons.append(list(range(spec.dense_ffn)) if layer in spec.dense_layers else [])
         else:
             neurons.append(_top(scores[names["neurons"]][layer], s.ffn))

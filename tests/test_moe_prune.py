@@ -106,8 +106,9 @@ def test_plan_rules_for_experts(scored):
     sparse[0]["expert_neurons"].append(sparse[0]["expert_neurons"][0])
     with pytest.raises(PlanError, match="same number of experts|experts: indices|targets give experts"):
         Plan.from_dict(d)
-    with pytest.raises(PlanError, match="ranked by activation only"):
-        make_plan(sc, Targets(criterion="weighted"))
+    sc_old = type(sc)({k: v for k, v in sc.tensors.items() if ":" not in k}, sc.meta)  # before the criteria
+    with pytest.raises(PlanError, match="no 'heads:weighted' tensor"):
+        make_plan(sc_old, Targets(criterion="weighted"))
     if spec(model).dense_layers:
         d = make_plan(sc, Targets()).to_dict()
         d["layers"][1]["neurons"] = d["layers"][1]["neurons"][:-1]

@@ -234,7 +234,7 @@ def compute_scores(model: torch.nn.Module, blocks: torch.Tensor, config: ScoreCo
         tensors = collector.result() if width else {}
         if experts is not None:
             tensors.update(experts.result())
-        elif width:  # the weight-aware criteria: weight norms only, no extra pass
+        if width:  # the weight-aware criteria: weight norms only, no extra pass
             info = stream_info(model)
             tensors.update(criterion_tensors(adapter, tensors, info.weights if info is not None else None))
         if config.taylor:

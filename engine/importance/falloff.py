@@ -11,15 +11,23 @@ fraction at a time, and the layer's output is compared with the untouched model'
 Channels are ranked by the global channel scores, the ones a plan uses. A "random" curve (a seeded
 permutation) is the baseline a useful criterion must stay under. The forward stops at the measured
 module, so each point costs a partial forward of the calibration blocks.
+
+Mixtures of experts: a sparse layer's neurons live inside its experts and are ranked per expert (as the
+plan keeps them), so each point zeroes the same fraction of every expert's neurons (their down_proj
+columns, restored afterwards) and measures the sparse block's output; the router is untouched. A dense
+layer of a mixed model keeps its whole MLP and has no neuron curve.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from engine.arch import get_adapter, hidden_from_output
+from engine.arch.moe import MOE_FIELDS, MoEParts, moe_parts, sparse_layers
 from engine.importance.scores import CRITERIA, ScoreError, Scores, criterion_tensor
 
 FALLOFF_AXES = ("neurons", "heads", "channels")
@@ -56,6 +64,62 @@ def _ranking(scores: Scores, axis: str, layer: int, criterion: str, n: int, seed
         raise ScoreError(f"the {axis} scores have {s.numel()} units, the model's layer has {n}; were they "
                          "computed on another model?")
     return torch.sort(s.double(), stable=True).indices  # ascending
+
+
+def _expert_ranking(scores: Scores, parts: MoEParts, row: int, criterion: str, seed: int) -> torch.Tensor:
+    """(E, F): each expert's neuron indices from least to most important (ties: lower index first)."""
+    E, F = parts.n_experts, parts.expert_ffn
+    if criterion == RANDOM:
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([torch.randperm(F, generator=g) for _ in range(E)])
+    s = scores[criterion_tensor("expert_neurons", criterion)][row]  # (E, F)
+    if tuple(s.shape) != (E, F):
+        raise ScoreError(f"the expert neuron scores have shape {tuple(s.shape)}, the model's layer has {E} experts "
+                         f"of {F}; were they computed on another model?")
+    return torch.sort(s.double(), dim=1, stable=True).indices
+
+
+@contextlib.contextmanager
+def _zeroed_expert_neurons(parts: MoEParts, mask: torch.Tensor | None) -> Iterator[None]:
+    """Expert neurons zeroed where `mask` (E, F) is 0: their down_proj columns, restored on exit."""
+    if mask is None:
+        yield
+        return
+    w = parts.experts.down_proj  # (E, D, F)
+    saved = w.data
+    w.data = saved * mask.to(saved.device, saved.dtype)[:, None, :]
+    try:
+        yield
+    finally:
+        w.data = saved
+
+
+def _expert_curves(model, adapter, blocks: torch.Tensor, scores: Scores, layer: int, criteria: tuple[str, ...],
+                   fractions: tuple[float, ...], seed: int) -> list[FalloffCurve]:
+    """Neuron curves of a sparse layer: the same fraction of every expert's neurons zeroed."""
+    sparse = sparse_layers(model.config)
+    if not sparse[layer]:
+        raise ScoreError(f"layer {layer} is a dense layer of a mixture of experts: its MLP is kept whole and has no "
+                         f"neuron curve; the expert neurons are in layers "
+                         f"{', '.join(str(i) for i, s in enumerate(sparse) if s)}")
+    parts = moe_parts(model, layer)
+    row = sum(sparse[:layer])  # the layer's row in the expert score tensors
+    measured = adapter.layer(layer).mlp
+    ref = _layer_output(model, adapter, blocks, [], True, measured, None)  # (N, T, D)
+    ref_norm = torch.linalg.vector_norm(ref).clamp_min(1e-12)
+    curves = []
+    for c in criteria:
+        order = _expert_ranking(scores, parts, row, c, seed)  # (E, F)
+        rmse, cos = [], []
+        for f in fractions:
+            mask = torch.ones(order.shape)
+            mask.scatter_(1, order[:, :round(f * order.shape[1])], 0.0)
+            with _zeroed_expert_neurons(parts, mask):
+                y = _layer_output(model, adapter, blocks, [], True, measured, None)
+            rmse.append(float(torch.linalg.vector_norm(y - ref) / ref_norm))
+            cos.append(float(torch.nn.functional.cosine_similarity(y, ref, dim=-1, eps=1e-12).mean()))
+        curves.append(FalloffCurve(c, [float(f) for f in fractions], rmse, cos))
+    return curves
 
 
 def _modules(adapter, layer: int, axis: str):
@@ -122,6 +186,8 @@ def falloff(model: torch.nn.Module, blocks: torch.Tensor, scores: Scores, layer:
     was_training = model.training
     model.eval()
     try:
+        if axis == "neurons" and model.config.model_type in MOE_FIELDS:
+            return _expert_curves(model, adapter, blocks, scores, layer, criteria, fractions, seed)
         ref = _layer_output(model, adapter, blocks, targets, at_input, measured, None)  # (N, T, C)
         ref_norm = torch.linalg.vector_norm(ref).clamp_min(1e-12)
         curves = []

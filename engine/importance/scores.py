@@ -53,14 +53,14 @@ CRITERION_HELP = {
 
 
 def criterion_tensor(axis: str, criterion: str) -> str:
-    """The scores tensor an axis (heads | neurons | channels | channels_per_layer) is ranked by under a
-    criterion; ScoreError listing the criteria for an unknown one."""
+    """The scores tensor an axis (heads | neurons | expert_neurons | channels | channels_per_layer) is ranked
+    by under a criterion; ScoreError listing the criteria for an unknown one."""
     if criterion not in CRITERIA:
         raise ScoreError(f"unknown importance criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     if criterion == "activation":
         return axis
-    if criterion == "product" and axis == "neurons":
-        return "neurons:product"
+    if criterion == "product" and axis in ("neurons", "expert_neurons"):
+        return f"{axis}:product"
     return f"{axis}:weighted"
 
 

@@ -7,7 +7,8 @@ big-model inference): an `AlignDevicesHook` on every module that owns weights co
 execution device just before that module runs and drops them right after it returns. Peak device
 memory is the largest single module (usually the embedding / lm_head) plus activations and buffers,
 instead of the whole model. The arithmetic is unchanged (the same kernels on the same device with
-the same weights), so streamed scores equal the unstreamed ones.
+the same weights), so streamed scores equal the unstreamed ones. A mixture of experts' sparse block
+(router and every expert of the layer) loads as one module, for the whole of its forward.
 
 Costs and limits:
 - every forward re-copies each weight it uses (host -> device on CUDA; on CPU only the hooks'
@@ -33,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
+from accelerate.utils import PrefixedDataset
 from torch import nn
+from transformers import AutoModelForCausalLM
+
+from engine.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,18 @@ def _tied(model: nn.Module) -> bool:
     return a is b or a.data_ptr() == b.data_ptr()
 
 
+def _whole_blocks(model: nn.Module) -> list[str] | None:
+    """Classes whose weights load together for their whole forward: a mixture of experts' sparse blocks
+    (router and experts), so the expert-importance hook, which runs after the experts return, still sees
+    their weights. None for other models (each module loads its own)."""
+    from engine.arch.moe import MOE_FIELDS, moe_parts
+
+    if getattr(model.config, "model_type", None) not in MOE_FIELDS:
+        return None
+    parts = [moe_parts(model, i) for i in range(int(model.config.num_hidden_layers))]
+    return sorted({type(p.block).__name__ for p in parts if p is not None})
+
+
 def stream_model(model: nn.Module, device: str | torch.device = "auto",
                  weights: Mapping[str, torch.Tensor] | None = None, offload: str = "cpu") -> nn.Module:
     """Keep `model`'s weights off `device` and load each module's onto it only while it runs (in place).
@@ -102,10 +121,6 @@ def stream_model(model: nn.Module, device: str | torch.device = "auto",
     own state dict moved to CPU — no copy for a model already on CPU). `offload` only labels it
     ("cpu" | "disk") for the metadata. Returns the model, with `stream_info(model)` set.
     """
-    from accelerate import cpu_offload
-
-    from engine.devices import resolve_device
-
     if offload not in OFFLOAD_KINDS:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_KINDS)}, got {offload!r}")
     if is_streamed(model):
@@ -117,7 +132,7 @@ def stream_model(model: nn.Module, device: str | torch.device = "auto",
     tied = _tied(model)
     if weights is None:
         weights = {name: t.to("cpu") for name, t in model.state_dict().items()}
-    cpu_offload(model, execution_device=dev, state_dict=weights)
+    cpu_offload(model, execution_device=dev, state_dict=weights, preload_module_classes=_whole_blocks(model))
     setattr(model, ATTR, StreamInfo(offload=offload, execution_device=dev, tied=tied, weights=weights))
     log.info("streaming %s: weights kept on %s, run on %s", type(model).__name__, offload, dev)
     return model
@@ -132,10 +147,6 @@ def load_disk_streamed(path: str, dtype: torch.dtype, device: str | torch.device
     when not given), so RAM holds no copy of the model: each module's weights are read (and cast to
     `dtype`) from disk when it runs. For models larger than RAM as well as the device.
     """
-    from accelerate.hooks import AlignDevicesHook, remove_hook_from_submodules
-    from accelerate.utils import PrefixedDataset
-    from transformers import AutoModelForCausalLM
-
     tmp = None
     if offload_dir is None:
         offload_dir = tmp = tempfile.mkdtemp(prefix="prunescope-offload-")
