@@ -8,11 +8,11 @@ top_k_weights (N, k))`, so a hook on `experts` sees each token's chosen experts 
 
 Which layers are sparse comes from the config (Qwen3-MoE's mlp_only_layers and decoder_sparse_step);
 dense layers keep a plain MLP of config.intermediate_size. `spec` gives the ArchSpec the targets and the
-estimator work on (engine.estimate counts total and active parameters). The adapters below are found
-by get_adapter but not yet listed among the supported families (README table, conformance suite):
-scoring adds the expert tensors (engine.importance.experts), plan.json keeps experts and expert
-neurons per sparse layer, apply_plan trims them with `config_updates`, `layer_updates` and
-`engine.prune.copy_experts`. Only the activation criterion ranks them.
+estimator work on (engine.estimate counts total and active parameters). The adapters below are registered
+as mixture-of-experts families (README table; their own test suites, tests/test_moe*.py): scoring adds
+the expert tensors (engine.importance.experts) and their weight-aware forms (engine.importance.criteria),
+plan.json keeps experts and expert neurons per sparse layer, apply_plan trims them with
+`config_updates`, `layer_updates` and `engine.prune.copy_experts`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from engine.arch.base import ArchSpec, LayerParts
 from engine.arch.llama import LlamaAdapter
-from engine.arch.registry import register_unlisted
+from engine.arch.registry import register_moe
 
 if TYPE_CHECKING:
     import torch
@@ -95,12 +95,17 @@ def _sparse_layer(block: nn.Module) -> LayerParts:
                       k_norm=getattr(attn, "k_norm", None))
 
 
+_EXPERTS = "router rows trimmed with the experts kept, top-k clamped to them; fused expert weights trimmed per expert"
+
+
 class Qwen3MoeRules(_MoERules):
     model_type = "qwen3_moe"
+    layout = f"{_EXPERTS}; dense layers (mlp_only_layers, decoder_sparse_step) keep their MLP width; q/k norms over head_dim"
 
 
 class MixtralRules(_MoERules):
     model_type = "mixtral"
+    layout = f"{_EXPERTS}; intermediate_size is each expert's width"
 
 
 class OlmoeRules(_MoERules):
@@ -109,9 +114,10 @@ class OlmoeRules(_MoERules):
     model_type = "olmoe"
     explicit_head_dim = False
     qk_norm_full = True
+    layout = f"{_EXPERTS}; q/k norms over the whole projection, trimmed with the heads"
 
 
-RULES: dict[str, type[LlamaAdapter]] = {c.model_type: register_unlisted(c)
+RULES: dict[str, type[LlamaAdapter]] = {c.model_type: register_moe(c)
                                          for c in (Qwen3MoeRules, MixtralRules, OlmoeRules)}
 
 

@@ -18,27 +18,33 @@ def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
     return cls
 
 
-_UNLISTED: dict[str, type[ArchAdapter]] = {}  # mixture-of-experts rules (engine.arch.moe), not yet listed
+_MOE: dict[str, type[ArchAdapter]] = {}  # mixtures of experts (engine.arch.moe), tested by their own suite
 
 
-def register_unlisted(cls: type[ArchAdapter]) -> type[ArchAdapter]:
-    """An adapter that prunes, scores and exports but is not yet among the supported families."""
-    _UNLISTED[cls.model_type] = cls
+def register_moe(cls: type[ArchAdapter]) -> type[ArchAdapter]:
+    """A mixture-of-experts family (engine.arch.moe registers its rules here, so the registry imports no
+    MoE module)."""
+    _MOE[cls.model_type] = cls
     return cls
 
 
 def supported_model_types() -> list[str]:
+    """The dense families (each one in the conformance suite); mixtures of experts: `moe_model_types`."""
     return sorted(_REGISTRY)
 
 
+def moe_model_types() -> list[str]:
+    """The mixture-of-experts families."""
+    return sorted(_MOE)
+
+
 def adapter_class(model_type: str) -> type[ArchAdapter]:
-    """The adapter class of a `model_type` (for rules that need no model instance): a registered family
-    or a mixture-of-experts one (engine.arch.moe: scored, planned, pruned and exported, not yet listed
-    among the supported families)."""
-    cls = _REGISTRY.get(model_type) or _UNLISTED.get(model_type)
+    """The adapter class of a `model_type` (for rules that need no model instance), dense or MoE."""
+    cls = _REGISTRY.get(model_type) or _MOE.get(model_type)
     if cls is None:
         raise UnsupportedArchitecture(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+            f"model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(supported_model_types() + moe_model_types()))}"
         )
     return cls
 
@@ -48,16 +54,19 @@ def axes(model_type: str) -> list[str]:
     cls = adapter_class(model_type)
     width = ["query heads", "MLP neurons", "embedding channels"] if cls.explicit_head_dim else \
         ["query heads with embedding channels (hidden = heads x head_dim)", "MLP neurons"]
+    if model_type in _MOE:  # the MLP axis is each expert's width
+        width = ["experts per layer", *(["expert neurons" if w == "MLP neurons" else w for w in width])]
     return [*width, "layers"]
 
 
 def families_table() -> str:
-    """The supported families as a Markdown table (kept equal to the README's by a test)."""
+    """The supported families, dense and mixtures of experts, as a Markdown table (kept equal to the
+    README's by a test)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CLASSES
 
     rows = ["| `model_type` | Hugging Face class | pruned axes | layout handled |", "|---|---|---|---|"]
-    for name in supported_model_types():
-        rows.append(f"| {name} | {CLASSES.get(name, '?')} | {', '.join(axes(name))} | {_REGISTRY[name].layout} |")
+    for name in sorted(supported_model_types() + moe_model_types()):
+        rows.append(f"| {name} | {CLASSES.get(name, '?')} | {', '.join(axes(name))} | {adapter_class(name).layout} |")
     return "\n".join(rows)
 
 
