@@ -33,7 +33,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import ResourceError, UnsupportedArchitecture, UserError
-from engine.fileio import TMP_PREFIX, is_disk_full, read_json, write_json
+from engine.fileio import TMP_PREFIX, atomic_write_text, is_disk_full, read_json, write_json
 from engine.roundtrip import _check_ids, replace_section
 
 log = logging.getLogger(__name__)
@@ -322,8 +322,6 @@ def record(folder: Path, info: dict) -> None:
     write_json(folder / RESULT_FILE, {"files": files})
     card = folder / "README.md"
     if card.is_file():
-        from engine.fileio import atomic_write_text
-
         atomic_write_text(card, replace_section(card.read_text(encoding="utf-8"), CARD_HEADING,
                                                 card_section(list(files.values()))))
 

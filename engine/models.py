@@ -20,13 +20,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.arch import get_adapter
 from engine.arch.moe import fit_experts_kernel
 from engine.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from engine.errors import ModelLoadError  # noqa: F401  (re-exported)
-from engine.importance.stream import execution_device, offloaded_weights, stream_info
+from engine.importance.stream import (
+    execution_device,
+    load_disk_streamed,
+    offloaded_weights,
+    stream_info,
+    stream_model,
+)
 from engine.paths import cache_dir  # noqa: F401  (re-exported: engine.models.cache_dir)
 
 log = logging.getLogger(__name__)
@@ -171,9 +178,6 @@ def hub_offline_reason(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     """Why the Hugging Face hub cannot be used right now (offline mode set, or its host not reachable
     within `timeout` seconds), or None when it can. One TCP connection attempt, in a thread so a slow DNS
     lookup cannot hold it longer: transformers itself would retry for tens of seconds before failing."""
-
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
         return "HF_HUB_OFFLINE is set"
     url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
@@ -203,8 +207,6 @@ def hub_access(repo_id: str) -> dict:
     reason = hub_offline_reason()
     if reason is None:
         return {}
-    from huggingface_hub import try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         log.info("the hub is not reachable (%s): loading %s from the local cache", reason, repo_id)
         return {"local_files_only": True}
@@ -282,8 +284,6 @@ def load(
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
         if stream == "disk":
-            from engine.importance.stream import load_disk_streamed
-
             model = load_disk_streamed(path, dt, dev, offload_dir, trust_remote_code=trust_remote_code, **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -295,8 +295,6 @@ def load(
     get_adapter(model)
     fit_experts_kernel(model)  # mixtures of experts whose widths the grouped kernel cannot take
     if stream == "cpu":
-        from engine.importance.stream import stream_model
-
         stream_model(model, dev)  # weights stay in RAM where from_pretrained put them
     elif not stream:
         model.to(dev)
@@ -317,8 +315,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 
     info = stream_info(model)
     if info is not None and info.tied:  # streaming gives the tied pair two `meta` placeholders
-        from engine.arch import get_adapter
-
         a = get_adapter(model)
         if a.lm_head.weight is not a.embed_tokens.weight:
             total -= a.lm_head.weight.numel()

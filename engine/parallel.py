@@ -28,6 +28,7 @@ import logging
 import os
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -218,7 +219,5 @@ def strategy_for_launch(device: torch.device) -> SingleProcess:
     """The strategy of this process's launch: one process, DDP, or FSDP (ACCELERATE_USE_FSDP)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SingleProcess(device)
-    from accelerate import Accelerator
-
     acc = Accelerator(cpu=not torch.cuda.is_available())
     return FullyShardedDataParallel(acc) if fsdp_requested() else DataParallel(acc)

@@ -20,12 +20,13 @@ import math
 from collections.abc import Callable
 
 import torch
+from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
-from engine.arch import get_adapter
+from engine.arch import get_adapter, moe
 from engine.arch.base import ArchAdapter
 from engine.errors import PlanError
 from engine.importance import compute_scores, score_config_for
@@ -170,8 +171,6 @@ def build_config(model: nn.Module, plan: Plan):
         d.pop(key, None)
     d.update(updates)
     if plan.spec.is_moe:
-        from engine.arch import moe
-
         d.update(moe.config_updates(model.config, sz.experts, sz.ffn))
         d.update(moe.layer_updates(model.config, plan.kept_layers))
     d["architectures"] = [type(model).__name__]
@@ -181,8 +180,6 @@ def build_config(model: nn.Module, plan: Plan):
         d["max_window_layers"] = sum(1 for i in plan.kept_layers if i < d["max_window_layers"])
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and sz.layers < plan.spec.n_layers:
         log.warning("scale_attn_by_inverse_layer_idx is set: renumbered layers change their attention scale")
-    from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
-
     try:
         config = type(model.config).from_dict(d)
     except (ValueError, StrictDataclassError) as e:
@@ -240,9 +237,7 @@ def _copy_layer(src: ArchAdapter, dst: ArchAdapter, i_src: int, i_dst: int, plan
 def _copy_experts(model: nn.Module, new: nn.Module, i_src: int, k: int, plan: Plan, ch: torch.Tensor,
                   written: set[int]) -> None:
     """Router rows, experts and their neurons of kept layer k (source layer i_src)."""
-    from engine.arch.moe import moe_parts
-
-    a, b = moe_parts(model, i_src), moe_parts(new, k)
+    a, b = moe.moe_parts(model, i_src), moe.moe_parts(new, k)
     copy_experts(a, b, plan.experts[k], plan.expert_neurons[k], None if len(ch) == plan.spec.hidden_size else ch)
     written.update(id(p) for p in (b.router.weight, b.experts.gate_up_proj, b.experts.down_proj))
 
@@ -283,9 +278,7 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
                                                attn_implementation=model.config._attn_implementation, **kw)
     new.train(model.training)
     if plan.spec.is_moe:
-        from engine.arch.moe import fit_experts_kernel
-
-        fit_experts_kernel(new)
+        moe.fit_experts_kernel(new)
     new.tie_weights()  # no_init_weights skips the tying done in init_weights
     dst = get_adapter(new)
     ch = _idx(plan.channels, p0.device)

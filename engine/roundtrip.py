@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import CheckpointError
@@ -82,8 +83,6 @@ def verify_export(folder: str | Path, student: torch.nn.Module, expected_params:
     if expected_params is None:
         expected_params = count_parameters(student)
     with tempfile.TemporaryDirectory(prefix="prunescope-roundtrip-") as tmp:
-        from safetensors.torch import save_file
-
         ref = Path(tmp) / "reference.safetensors"
         save_file({"ids": ids.cpu().contiguous(), "logits": ref_logits.contiguous(),
                    "tokens": torch.tensor(ref_tokens, dtype=torch.long)}, str(ref))
@@ -207,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--expected-params", type=int, required=True)
     a = p.parse_args(argv)
-    from safetensors.torch import load_file
-
     try:
         r = check_folder(Path(a.folder), load_file(a.reference), a.device, a.tolerance, a.expected_params,
                          a.dtype)
