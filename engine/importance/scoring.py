@@ -37,10 +37,13 @@ from pathlib import Path
 import engine
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
+from engine.importance.aggregate import spearman
 from engine.importance.api import ALGORITHM_VERSION, ScoreConfig, check_streaming, compute_scores
 from engine.importance.criteria import add_criteria
 from engine.importance.scores import ScoreError, Scores
-from engine.models import LoadedModel, cache_dir, fingerprint
+from engine.importance.stream import execution_device
+from engine.importance.sweep import default_depth_samples
+from engine.models import BUILTIN_NAME, LoadedModel, cache_dir, fingerprint, load
 from engine.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -120,8 +123,6 @@ def _merge(cached: Scores, new: Scores) -> Scores:
     meta = {**cached.meta, **{k: v for k, v in new.meta.items() if v is not None}}
     meta["timings"] = {**cached.meta.get("timings", {}), **new.meta.get("timings", {})}
     if "ppl_increase" in tensors:
-        from engine.importance.aggregate import spearman
-
         meta["spearman_bi_ppl"] = spearman(tensors["bi"], tensors["ppl_increase"])
     meta["block_size"] = new.meta.get("block_size") or cached.meta.get("block_size")
     return Scores(tensors, meta)
@@ -150,9 +151,6 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
     config.validate(get_adapter(loaded.model).n_layers)
     check_streaming(loaded.model, config)
     if (config.depth_ppl or config.block_ppl) and config.depth_samples is None:  # the device's default
-        from engine.importance.stream import execution_device
-        from engine.importance.sweep import default_depth_samples
-
         config = dataclasses.replace(config, depth_samples=default_depth_samples(
             n_samples, execution_device(loaded.model).type))
     inputs = key_inputs(loaded, source, n_samples, seq_len, seed, config)
@@ -203,8 +201,6 @@ def score(loaded: LoadedModel, source: DataSource, n_samples: int, seq_len: int,
 
 def model_spec_of(meta: dict) -> str:
     """The model spec to load for a scores file (the built-in model is recorded by its name)."""
-    from engine.models import BUILTIN_NAME
-
     name = meta.get("model") or "default"
     return "default" if name == BUILTIN_NAME else str(name)
 
@@ -220,10 +216,6 @@ def add_depth_scores(folder: str | Path, loaded: LoadedModel | None = None, dept
     CPU; see engine.importance.sweep). block_size: for the block sweep, default the scores' own.
     Returns the merged scores (also written to `folder`; meta["reused"] says what was computed).
     """
-    from engine.importance.stream import execution_device
-    from engine.importance.sweep import default_depth_samples
-    from engine.models import load
-
     folder = Path(folder)
     meta = Scores.load(folder).meta  # verified: a damaged folder is a ScoreError here
     if loaded is None:

@@ -40,6 +40,7 @@ from accelerate.utils import PrefixedDataset
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from engine.arch.moe import MOE_FIELDS, moe_parts
 from engine.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ def _whole_blocks(model: nn.Module) -> list[str] | None:
     """Classes whose weights load together for their whole forward: a mixture of experts' sparse blocks
     (router and experts), so the expert-importance hook, which runs after the experts return, still sees
     their weights. None for other models (each module loads its own)."""
-    from engine.arch.moe import MOE_FIELDS, moe_parts
-
     if getattr(model.config, "model_type", None) not in MOE_FIELDS:
         return None
     parts = [moe_parts(model, i) for i in range(int(model.config.num_hidden_layers))]
