@@ -20,20 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
+from engine.devices import resolve_device, resolve_dtype
 from engine.distill import DistillConfig, distill
 from engine.errors import Cancelled
 from engine.evaluate import evaluate_student
 from engine.export import export_model
 from engine.fileio import read_json, read_jsonl, write_json
-from engine.importance import Scores, score, score_config_for
+from engine.importance import Scores, compute_scores, score, score_config_for
 from engine.mix import DataMix, eval_sets, evaluate_sources, mix_blocks
 from engine.models import checkpoint_dtype, count_parameters, load, resolve_spec
 from engine.plan import Plan, make_plan
 from engine.prompts import is_teacher_spec
+from engine.prune import apply_plan
+from engine.resources import check_seq_len, model_config, preflight
 from engine.runs import Run, barrier, world
 from engine.targets import Targets
 
@@ -108,16 +111,11 @@ class PipelineConfig:
 def check_sizes(config: PipelineConfig) -> None:
     """Before a job exists: sequence lengths within the models' positions, and the estimated peak
     memory of a distillation step within the device's free memory (ResourceError naming what fits)."""
-    from engine.devices import resolve_device, resolve_dtype
-    from engine.resources import model_config, preflight
-
     d = config.distill
     dev = resolve_device(config.device)
     amp = resolve_dtype(d.dtype, dev) == torch.bfloat16
     source = model_config(config.model)
     if source is not None and config.kind == "pipeline":
-        from engine.resources import check_seq_len
-
         check_seq_len(source, config.calib_seq_len, "--calib-seq-len")
     preflight(config.student or config.model, kind="distill", batch=d.batch_size, seq_len=d.seq_len,
               device=config.device, teacher=config.model if d.needs_teacher else None, amp=amp)
@@ -218,8 +216,6 @@ def score_stage(job: Job) -> None:
     n_layers = get_adapter(job.teacher.model).n_layers
     config = score_config_for(targets.depth_by, n_layers - (targets.layers or n_layers))
     if job.train_src is None:  # a mix (or teacher text): calibration blocks honour its weights, no cache
-        from engine.importance import compute_scores
-
         blocks = train_blocks(job, job.cfg.calib_samples, job.cfg.calib_seq_len, job.cfg.seed, "calib_mix")
         scores = compute_scores(job.teacher.model, blocks, config, progress=cb)
         scores.meta.update(data=job.mix.label, n_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
@@ -256,15 +252,8 @@ def prune_stage(job: Job) -> None:
 
     job.begin("prune" if job.plan is not None else "evaluate", "building the student")
     if job.plan is not None:
-        from engine.prune import apply_plan
-
         job.student = apply_plan(job.teacher.model, job.plan)
     else:
-        from transformers import AutoModelForCausalLM
-
-        from engine.devices import resolve_device
-        from engine.models import resolve_spec
-
         path, kw = resolve_spec(job.cfg.student)
         job.student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
         job.student.to(resolve_device(job.cfg.device))
@@ -390,10 +379,6 @@ def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
         job.tokenizer = job.teacher.tokenizer
         summary["params_teacher"] = count_parameters(job.teacher.model)
     else:
-        from transformers import AutoTokenizer
-
-        from engine.models import resolve_spec
-
         path, kw = resolve_spec(cfg.student)
         job.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     job.mix = DataMix.of(cfg.data)
