@@ -143,6 +143,12 @@ def wrap_command(cmd: list[str], width: int = 88) -> str:
     return " \\\n".join(lines)
 
 
+def is_mix(value) -> bool:
+    """A data mix as config.json stores it (engine.mix.DataMix.to_config): [{"data": spec, "weight": w}, ...]."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("data"), str) and number(m.get("weight")) is not None for m in value)
+
+
 def clean_config(raw) -> tuple[dict, list[str]]:
     """config.json content with the fields the pages read of the right type, and what was wrong."""
     if not isinstance(raw, dict):
@@ -152,7 +158,11 @@ def clean_config(raw) -> tuple[dict, list[str]]:
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             problems.append(f"config.json: {key} is not an object")
             cfg[key] = {}
-    for key in ("model", "kind", "data", "student", "text_column"):
+    if cfg.get("data") is not None and not (isinstance(cfg["data"], str) or is_mix(cfg["data"])):
+        problems.append(f"config.json: data {cfg['data']!r} is neither a data spec nor a list of "
+                        "{data, weight} sources")
+        cfg["data"] = str(cfg["data"])
+    for key in ("model", "kind", "student", "text_column"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             problems.append(f"config.json: {key} {cfg[key]!r} is not text")
             cfg[key] = str(cfg[key])

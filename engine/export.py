@@ -25,9 +25,10 @@ import torch
 import engine
 from engine.arch import get_adapter
 from engine.estimate import estimate
+from engine.fileio import atomic_write_text
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, dumps
-from engine.roundtrip import RESULT_FILE, verify_export
+from engine.roundtrip import RESULT_FILE, replace_section, verify_export
 from engine.targets import Targets
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,50 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
               'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
               "```", ""]
     return "\n".join(lines)
+
+
+QUALITY_HEADING = "## Quality (held-out text)"
+
+
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) else "–"
+
+
+def quality_section(summary: dict, method: str | None = None) -> str:
+    """The model card's quality section from a run's summary: perplexity and KL to the teacher one-shot and
+    after retraining, the tokens it took, teacher correction when there was one, and one row per evaluation
+    source (the held-out part of each training source and the breadth set) when there were several."""
+    lines = [QUALITY_HEADING, ""]
+    if summary.get("tokens"):
+        lines.append(f"- retrained on {int(summary['tokens']):,} tokens" + (f" ({method})" if method else ""))
+    if summary.get("ppl_teacher_corrected") is not None:
+        lines.append(f"- teacher correction on {int(summary.get('teacher_correction_tokens') or 0):,} tokens: teacher "
+                     f"perplexity {_num(summary.get('ppl_teacher_original'), '.2f')} -> "
+                     f"{_num(summary['ppl_teacher_corrected'], '.2f')}")
+    lines += ["", "| | teacher | one-shot | retrained |", "|---|---:|---:|---:|",
+              f"| perplexity | {_num(summary.get('ppl_teacher'), '.2f')} | {_num(summary.get('ppl_one_shot'), '.2f')} "
+              f"| {_num(summary.get('ppl_distilled'), '.2f')} |",
+              f"| KL to the teacher (nats/token) | 0 | {_num(summary.get('kl_one_shot'), '.4f')} "
+              f"| {_num(summary.get('kl_distilled'), '.4f')} |"]
+    per = summary.get("eval_sources") or {}
+    if per:
+        lines += ["", "Per evaluation source (breadth: teacher text from prompts never trained on):", "",
+                  "| source | teacher ppl | one-shot ppl | retrained ppl | retrained / teacher | KL retrained |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, r in per.items():
+            t, d = r.get("ppl_teacher"), r.get("ppl_distilled")
+            ratio = _num(d / t, ".2f") + "x" if isinstance(t, (int, float)) and isinstance(d, (int, float)) and t else "–"
+            lines.append(f"| {name} | {_num(t, '.2f')} | {_num(r.get('ppl_one_shot'), '.2f')} | {_num(d, '.2f')} "
+                         f"| {ratio} | {_num(r.get('kl_distilled'), '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_quality_section(folder: Path, summary: dict, method: str | None = None) -> None:
+    """Put (or replace) the quality section in the exported folder's model card."""
+    card = Path(folder) / "README.md"
+    if card.is_file():
+        atomic_write_text(card, replace_section(card.read_text(encoding="utf-8"), QUALITY_HEADING,
+                                                quality_section(summary, method)))
 
 
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: Plan | None = None,

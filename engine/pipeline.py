@@ -28,7 +28,7 @@ from engine.devices import resolve_device, resolve_dtype
 from engine.distill import DistillConfig, distill
 from engine.errors import Cancelled
 from engine.evaluate import evaluate_student
-from engine.export import export_model
+from engine.export import export_model, write_quality_section
 from engine.fileio import read_json, read_jsonl, write_json
 from engine.importance import Scores, compute_scores, score, score_config_for
 from engine.mix import DataMix, eval_sets, evaluate_sources, mix_blocks
@@ -330,6 +330,7 @@ def export_stage(job: Job) -> None:
                        scores_meta=job.scores.meta if job.scores is not None else None,
                        source_name=job.teacher.name if job.teacher is not None else job.cfg.model, force=True,
                        dtype=export_dtype(job))
+    write_quality_section(out, job.summary, job.dcfg.method)
     job.summary["model_dir"] = str(out)
     job.done("export")
 

@@ -201,6 +201,10 @@ def test_pipeline_on_a_mix_reports_each_source(tmp_path, corpus, tiny_llama_pair
     assert per["breadth"]["kl_distilled"] == next(r["kl"] for r in rows if r["step"] == 4 and r["source"] == "breadth")
     assert len(list((run.path / "generated").glob("teacher-*.json"))) == 2  # training and breadth texts
     assert Run(run.path).status()["state"] == "done"
+    card = (run.path / "model" / "README.md").read_text()  # the model card carries the same numbers per source
+    assert "## Quality (held-out text)" in card and f"| perplexity | {s['ppl_teacher']:.2f} |" in card
+    for name, row in per.items():
+        assert f"| {name} | {row['ppl_teacher']:.2f} | {row['ppl_one_shot']:.2f} | {row['ppl_distilled']:.2f} |" in card
 
 
 def test_cli_repeated_data_and_mix_build_the_configs_mix(tmp_path, two_files):

@@ -1,5 +1,5 @@
 """The dashboard's view of data mixes: the per-source perplexity chart, the mix and per-source tables,
-the CLI command of a mixed run, and the Distill page on a finished tiny prune + distill run of a mix."""
+the CLI command of a mixed run, and the Distill and Compare pages on a finished tiny prune + distill run of a mix."""
 
 from __future__ import annotations
 
@@ -90,3 +90,20 @@ def test_distill_page_shows_the_mix_and_each_source(tmp_path, monkeypatch, corpu
     assert list(mix["weight"]) == ["60%", "40%"] and list(mix["tokens"]) == [12 * 32, 8 * 32]
     per = next(t.value for t in at.dataframe if "distilled / teacher" in t.value.columns)
     assert list(per["source"]) == ["corpus.txt", "breadth"] and per["distilled ppl"].notna().all()
+    at.switch_page("screens/compare.py").run()  # Compare carries the same per-source table
+    assert not at.exception, at.exception
+    per_cmp = next(t.value for t in at.dataframe if "distilled / teacher" in t.value.columns)
+    assert list(per_cmp["source"]) == ["corpus.txt", "breadth"]
+    assert list(per_cmp["distilled ppl"]) == list(per["distilled ppl"])
+
+
+def test_a_mixed_runs_config_is_not_reported_as_damaged():
+    """config.json stores a mix as a list of {data, weight}: valid, so Runs and Compare list the run; a
+    list of something else is still reported."""
+    from dashboard.runs_io import clean_config
+
+    mix = DataMix.of(["wiki.raw", "teacher"], "0.7,0.3").to_config()
+    cfg, problems = clean_config({"kind": "pipeline", "data": mix})
+    assert problems == [] and cfg["data"] == mix
+    _, problems = clean_config({"kind": "pipeline", "data": [{"data": 3}]})
+    assert len(problems) == 1 and "list of {data, weight} sources" in problems[0]

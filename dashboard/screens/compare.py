@@ -100,6 +100,11 @@ for label, t, v, fmt, meaning in rows:
     c[2].markdown(fmt(v) if v is not None else "–")
     c[3].caption(meaning)
 
+if s.get("eval_sources"):
+    st.markdown("**Per evaluation source** · breadth is teacher text from prompts never used for training; a "
+                "ratio far above the in-domain one means the student learned the training domain and lost the rest")
+    st.dataframe(train_charts.source_table(s["eval_sources"]), hide_index=True, key="cmp_source_table")
+
 c1, c2 = st.columns(2)
 with c1:
     show_fig(train_charts.compare_bars(["teacher", "pruned", "distilled"],
