@@ -95,7 +95,9 @@ def test_no_engine_module_imports_the_cli():
 
 def test_reading_runs_scores_and_plans_needs_no_torch():
     code = ("import sys; import engine.runs, engine.device_lock, engine.fileio, engine.errors, engine.jobs, "
-            "engine.score_job, engine.importance, engine.plan, engine.estimate, engine.data; "
+            "engine.score_job, engine.importance, engine.plan, engine.estimate, engine.data, engine.paths, "
+            "engine.procs, engine.run_files, engine.targets, engine.presets, engine.importance.scores, "
+            "engine.search.store, engine.target_args, engine.data_args, engine.cli; "
             "from engine.importance import Scores; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
