@@ -26,19 +26,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from engine.arch import ArchSpec, get_adapter
+from engine.data import DataSource, get_blocks, load_documents, make_blocks, tokenize_documents
+from engine.estimate import estimate
+from engine.importance import ScoreConfig, Scores, score
+from engine.models import LoadedModel
+from engine.paths import SHARED_WIKITEXT
+from engine.plan import make_plan
+from engine.presets import preset_targets
+from engine.prune import apply_plan
+from engine.targets import Targets, valid_values
 
-from engine.arch import ArchSpec, get_adapter  # noqa: E402
-from engine.data import DataSource, get_blocks, load_documents, make_blocks, tokenize_documents  # noqa: E402
-from engine.estimate import estimate  # noqa: E402
-from engine.importance import ScoreConfig, Scores, score  # noqa: E402
-from engine.models import LoadedModel  # noqa: E402
-from engine.paths import SHARED_WIKITEXT  # noqa: E402
-from engine.plan import make_plan  # noqa: E402
-from engine.presets import preset_targets  # noqa: E402
-from engine.prune import apply_plan  # noqa: E402
-from engine.targets import Targets, valid_values  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIKITEXT = SHARED_WIKITEXT
 OUT_DIR = ROOT / "docs" / "quality"

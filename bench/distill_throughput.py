@@ -14,22 +14,20 @@ import argparse
 import copy
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from engine.devices import resolve_dtype
+from engine.distill import DistillConfig, distill, param_groups
+from engine.evaluate import autocast_ctx, token_kl
+from engine.models import count_parameters, load
+from engine.paths import SHARED_WIKITEXT
+from engine.runs import read_jsonl
 
-from engine.devices import resolve_dtype  # noqa: E402
-from engine.distill import DistillConfig, distill, param_groups  # noqa: E402
-from engine.evaluate import autocast_ctx, token_kl  # noqa: E402
-from engine.models import count_parameters, load  # noqa: E402
-from engine.paths import SHARED_WIKITEXT  # noqa: E402
-from engine.runs import read_jsonl  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIKITEXT = SHARED_WIKITEXT
 

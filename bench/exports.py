@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from engine.data import DataSource, load_documents, make_blocks, tokenize_documents  # noqa: E402
-from engine.evaluate import perplexity  # noqa: E402
-from engine.export import export_model  # noqa: E402
-from engine.models import builtin_model_dir, count_parameters, load  # noqa: E402
-from engine.paths import SHARED_WIKITEXT  # noqa: E402
+from engine.data import DataSource, load_documents, make_blocks, tokenize_documents
+from engine.evaluate import perplexity
+from engine.export import export_model
+from engine.models import builtin_model_dir, count_parameters, load
+from engine.paths import SHARED_WIKITEXT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "docs" / "quality" / "exports.json"
 

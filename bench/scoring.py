@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from engine.arch import get_adapter
+from engine.data import DataSource, get_blocks
+from engine.importance import ScoreConfig, compute_scores
+from engine.models import describe, load
+from engine.paths import SHARED_WIKITEXT
 
-from engine.arch import get_adapter  # noqa: E402
-from engine.data import DataSource, get_blocks  # noqa: E402
-from engine.importance import ScoreConfig, compute_scores  # noqa: E402
-from engine.models import describe, load  # noqa: E402
-from engine.paths import SHARED_WIKITEXT  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WIKITEXT = SHARED_WIKITEXT
 

@@ -22,28 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import CALIB_DOCS, EVAL_DOCS, WIKITEXT, strategies, unique_by_shape
+
+from engine.arch import get_adapter
+from engine.data import DataSource, get_blocks
+from engine.distill import DistillConfig
+from engine.importance import ScoreConfig, score
+from engine.importance.aggregate import spearman
+from engine.models import fingerprint, load
+from engine.plan import make_plan
+from engine.prune import apply_plan
+from engine.search.preview import preview, student_quality, teacher_side
+from engine.search.shapes import SearchSpace, enumerate_shapes
+from engine.search.tournament import Tournament
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import CALIB_DOCS, EVAL_DOCS, WIKITEXT, strategies, unique_by_shape  # noqa: E402
-from engine.arch import get_adapter  # noqa: E402
-from engine.data import DataSource, get_blocks  # noqa: E402
-from engine.distill import DistillConfig  # noqa: E402
-from engine.importance import ScoreConfig, score  # noqa: E402
-from engine.importance.aggregate import spearman  # noqa: E402
-from engine.models import fingerprint, load  # noqa: E402
-from engine.plan import make_plan  # noqa: E402
-from engine.prune import apply_plan  # noqa: E402
-from engine.search.preview import preview, student_quality, teacher_side  # noqa: E402
-from engine.search.shapes import SearchSpace, enumerate_shapes  # noqa: E402
-from engine.search.tournament import Tournament  # noqa: E402
 
 
 def settings(quick: bool) -> dict:
