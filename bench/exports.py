@@ -2,7 +2,7 @@
 type, and lm-evaluation-harness scores on the local tasks next to prunescope's own perplexity.
 
     .venv/bin/python bench/exports.py --gguf            # GGUF: source and a hidden-516 pruned shape
-    .venv/bin/python bench/exports.py --lm-eval --limit 8
+    .venv/bin/python bench/exports.py --lm-eval --limit 8 [--student DIR ...]   # teacher and students
 
 Results go to docs/quality/exports.json (merged per part) and are copied by hand into docs/BENCHMARKS.md.
 """
@@ -67,44 +67,48 @@ def gguf_part(tmp: Path) -> dict:
     return {"gguf": rows}
 
 
-def lm_eval_part(limit: int, max_length: int, words: int) -> dict:
-    """Teacher on the local tasks (held-out WikiText-2 articles), with prunescope's perplexity on the same text."""
-    from engine.lm_eval_tasks import (
-        LASTWORD_TASK,
-        PPL_TASK,
-        count_words,
-        run_lm_eval,
-        token_ppl,
-        write_local_tasks,
-    )
+def lm_eval_part(limit: int, max_length: int, words: int, students: list[Path]) -> dict:
+    """The teacher and each student folder on the local tasks (held-out WikiText-2 articles), with
+    prunescope's perplexity on the same text."""
+    from engine.lm_eval_tasks import LASTWORD_TASK, PPL_TASK, run_lm_eval, write_local_tasks
 
     source = DataSource.parse(str(SHARED_WIKITEXT), docs=(0.6, 1.0))
     docs = [" ".join(d.split()[:words]) for d in load_documents(source) if d.strip()][:limit]  # CPU budget
-    loaded = load("default", dtype="float32", device="cpu")
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_local_tasks(docs, tmp, source.label)
-        t0 = time.time()
-        res = run_lm_eval(str(builtin_model_dir()), [PPL_TASK, LASTWORD_TASK], Path(tmp), limit=limit,
-                          max_length=max_length)["results"]
-        secs = time.time() - t0
+        for name, folder in [("teacher", builtin_model_dir()), *((f.name, f) for f in students)]:
+            t0 = time.time()
+            res = run_lm_eval(str(folder), [PPL_TASK, LASTWORD_TASK], Path(tmp), limit=limit,
+                              max_length=max_length)["results"]
+            out[name] = own_perplexity(str(folder), docs, res, max_length, PPL_TASK)
+            out[name].update(model=str(folder), lm_eval_seconds=round(time.time() - t0))
+            print(json.dumps({name: out[name]}, indent=1), flush=True)
+    teacher = out.pop("teacher")
+    return {"lm_eval": teacher, **({"lm_eval_students": out} if out else {})}
+
+
+def own_perplexity(folder: str, docs: list[str], res: dict, max_length: int, ppl_task: str) -> dict:
+    """lm-eval's word perplexity converted to tokens, beside prunescope's perplexity of the same model on
+    the same texts (blocks of 128 and of the lm-eval window + 1)."""
+    from engine.devices import compute_dtype
+    from engine.lm_eval_tasks import count_words, token_ppl
+
+    loaded = load(folder, dtype="float32", device="cpu")
     tok = loaded.tokenizer
     n_words = sum(count_words(d) for d in docs)
     tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs)
-    wp = res[PPL_TASK]["word_perplexity,none"]
+    wp = res[ppl_task]["word_perplexity,none"]
     stream = tokenize_documents(docs, tok)
     own = {}
-    from engine.devices import compute_dtype
-
     for seq in sorted({128, max_length + 1}):
         n = stream.numel() // seq
         with torch.inference_mode(), compute_dtype("float32"):  # lm-eval computes in fp32 too
             own[seq] = perplexity(loaded.model, make_blocks(stream, n, seq), batch_size=2 if seq > 256 else 8)
-    row = {"documents": len(docs), "words": n_words, "tokens": tokens, "lm_eval": res, "lm_eval_seconds": round(secs),
-           "token_ppl_from_words": token_ppl(wp, n_words, tokens), "prunescope_ppl": own,
-           "max_length": max_length, "ratio_same_window": token_ppl(wp, n_words, tokens) / own[max_length + 1],
-           "ratio_128": token_ppl(wp, n_words, tokens) / own[128]}
-    print(json.dumps(row, indent=1))
-    return {"lm_eval": row}
+    return {"documents": len(docs), "words": n_words, "tokens": tokens, "lm_eval": res,
+            "token_ppl_from_words": token_ppl(wp, n_words, tokens), "prunescope_ppl": own,
+            "max_length": max_length, "ratio_same_window": token_ppl(wp, n_words, tokens) / own[max_length + 1],
+            "ratio_128": token_ppl(wp, n_words, tokens) / own[128]}
 
 
 def main() -> None:
@@ -114,13 +118,15 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=8, help="held-out articles for lm-eval")
     p.add_argument("--max-length", type=int, default=256, help="lm-eval context (prunescope blocks of this + 1)")
     p.add_argument("--words", type=int, default=600, help="first words of each article (CPU budget)")
+    p.add_argument("--student", type=Path, action="append", default=[], metavar="DIR",
+                   help="an exported student folder scored beside the teacher (repeatable)")
     a = p.parse_args()
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         if a.gguf:
             data.update(gguf_part(Path(tmp)))
         if a.lm_eval:
-            data.update(lm_eval_part(a.limit, a.max_length, a.words))
+            data.update(lm_eval_part(a.limit, a.max_length, a.words, a.student))
     data["machine"] = f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPU cores"
     OUT.write_text(json.dumps(data, indent=1, default=float) + "\n")
     print(f"wrote {OUT}")
