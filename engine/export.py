@@ -24,6 +24,7 @@ import torch
 
 import engine
 from engine.arch import get_adapter
+from engine.devices import resolve_dtype
 from engine.estimate import estimate
 from engine.fileio import atomic_write_text
 from engine.models import count_parameters, fingerprint
@@ -166,8 +167,6 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, plan: P
     callers pass one of those. The model is converted in place first, so the round-trip check compares
     what was stored."""
     if dtype is not None:
-        from engine.devices import resolve_dtype
-
         model.to(resolve_dtype(dtype))
     out = Path(out_dir).expanduser().resolve()
     if not getattr(model.config, "architectures", None):

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from engine.arch import ArchAdapter
+from engine.arch import ArchAdapter, get_adapter
 from engine.arch.moe import MOE_FIELDS, moe_parts
 
 
@@ -120,8 +120,7 @@ def weight_norms(adapter: ArchAdapter, weights: Mapping[str, torch.Tensor] | Non
 def add_criteria(model: nn.Module, scores) -> bool:
     """Add the weight-aware tensors to scores made before they existed (from their activation tensors and
     the model's weights: no forward pass). True when they were added."""
-    from engine.arch import get_adapter
-    from engine.importance.stream import stream_info
+    from engine.importance.stream import stream_info  # stream imports this module: a cycle at the top
 
     if "heads:weighted" in scores.tensors or "channels_per_layer" not in scores.tensors:
         return False

@@ -28,7 +28,9 @@ import torch
 
 from engine.arch import get_adapter, hidden_from_output
 from engine.arch.moe import MOE_FIELDS, MoEParts, moe_parts, sparse_layers
+from engine.data import DataSource, get_blocks
 from engine.importance.scores import CRITERIA, ScoreError, Scores, criterion_tensor
+from engine.models import fingerprint, load
 
 FALLOFF_AXES = ("neurons", "heads", "channels")
 DEFAULT_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -211,9 +213,7 @@ def falloff_for_scores(folder, layer: int, axis: str, n_samples: int = 4, loaded
                        device: str = "cpu", fractions: tuple[float, ...] = DEFAULT_FRACTIONS) -> list[FalloffCurve]:
     """`falloff` for the model and calibration data recorded in a scores folder, on its first `n_samples`
     calibration blocks (the model is loaded from the scores' spec and dtype unless `loaded` is given)."""
-    from engine.data import DataSource, get_blocks
-    from engine.importance.scoring import model_spec_of
-    from engine.models import fingerprint, load
+    from engine.importance.scoring import model_spec_of  # scoring imports this package: a cycle at the top
 
     scores = Scores.load(folder)
     meta = scores.meta

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 
 from engine.evaluate import autocast_ctx, logits_of, model_device
 from engine.fileio import atomic_write, read_json, write_json
@@ -76,8 +77,6 @@ def compute_teacher_side(teacher: torch.nn.Module, blocks: torch.Tensor, batch_s
 def teacher_side(teacher: torch.nn.Module, blocks: torch.Tensor, model_fp: str, batch_size: int = 4,
                  folder: Path | None = None) -> TeacherSide:
     """`compute_teacher_side`, cached on disk (safetensors + JSON) by model fingerprint and blocks."""
-    from safetensors.torch import load_file, save
-
     key = digest({"model": model_fp, "blocks": tensor_digest(blocks), "shape": list(blocks.shape)})
     folder = Path(folder) if folder is not None else cache_dir() / "teacher" / key
     meta = read_json(folder / "teacher.json")

@@ -26,15 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
-from engine.distill import DataOrder, DistillConfig, lr_lambda, param_groups
-
-try:
-    from engine.distill import distill_loss
-except ImportError:  # engine.distill before the loss was named distill_loss
-    from engine.distill import loss_terms as distill_loss
 from engine.devices import resolve_dtype
+from engine.distill import DataOrder, DistillConfig, distill_loss, lr_lambda, param_groups
 from engine.errors import CheckpointError
 from engine.evaluate import autocast_ctx, model_device
 from engine.fileio import atomic_write, read_json, write_json
@@ -78,8 +74,6 @@ def schedule(k: int, steps: int, halving: bool) -> list[tuple[int, int]]:
 
 
 def _save_student(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> None:
-    from safetensors.torch import save
-
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()
                if not _is_tied_copy(student, k)}
     for i, st in opt.state_dict()["state"].items():
@@ -93,8 +87,6 @@ def _is_tied_copy(student: nn.Module, key: str) -> bool:
 
 
 def _load_student(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> None:
-    from safetensors.torch import load_file
-
 
     try:
         t = load_file(str(path))
