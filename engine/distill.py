@@ -139,7 +139,7 @@ class DistillRecipe:
         cfg, par = self.cfg, self.par
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
-        self.student.float().train()
+        self.student.float().train().requires_grad_(True)  # every weight trains (LoRA freezes the base itself)
         n_s = len(get_adapter(self.student).layers)
         taps: list[int] = []
         self.t_tap = None

@@ -70,6 +70,18 @@ def test_identical_student_starts_at_zero_kl(tmp_path, data):
     assert rows[0]["ppl"] == pytest.approx(rows[0]["teacher_ppl"], rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["kd", "cpt"])
+def test_a_frozen_student_trains(tmp_path, data, method):
+    """A student whose weights were frozen (a model used as a teacher before, as teacher correction copies)
+    still trains every weight."""
+    train, held = data
+    teacher, student = tiny_model("llama", 0), tiny_model("llama", 1).requires_grad_(False)
+    before = [p.detach().clone() for p in student.parameters()]
+    distill(teacher if method == "kd" else None, student, train, held,
+            DistillConfig(**{**CFG.to_dict(), "steps": 2, "method": method}), tmp_path)
+    assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
 def test_resume_after_cancel_matches_uninterrupted_run(tmp_path, data):
     train, held = data
     teacher = tiny_model("gpt2", 0)
