@@ -19,14 +19,13 @@ must already be importable.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import quality
-from common import OUT_DIR, WIKITEXT, describe_targets, write_json, write_report
+from common import OUT_DIR, WIKITEXT, describe_targets
 
 VERSION = "0.4.2"  # the release measured
 
@@ -67,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-distill", action="store_true", help="one-shot only")
     p.add_argument("--wikitext", type=Path, default=WIKITEXT)
     p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="compute dtype (default fp32; must match the quality JSON's rows)")
     return p.parse_args(argv)
 
 
@@ -80,23 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             raise SystemExit("OptiPFair is not importable: run with --install (it goes into a temporary "
                              "folder, never into the project's environment)") from None
-        return _run(args)
+        with quality.compute_dtype(args.dtype):
+            return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = dict(quality.QUICK if args.quick else quality.FULL)
+    settings = dict(quality.QUICK if args.quick else quality.FULL, dtype=args.dtype)
     stem = "quality_quick" if args.quick else "quality"
-    path = args.out / f"{stem}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "rows": []}
-    qargs = argparse.Namespace(wikitext=args.wikitext, out=args.out)
+    old, pinned = quality.open_results(args.out, stem, args.tokens, args.dtype)
+    qargs = argparse.Namespace(wikitext=args.wikitext, out=args.out, save_students=None)
     b = quality.Bench(qargs, settings)
     shape = b.strategies["width_mlp"]
-    pinned = old["meta"].get("distill_tokens") if old["rows"] else None
-    if pinned and args.tokens not in (None, pinned):
-        raise SystemExit(f"{path} holds rows distilled on {pinned} tokens each, not --tokens {args.tokens}")
     tokens = args.tokens or pinned or settings["tokens"]
     if not args.no_distill and not tokens:
-        raise SystemExit(f"no token budget: give --tokens, or run bench/quality.py first ({path} has none)")
+        raise SystemExit(f"no token budget: give --tokens, or run bench/quality.py first ({args.out / stem}.json "
+                         "has none)")
     b.tokens = tokens
     if not args.no_distill:
         b.train = quality.train_blocks(b.loaded.tokenizer, args.wikitext, b.tokens, settings["seq_len"])
@@ -109,15 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{label}: {row['params'] / 1e6:.2f}M ({100 * row['fraction']:.1f}%), one-shot ppl {row['ppl_oneshot']:.2f} "
           f"KL {row['kl_oneshot']:.3f}" + (f", distilled ppl {row['ppl_distilled']:.2f} KL {row['kl_distilled']:.3f}"
                                            if row["ppl_distilled"] is not None else ""), flush=True)
-    rows = [r for r in old["rows"] if r["name"] != row["name"]] + [row]
-    meta = old["meta"] or {"settings": settings, "teacher_ppl": b.teacher_ppl, "eval_tokens": int(b.eval_blocks.numel())}
-    meta.setdefault("runs", []).append({"command": "bench/optipfair_hybrid.py " + " ".join(sys.argv[1:]), "rows": [row["name"]]})
-    write_json(path, {"meta": meta, "rows": rows})
-    write_report(args.out, stem, meta, rows)
-    extra = quality.breadth_report(rows) + quality.criterion_report(rows)
-    if extra:
-        with (args.out / f"{stem}.md").open("a") as f:
-            f.write(extra)
+    quality.add_row(args.out, stem, old, row, "bench/optipfair_hybrid.py " + " ".join(sys.argv[1:]), settings, b)
     return 0
 
 

@@ -352,13 +352,44 @@ def run_one(b: Bench, e: Experiment) -> dict:
         if e.teacher_share is not None:
             br = evaluate_student(br_logits, student, br_blocks)
             row.update(ppl_breadth_distilled=br["ppl"], kl_breadth_distilled=br["kl"])
-        if b.args.save_students:  # a from_pretrained folder, for lm-eval or a look by hand
-            row["saved_to"] = str(export_model(student, b.loaded.tokenizer, b.args.save_students / e.name,
+        save_to = getattr(b.args, "save_students", None)
+        if save_to:  # a from_pretrained folder, for lm-eval or a look by hand
+            row["saved_to"] = str(export_model(student, b.loaded.tokenizer, save_to / e.name,
                                                source_name=b.loaded.name, verify=False))
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["machine"] = machine_note()
     del student
     return row
+
+
+def open_results(out: Path, stem: str, tokens: int | None, dtype: str) -> tuple[dict, int | None]:
+    """The rows already in OUT/STEM.json and their pinned token budget, refusing another budget or dtype
+    (rows are only comparable at the same budget and compute dtype)."""
+    path = out / f"{stem}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "rows": []}
+    pinned = old["meta"].get("distill_tokens") if old["rows"] else None
+    if pinned and tokens not in (None, pinned):
+        raise SystemExit(f"{path} holds rows distilled on {pinned} tokens each, not --tokens {tokens}")
+    pinned_dtype = old["meta"].get("settings", {}).get("dtype", "fp32") if old["rows"] else None
+    if pinned_dtype and dtype != pinned_dtype:
+        raise SystemExit(f"{path} holds rows computed in {pinned_dtype}, not --dtype {dtype}: use --dtype "
+                         f"{pinned_dtype}, or another --out")
+    return old, pinned
+
+
+def add_row(out: Path, stem: str, old: dict, row: dict, command: str, settings: dict, bench: Bench) -> None:
+    """Add `row` to OUT/STEM.json (replacing a row of the same name) and rewrite the report with the
+    extra tables (the other bench scripts' way into the quality table)."""
+    rows = [r for r in old["rows"] if r["name"] != row["name"]] + [row]
+    meta = old["meta"] or {"settings": settings, "distill_tokens": bench.tokens, "teacher_ppl": bench.teacher_ppl,
+                           "eval_tokens": int(bench.eval_blocks.numel())}
+    meta.setdefault("runs", []).append({"command": command, "machine": [machine_note()], "rows": [row["name"]]})
+    write_json(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    write_report(out, stem, meta, rows)
+    extra = breadth_report(rows) + criterion_report(rows)
+    if extra:
+        with (out / f"{stem}.md").open("a") as f:
+            f.write(extra)
 
 
 def _runs(meta: dict) -> list[dict]:
@@ -392,15 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(QUICK if args.quick else FULL, dtype=args.dtype)
     stem = "quality_quick" if args.quick else "quality"
     path = args.out / f"{stem}.json"
-    old = json.loads(path.read_text()) if args.resume and path.is_file() else {"meta": {}, "rows": []}
-    pinned = old["meta"].get("distill_tokens") if old["rows"] else None
-    if pinned and args.tokens not in (None, pinned):
-        sys.exit(f"{path} holds rows distilled on {pinned} tokens each, not --tokens {args.tokens}: resume "
-                 f"without --tokens (or with --tokens {pinned}), or start over without --resume")
-    pinned_dtype = old["meta"].get("settings", {}).get("dtype", "fp32") if old["rows"] else None
-    if pinned_dtype and args.dtype != pinned_dtype:
-        sys.exit(f"{path} holds rows computed in {pinned_dtype}, not --dtype {args.dtype}: resume with "
-                 f"--dtype {pinned_dtype}, or start over in another --out")
+    old, pinned = open_results(args.out, stem, args.tokens, args.dtype) if args.resume else ({"meta": {}, "rows": []}, None)
     with compute_dtype(args.dtype):
         return run_all(args, settings, stem, path, old, pinned, argv)
 

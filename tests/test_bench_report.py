@@ -74,3 +74,37 @@ def test_run_lines_keep_every_invocation_of_a_resumed_run():
                      "`bench/quality.py --resume --tokens 98304`: 600 s, 2 rows; start: quiet; end: quiet",
                      "`bench/quality.py --resume --only c`: 300 s, 1 row"]
     assert bench_common._run_lines(META) == ["`bench/quality.py --tokens 98304`: 10 s, earlier rows; start: quiet"]
+
+
+def _quality_module():
+    """bench/quality.py as a module (bench/ first on sys.path, as when it runs: it imports `common`)."""
+    import importlib
+
+    bench = str(ROOT / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("quality")
+
+
+def test_results_file_refuses_another_budget_or_dtype_and_rows_are_replaced_by_name(tmp_path):
+    quality = _quality_module()
+    meta = dict(META, settings={"dtype": "fp32"})
+    (tmp_path / "quality.json").write_text(json.dumps({"meta": meta, "rows": [_row("depth_block", 190.0, 47.5)]}))
+    old, pinned = quality.open_results(tmp_path, "quality", None, "fp32")
+    assert pinned == 98304 and [r["name"] for r in old["rows"]] == ["depth_block"]
+    assert quality.open_results(tmp_path, "quality", 98304, "fp32")[1] == 98304
+    with pytest.raises(SystemExit, match="98304 tokens each, not --tokens 2048"):
+        quality.open_results(tmp_path, "quality", 2048, "fp32")
+    with pytest.raises(SystemExit, match="computed in fp32, not --dtype bf16"):
+        quality.open_results(tmp_path, "quality", None, "bf16")
+    fresh, none = quality.open_results(tmp_path / "empty", "quality", 2048, "bf16")
+    assert fresh == {"meta": {}, "rows": []} and none is None
+
+    for ppl in (60.0, 55.0):  # the same name twice: one row, the last one
+        old, _ = quality.open_results(tmp_path, "quality", None, "fp32")
+        quality.add_row(tmp_path, "quality", old, _row("search_winner", 150.0, ppl), "bench/search.py", {}, None)
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["depth_block", "search_winner"]
+    assert data["rows"][1]["ppl_distilled"] == 55.0
+    assert [r["command"] for r in data["meta"]["runs"]] == ["bench/search.py", "bench/search.py"]
+    assert "search_winner" in (tmp_path / "quality.md").read_text()
