@@ -84,14 +84,16 @@ def _snap_hidden(spec: ArchSpec, heads: int, frac: float) -> int:
     return min(ok, key=lambda h: abs(h - spec.hidden_size * frac))
 
 
-def strategies(spec: ArchSpec, goal: float = GOAL) -> list[Strategy]:
-    """The seven pruning strategies the quality benchmark compares, each at ~goal of the source parameters."""
+def strategies(spec: ArchSpec, goal: float = GOAL, criterion: str = "activation") -> list[Strategy]:
+    """The seven pruning strategies the quality benchmark compares, each at ~goal of the source parameters,
+    ranking units by `criterion` (activation, Minitron's: what every strategy row was measured with; the
+    criterion rows change it)."""
     pct = round(goal * 100)
     depth = preset_targets(spec, f"depth-{pct}")
     heads = valid_values(spec)["heads"]
     fewer_heads = min(heads, key=lambda h: abs(h - spec.n_heads * 2 / 3))  # 6 of 9 on SmolLM2
     mixed_layers = round(spec.n_layers * 0.9)
-    return [
+    out = [
         Strategy("depth_bi", "depth", "depth, layers by BI", replace(depth, depth_by="bi")),
         Strategy("depth_ppl", "depth", "depth, layers by ppl increase", replace(depth, depth_by="ppl")),
         Strategy("depth_block", "depth", "depth, best contiguous block", replace(depth, depth_by="block")),
@@ -105,6 +107,7 @@ def strategies(spec: ArchSpec, goal: float = GOAL) -> list[Strategy]:
                  with_ffn_for_goal(spec, Targets(layers=mixed_layers, heads=fewer_heads,
                                                  hidden=_snap_hidden(spec, fewer_heads, 0.95)), goal)),
     ]
+    return [replace(s, targets=replace(s.targets, criterion=criterion)) for s in out]
 
 
 def describe_targets(spec: ArchSpec, t: Targets) -> str:

@@ -202,15 +202,15 @@ def run(args: argparse.Namespace) -> int:
     shapes = enumerate_shapes(spec, space)
     out["seconds"]["enumerate"] = time.perf_counter() - t0
     kinds = {k: sum(1 for x in shapes if x.kind == k) for k in ("depth", "width", "mixed")}
-    out.update(candidates=len(shapes), kinds=kinds)
+    out.update(candidates=len(shapes), kinds=kinds, criterion=space.criterion)
     print(f"1. candidates within {args.budget:.0%} ± {args.tolerance:.0%}: {len(shapes)} {kinds} "
           f"(enumerated in {out['seconds']['enumerate'] * 1000:.0f} ms)", flush=True)
 
     # 3. preview speed on the dashboard's default evaluation set
     speed_blocks = blocks_from(tok, args.wikitext, EVAL_DOCS, *s["speed_eval"], seed=1)
     speed_side = teacher_side(model, speed_blocks, fingerprint(model), folder=Path(args.work) / "teacher-speed")
-    speed = preview_speed(model, scores, [x.targets(spec) for x in spread(shapes, s["speed_shapes"])], speed_side,
-                          s["speed_reps"])
+    speed_targets = [x.targets(spec, space.depth_by, space.criterion) for x in spread(shapes, s["speed_shapes"])]
+    speed = preview_speed(model, scores, speed_targets, speed_side, s["speed_reps"])
     out["preview_speed"] = speed
     del speed_side
     print(f"3. preview on {s['speed_eval'][0]} x {s['speed_eval'][1]} tokens: {speed['preview_s']:.2f} s, "
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = []
     for x in tried:
-        q = preview(model, scores, x.targets(spec), side)
+        q = preview(model, scores, x.targets(spec, space.depth_by, space.criterion), side)
         rows.append({"name": x.name, "params": x.params, "fraction": x.fraction, "kind": x.kind, "kl": q["kl"],
                      "ppl": q["ppl"], "seconds": q["seconds"]["total"]})
     out["seconds"]["previews"] = time.perf_counter() - t0
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, warmup_steps=max(1, total // 20), eval_every=max(1, total // s["evals"]))
     train = train_blocks(tok, args.wikitext, s["tokens"], s["seq"])
     by_name = {x.name: x for x in tried}
-    targets_of = {r["name"]: by_name[r["name"]].targets(spec) for r in top}
+    targets_of = {r["name"]: by_name[r["name"]].targets(spec, space.depth_by, space.criterion) for r in top}
     build = lambda n: apply_plan(model, make_plan(scores, targets_of[n]), check_fingerprint=False)  # noqa: E731
     log_rows: list[dict] = []
     students = {r["name"]: build(r["name"]) for r in top}
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 6. the best hand-picked shape on the same batches and budget
     hand = []
-    for st in unique_by_shape(strategies(spec, args.budget)):
+    for st in unique_by_shape(strategies(spec, args.budget, space.criterion)):
         t = replace(st.targets, depth_by="bi")  # the search scores hold BI; the hand-picked shapes are what counts
         hand.append((preview(model, scores, t, side)["kl"], st.name, t))
     best_kl, best_name, best_t = min(hand, key=lambda h: h[0])

@@ -119,10 +119,13 @@ class Cut:
 
 
 def targets_obj(d: dict | None):
-    """engine.plan.Targets from the session's dict (None fields mean 'keep as is')."""
+    """engine.plan.Targets from the session's dict (None fields mean 'keep as is'; no criterion means the
+    default one, where a plan file without it means activation)."""
+    from engine.importance.scores import DEFAULT_CRITERION
     from engine.targets import Targets
 
     d = {k: v for k, v in dict(d or {}).items() if k in Targets.__dataclass_fields__}
+    d.setdefault("criterion", DEFAULT_CRITERION)
     return Targets.from_dict(d)
 
 

@@ -237,7 +237,9 @@ def render_map(path: Path, hit: dict | None, cfg) -> None:
         picked = points[int(sel[0]["customdata"][0])]
         if st.session_state.get("qmap_done") != picked["key"]:
             st.session_state["qmap_done"] = picked["key"]
-            state.put("targets", picked["targets"])
+            from engine.importance.scores import UNRECORDED_CRITERION
+
+            state.put("targets", {"criterion": UNRECORDED_CRITERION, **picked["targets"]})  # older rows: activation
             st.session_state.pop("t_hidden", None)  # the Prune targets page reloads its sliders from state
             st.rerun()
 

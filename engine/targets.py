@@ -11,7 +11,7 @@ from numbers import Integral
 
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
-from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION, UNRECORDED_CRITERION
 
 DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 
@@ -39,8 +39,6 @@ class Targets:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["drop_layers"] = list(self.drop_layers) if self.drop_layers is not None else None
-        if self.criterion == DEFAULT_CRITERION:  # written only when chosen: older plans read the same
-            del d["criterion"]
         if self.experts is None:  # likewise: only mixtures of experts have the axis
             del d["experts"]
         return d
@@ -51,6 +49,7 @@ class Targets:
         if unknown:
             raise PlanError(f"unknown target fields {sorted(unknown)}; valid: {', '.join(cls.__dataclass_fields__)}")
         d = dict(d)
+        d.setdefault("criterion", UNRECORDED_CRITERION)  # files from before the criteria: all activation
         drop = d.get("drop_layers")
         if drop is not None:
             if not isinstance(drop, (list, tuple)) or not all(isinstance(i, Integral) and not isinstance(i, bool)

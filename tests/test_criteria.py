@@ -13,7 +13,7 @@ from engine.arch import get_adapter
 from engine.export import model_card
 from engine.importance import ScoreConfig, compute_scores
 from engine.importance.falloff import RANDOM, falloff
-from engine.importance.scores import CRITERIA, criterion_tensor
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION, criterion_tensor
 from engine.plan import Plan, make_plan
 from engine.prune import apply_plan
 from engine.targets import Targets
@@ -166,10 +166,14 @@ def test_the_criterion_is_recorded_in_the_plan_and_the_model_card(tmp_path):
     assert Plan.load(path).targets.criterion == "weighted"
     pruned = apply_plan(model, plan, check_fingerprint=False)
     assert "importance criterion (heads, neurons, channels): weighted" in model_card(pruned, plan, s.meta, "tiny", None)
-    # the default (Minitron's activation) is written only in info, so older plans read the same
-    plain = make_plan(s, Targets(ffn=20))
-    assert "criterion" not in plain.to_dict()["targets"] and plain.info["criterion"] == "activation"
+    # every plan records its criterion; one without the field (made before the criteria) reads as activation
+    plain = make_plan(s, Targets(ffn=20, criterion="activation"))
+    d = plain.to_dict()
+    assert d["targets"]["criterion"] == "activation" and plain.info["criterion"] == "activation"
     assert plain.neurons != plan.neurons or plain.channels != plan.channels
+    del d["targets"]["criterion"]
+    assert Targets.from_dict(d["targets"]).criterion == "activation"
+    assert make_plan(s, Targets(ffn=20)).to_dict()["targets"]["criterion"] == DEFAULT_CRITERION == "weighted"
 
 
 def test_an_unknown_criterion_is_a_one_line_error():
@@ -245,10 +249,10 @@ def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monk
         return next(json.loads(e.proto.spec) for e in at.get("plotly_chart") if e.proto.id.endswith("imp_neurons"))
 
     before = neurons_chart()
-    at.session_state["imp_criterion"] = "weighted"
+    at.session_state["imp_criterion"] = "activation"  # from the default (weighted) to Minitron's
     after = neurons_chart()
-    assert at.session_state["targets"] == {"ffn": 20, "criterion": "weighted"}
-    assert before["data"] != after["data"]  # the weighted scores and the plan's overlay under them
+    assert at.session_state["targets"] == {"ffn": 20, "criterion": "activation"}
+    assert before["data"] != after["data"]  # the activation scores and the plan's overlay under them
     at.session_state["imp_fo_layer"] = 1
     at.button(key="imp_fo_go").click().run()
     assert not at.exception, at.exception
@@ -268,7 +272,7 @@ def test_importance_page_switches_criterion_and_draws_the_falloff(tmp_path, monk
     # Prune targets keeps the criterion, and a plan opened there brings its own
     at.switch_page("screens/targets.py").run()
     assert not at.exception, at.exception
-    assert at.session_state["targets"].get("criterion") == "weighted"
+    assert at.session_state["targets"].get("criterion") == "activation"  # the one picked on Importance
     from engine.importance import Scores
 
     plan = make_plan(Scores.load(scores_dir), Targets(ffn=24, criterion="product"))
@@ -307,7 +311,10 @@ def test_search_space_carries_the_criterion_into_each_shape():
     spec = get_adapter(tiny_model("llama")).spec()
     space = SearchSpace(budget=0.8, axes=("ffn",), criterion="weighted")
     assert SearchSpace.from_dict(space.to_dict()) == space
-    assert "criterion" not in SearchSpace(budget=0.8).to_dict()
+    assert SearchSpace(budget=0.8).to_dict()["criterion"] == "weighted"  # the default, recorded
+    old = SearchSpace(budget=0.8).to_dict()
+    del old["criterion"]
+    assert SearchSpace.from_dict(old).criterion == "activation"  # a search made before the criteria
     shape = enumerate_shapes(spec, space)[0]
     assert shape.targets(spec, space.depth_by, space.criterion).criterion == "weighted"
     with pytest.raises(PlanError, match="criterion 'magnitude'"):
@@ -364,7 +371,7 @@ def test_a_run_config_keeps_the_criterion(tmp_path):
     cfg = PipelineConfig(model="default", data="x.txt", targets=targets)
     assert PipelineConfig.from_dict(cfg.to_dict()).targets.criterion == "weighted"
     assert targets_from_args(build_parser().parse_args(["run", "--model", "default", "--data", "x.txt", "--ffn",
-                                                        "1024", "--run-dir", "r"])).criterion == "activation"
+                                                        "1024", "--run-dir", "r"])).criterion == "weighted"
 
 
 def test_scores_made_before_the_criteria_get_them_without_a_forward(tmp_path):

@@ -57,7 +57,8 @@ def test_pruned_experts_and_neurons(scored, tmp_path):
     pruned model holds exactly those rows, its parameters equal the estimate, and plan.json round-trips."""
     model, sc = scored
     sp = spec(model)
-    t = Targets(experts=sp.n_experts - 2, ffn=sp.intermediate_size - 3, layers=sp.n_layers - 1)
+    t = Targets(experts=sp.n_experts - 2, ffn=sp.intermediate_size - 3, layers=sp.n_layers - 1,
+                criterion="activation")  # the scores checked below are the activation ones
     plan = Plan.load(make_plan(sc, t).save(tmp_path))
     new = apply_plan(model, plan)
     assert count_parameters(new) == plan.estimate().params

@@ -196,7 +196,7 @@ def test_scores_of_the_wrong_shape():
     sc = fake_scores(tiny_model("llama"))
     sc.tensors["neurons"] = torch.rand(4, 36)
     with pytest.raises(PlanError, match=r"scores 'neurons' have shape \(4, 36\), the model needs \(4, 37\)"):
-        make_plan(sc, Targets())
+        make_plan(sc, Targets(criterion="activation"))
 
 
 # ---------------------------------------------------------------- plan.json

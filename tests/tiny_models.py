@@ -140,11 +140,17 @@ def random_ids(n: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def fake_scores(model, seed: int = 0, **extra: torch.Tensor) -> Scores:
-    """Random importance of the right shapes, with the model's arch and fingerprint."""
+    """Random importance of the right shapes, with the model's arch and fingerprint; the weight-aware
+    criteria's tensors rank as the activation ones (a test sets one ranking, whatever the criterion)."""
     s = get_adapter(model).spec()
     g = torch.Generator().manual_seed(seed)
     t = {"heads": torch.rand(s.n_layers, s.n_heads, generator=g),
          "neurons": torch.rand(s.n_layers, s.intermediate_size, generator=g),
          "channels": torch.rand(s.hidden_size, generator=g), "bi": torch.rand(s.n_layers, generator=g)}
     t.update(extra)
+    for axis in ("heads", "neurons", "channels", "expert_neurons"):
+        if axis in t:
+            t.setdefault(f"{axis}:weighted", t[axis].clone())
+            if axis in ("neurons", "expert_neurons"):
+                t.setdefault(f"{axis}:product", t[axis].clone())
     return Scores(t, {"arch": s.to_dict(), "fingerprint": fingerprint(model), "model": "tiny", "data": "test"})

@@ -44,6 +44,7 @@ if arch is None:
 
 from engine.arch.base import ArchSpec  # noqa: E402
 from engine.estimate import estimate  # noqa: E402
+from engine.importance.scores import DEFAULT_CRITERION  # noqa: E402
 from engine.presets import preset_targets  # noqa: E402
 from engine.targets import ROUNDINGS, Targets, default_multiple, resolve, valid_values, validate_targets  # noqa: E402
 
@@ -235,7 +236,7 @@ targets = Targets(
     heads=picked["heads"] if picked["heads"] != source["heads"] else None,
     layers=None if depth_by == "list" or picked.get("layers") == source["layers"] else picked.get("layers"),
     depth_by=depth_by, drop_layers=tuple(sorted(drop)) if depth_by == "list" else None,
-    merge_heads=merge, criterion=(state.get("targets") or {}).get("criterion", "activation"),  # set on Importance
+    merge_heads=merge, criterion=(state.get("targets") or {}).get("criterion", DEFAULT_CRITERION),  # set on Importance
     experts=picked["experts"] if picked.get("experts", spec.n_experts) != spec.n_experts else None,
 )
 state.put("targets", targets.to_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.data_args import DATA_SOURCES, add_block_args
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
 
 
 def register(sub) -> None:
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--blocks", type=int, default=None, metavar="N", help="also score contiguous blocks of N layers")
     p.add_argument("--block-ppl", action="store_true", help="perplexity with each block removed (needs --blocks)")
     p.add_argument("--taylor", action="store_true", help="Taylor+ per layer (needs a backward pass)")
-    p.add_argument("--criterion", default="activation", choices=["activation", "weighted", "product"],
+    p.add_argument("--criterion", default=DEFAULT_CRITERION, choices=list(CRITERIA),
                    help="the unit ranking the summary describes (every criterion is stored in the scores; "
                         "prune/run/search choose theirs with --criterion)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -72,7 +73,7 @@ def criterion_lines(scores, criterion: str) -> list[str]:
     return lines
 
 
-def summary(scores, folder, reused: str, criterion: str = "activation") -> list[str]:
+def summary(scores, folder, reused: str, criterion: str = DEFAULT_CRITERION) -> list[str]:
     """Short human summary of a scores file."""
     m = scores.meta
     lines = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
 from engine.search.shapes import SEARCH_AXES
 
 AXIS_NAMES = {"hidden": "hidden", "ffn": "ffn", "mlp": "ffn", "heads": "heads", "layers": "layers", "depth": "layers",
@@ -40,7 +41,7 @@ def register(sub) -> None:
                    help="hidden / MLP widths in multiples of this (default: 64 where the source width is a "
                         "multiple of 64)")
     p.add_argument("--depth-by", default="bi", choices=["bi", "ppl", "taylor"], help="how layers are chosen")
-    p.add_argument("--criterion", default="activation", choices=["activation", "weighted", "product"],
+    p.add_argument("--criterion", default=DEFAULT_CRITERION, choices=list(CRITERIA),
                    help="how heads, neurons and channels are ranked (see `prunescope prune --help`)")
     p.add_argument("--max-candidates", type=int, default=None, help="refuse a search with more shapes than this")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out blocks (default 8)")

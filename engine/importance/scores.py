@@ -43,7 +43,8 @@ CHECK_KEY = "tensors_file"  # meta[CHECK_KEY] = {"bytes": size, "sha256": hex di
 
 # How units are ranked: Minitron's activation statistic, or it times the norms of the unit's weights
 CRITERIA = ("activation", "weighted", "product")
-DEFAULT_CRITERION = "activation"
+DEFAULT_CRITERION = "weighted"  # won after distillation on all three width shapes (docs/BENCHMARKS.md, Quality)
+UNRECORDED_CRITERION = "activation"  # what a plan, targets or search file without the field was made with
 CRITERION_HELP = {
     "activation": "Minitron: the activation statistic alone",
     "weighted": "activation x the norm of the weights the unit writes through (down_proj column, o_proj "

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
 from engine.estimate import estimate
-from engine.importance.scores import CRITERIA
+from engine.importance.scores import CRITERIA, DEFAULT_CRITERION, UNRECORDED_CRITERION
 from engine.targets import AXES, Targets, is_gqa, validate_targets
 
 ROUNDINGS = (1, 8, 32, 64, 128)
@@ -48,7 +48,7 @@ class SearchSpace:
     bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
     rounding: int = 0
     depth_by: str = "bi"
-    criterion: str = "activation"  # how heads, neurons and channels are ranked (engine.importance.criteria)
+    criterion: str = DEFAULT_CRITERION  # how heads, neurons and channels are ranked (engine.importance.criteria)
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -79,13 +79,12 @@ class SearchSpace:
         d = asdict(self)
         d["axes"] = list(self.axes)
         d["bounds"] = {k: list(v) for k, v in self.bounds.items()}
-        if self.criterion == "activation":  # written only when chosen: older searches read the same
-            del d["criterion"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchSpace:
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        kw.setdefault("criterion", UNRECORDED_CRITERION)  # searches from before the criteria: all activation
         if "axes" in kw:
             kw["axes"] = tuple(kw["axes"])
         if "bounds" in kw:
@@ -106,7 +105,7 @@ class Shape:
     kind: str  # depth | width | mixed
     experts: int = 0  # experts per sparse layer (0: a dense model)
 
-    def targets(self, spec: ArchSpec, depth_by: str = "bi", criterion: str = "activation") -> Targets:
+    def targets(self, spec: ArchSpec, depth_by: str = "bi", criterion: str = DEFAULT_CRITERION) -> Targets:
         src = _source(spec)
         kw = {a: (getattr(self, a) if getattr(self, a) != src[a] else None) for a in SEARCH_AXES}
         return Targets(**kw, depth_by=depth_by, criterion=criterion)
