@@ -153,6 +153,7 @@ def test_cut_masks_match_make_plan(targets):
          "channels": torch.rand(48, generator=g), "channels_per_layer": torch.rand(4, 48, generator=g),
          "bi": torch.rand(4, generator=g)}
     meta = {"arch": spec.to_dict()}
+    targets = {"criterion": "activation", **targets}  # the scores above are activation's alone
     plan = make_plan(Scores(t, meta), Targets.from_dict(targets))
     m = cut_masks({k: v.numpy() for k, v in t.items()}, meta, targets)
     assert [i for i in range(4) if not m["layers"][i]] == plan.kept_layers

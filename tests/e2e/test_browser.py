@@ -195,7 +195,7 @@ def test_upload_a_plan_on_prune_targets(page: Page, app_url: str, tmp_path):
     scores = Scores({"heads": torch.rand(4, 6, generator=g), "neurons": torch.rand(4, 37, generator=g),
                      "channels": torch.rand(48, generator=g), "bi": torch.rand(4, generator=g)},
                     {"arch": spec.to_dict()})
-    good = make_plan(scores, Targets(ffn=20, heads=4)).to_dict()
+    good = make_plan(scores, Targets(ffn=20, heads=4, criterion="activation")).to_dict()  # activation scores only
     bad = dict(good, layers=[0, 1, 2, 3])
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     (tmp_path / "plan.json").write_text(json.dumps(good))
