@@ -385,11 +385,17 @@ def add_row(out: Path, stem: str, old: dict, row: dict, command: str, settings: 
                            "eval_tokens": int(bench.eval_blocks.numel())}
     meta.setdefault("runs", []).append({"command": command, "machine": [machine_note()], "rows": [row["name"]]})
     write_json(out / f"{stem}.json", {"meta": meta, "rows": rows})
-    write_report(out, stem, meta, rows)
+    write_reports(out, stem, meta, rows)
+
+
+def write_reports(out: Path, stem: str, meta: dict, rows: list[dict]) -> str:
+    """The report (table, HTML, PNG) with the data-mix and criterion tables appended; its Markdown text."""
+    text = write_report(out, stem, meta, rows)
     extra = breadth_report(rows) + criterion_report(rows)
     if extra:
         with (out / f"{stem}.md").open("a") as f:
             f.write(extra)
+    return text + extra
 
 
 def _runs(meta: dict) -> list[dict]:
@@ -471,12 +477,7 @@ def run_all(args: argparse.Namespace, settings: dict, stem: str, path: Path, old
     notes.append(f"end: {machine_note()}")
     meta["wall_s"] = this["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_json(path, {"meta": meta, "rows": rows})
-    print(write_report(args.out, stem, meta, rows))
-    extra = breadth_report(rows) + criterion_report(rows)
-    if extra:
-        with (args.out / f"{stem}.md").open("a") as f:
-            f.write(extra)
-        print(extra)
+    print(write_reports(args.out, stem, meta, rows))
     return 0
 
 
