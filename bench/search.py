@@ -18,6 +18,10 @@ and its distillation recipe (batch 4 x 256, lr 3e-4, KL + CE, fp32), at 75% of t
    file, so its held-out perplexity reads against every hand-picked row there.
 
     .venv/bin/python bench/search.py [--quick] [--out docs/quality/search.json]
+    .venv/bin/python bench/search.py --winner-of docs/quality/search.json   # step 7 alone
+
+--winner-of FILE: take the winner of a saved full run (its JSON) and run step 7 alone, with the same
+scores (recomputed: they are deterministic) and the same enumeration; the row goes into FILE too.
 
 --quick: 2 x 64 evaluation tokens, 4 candidates previewed (spread over the budget), K = 2, one
 step of 1 x 64 tokens, no winner row: a smoke run of every measurement (its numbers mean little).
@@ -176,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute dtype (default fp32, as the quality benchmark's rows)")
     p.add_argument("--no-winner", action="store_true", help="skip the winner's full-budget distillation")
     p.add_argument("--quality-out", type=Path, default=OUT_DIR, help="folder of quality.json (the winner's row)")
+    p.add_argument("--winner-of", type=Path, default=None,
+                   help="a saved search JSON: run step 7 alone for its winner (and record the row there)")
     return p.parse_args(argv)
 
 
@@ -183,7 +189,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with compute_dtype(args.dtype):
-        return run(args)
+        return winner_only(args) if args.winner_of else run(args)
+
+
+def winner_only(args: argparse.Namespace) -> int:
+    """Step 7 for the winner of a saved full run: same scores, same enumeration, the full token budget."""
+    saved = json.loads(args.winner_of.read_text())
+    if saved.get("quick") or "tournament" not in saved:
+        raise SystemExit(f"{args.winner_of} is not a saved full search (no tournament, or a --quick run)")
+    if saved.get("dtype", "fp32") != args.dtype:
+        raise SystemExit(f"{args.winner_of} was measured in {saved.get('dtype')}; pass --dtype {saved.get('dtype')}")
+    s = settings(False)
+    loaded = load("default", dtype="fp32")
+    spec = get_adapter(loaded.model).spec()
+    scores, _ = score(loaded, DataSource.parse(str(args.wikitext), docs=CALIB_DOCS), *s["calib"], config=ScoreConfig())
+    space = SearchSpace(budget=args.budget, tolerance=args.tolerance, criterion=saved["criterion"])
+    name = saved["tournament"]["winner"]
+    shape = next((x for x in enumerate_shapes(spec, space) if x.name == name), None)
+    if shape is None:
+        raise SystemExit(f"{name} is not among the candidates at budget {args.budget} ± {args.tolerance}")
+    search = {"candidates": saved["candidates"], "top": saved["tournament"]["top"],
+              "tournament_tokens": saved["tournament"]["tokens"],
+              "one_shot_kl": next(r["kl"] for r in saved["previews"] if r["name"] == name)}
+    row = winner_row(args, scores, shape.targets(spec, space.depth_by, space.criterion), name, search)
+    saved["winner_row"] = winner_summary(row)
+    saved["machine"].append(f"winner row: {machine_note()}")
+    write(args.winner_of, saved)
+    print(f"7. winner on {row['distill_tokens']} tokens: held-out ppl {row['ppl_distilled']:.2f} "
+          f"(KL {row['kl_distilled']:.3f}), params {100 * row['fraction']:.1f}%", flush=True)
+    return 0
+
+
+def winner_summary(row: dict) -> dict:
+    """The part of the winner's quality row that the search JSON keeps."""
+    return {k: row[k] for k in ("name", "shape", "params", "fraction", "ppl_oneshot", "kl_oneshot",
+                                "ppl_distilled", "kl_distilled", "distill_tokens", "wall_s")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,8 +337,7 @@ def run(args: argparse.Namespace) -> int:
         search = {"candidates": len(shapes), "top": out["tournament"]["top"], "tournament_tokens":
                   out["tournament"]["tokens"], "one_shot_kl": next(r["kl"] for r in rows if r["name"] == res["winner"])}
         row = winner_row(args, scores, targets_of[res["winner"]], res["winner"], search)
-        out["winner_row"] = {k: row[k] for k in ("name", "shape", "params", "fraction", "ppl_oneshot", "kl_oneshot",
-                                                 "ppl_distilled", "kl_distilled", "distill_tokens", "wall_s")}
+        out["winner_row"] = winner_summary(row)
         print(f"7. winner on {row['distill_tokens']} tokens: held-out ppl {row['ppl_distilled']:.2f} "
               f"(KL {row['kl_distilled']:.3f}), params {100 * row['fraction']:.1f}%", flush=True)
     out["machine"].append(f"end: {machine_note()}")

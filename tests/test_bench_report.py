@@ -108,3 +108,20 @@ def test_results_file_refuses_another_budget_or_dtype_and_rows_are_replaced_by_n
     assert data["rows"][1]["ppl_distilled"] == 55.0
     assert [r["command"] for r in data["meta"]["runs"]] == ["bench/search.py", "bench/search.py"]
     assert "search_winner" in (tmp_path / "quality.md").read_text()
+
+
+def test_winner_only_run_refuses_a_smoke_run_or_another_dtype(tmp_path):
+    """`bench/search.py --winner-of` reads the winner of a saved full search; anything else is refused
+    before the model loads, with what was wrong."""
+    _quality_module()  # bench/ on sys.path
+    import importlib
+
+    search = importlib.import_module("search")
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps({"quick": True, "dtype": "fp32"}))
+    with pytest.raises(SystemExit, match="not a saved full search"):
+        search.main(["--winner-of", str(quick)])
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"quick": False, "dtype": "bf16", "tournament": {"winner": "h576-f1024-q9-l28"}}))
+    with pytest.raises(SystemExit, match="measured in bf16; pass --dtype bf16"):
+        search.main(["--winner-of", str(full)])
