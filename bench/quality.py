@@ -161,8 +161,10 @@ class Bench:
         if share == 0:
             return self.train, [{"name": "wikitext", "tokens": int(self.train.numel())}]
         if share not in self._mixed:
-            specs = [str(self.args.wikitext), "teacher"] if share < 1 else ["teacher"]
-            weights = [1 - share, share] if share < 1 else [1.0]
+            # the teacher first: its seed is then the same in every mix, so each mix takes the first
+            # texts of the one cached generation (engine.prompts) instead of sampling its own
+            specs = ["teacher", str(self.args.wikitext)] if share < 1 else ["teacher"]
+            weights = [share, 1 - share] if share < 1 else [1.0]
             blocks, _, info = mix_blocks(DataMix.of(specs, weights), self.loaded.tokenizer, self.train.shape[0],
                                          self.s["seq_len"], seed=1, docs=(0.0, 0.6), model=self.teacher,
                                          cache_dir=self.args.out / "generated", model_name=self.loaded.name)

@@ -26,6 +26,8 @@ from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 
+GENERATION_BATCH = 16  # prompts sampled together; the cache reuse below counts in whole batches
+
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "The best way to cook rice is",
@@ -144,9 +146,11 @@ def is_teacher_spec(spec: str) -> bool:
 
 
 def generate_prompted(model, tokenizer, prompts: list[str], n_docs: int, new_tokens: int, temperature: float,
-                      seed: int, batch_size: int = 16, progress: Progress | None = None) -> list[str]:
+                      seed: int, batch_size: int = GENERATION_BATCH, progress: Progress | None = None,
+                      done: list[str] | None = None) -> list[str]:
     """`n_docs` texts: prompt i % len(prompts) followed by the model's sampled continuation (seeded,
-    batched with left padding; the global RNG is left as it was)."""
+    batched with left padding; the global RNG is left as it was). Batch k draws its seed k-th, so
+    `done` (the first whole batches of an earlier call with the same settings) is continued exactly."""
     import torch
 
     from engine.importance.stream import execution_device
@@ -159,10 +163,12 @@ def generate_prompted(model, tokenizer, prompts: list[str], n_docs: int, new_tok
     limit = int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
                 or 1 << 30)
     state = torch.random.get_rng_state()
-    docs: list[str] = []
+    docs = list((done or [])[: min(len(done or []), n_docs) // batch_size * batch_size])  # whole batches only
+    for _ in range(len(docs) // batch_size):  # the seeds those batches drew
+        torch.randint(0, 2**31 - 1, (1,), generator=gen)
     try:
         with torch.no_grad():
-            for b0 in range(0, n_docs, batch_size):
+            for b0 in range(len(docs), n_docs, batch_size):
                 batch = [prompts[i % len(prompts)] for i in range(b0, min(n_docs, b0 + batch_size))]
                 enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch]
                 width = max(len(e) for e in enc)
@@ -181,6 +187,19 @@ def generate_prompted(model, tokenizer, prompts: list[str], n_docs: int, new_tok
     return docs
 
 
+def _longest_cached(folder: Path, part: str, meta: dict) -> list[str]:
+    """The texts of the longest cached run in `folder` made with the same settings as `meta` (any
+    count): its first whole batches are what a run of another count would generate first."""
+    best: list[str] = []
+    same = {k: v for k, v in meta.items() if k != "n_docs"}
+    for f in sorted(folder.glob(f"teacher-{part}-*.json")) if folder.is_dir() else []:
+        cached = read_json(f) or {}
+        m, texts = cached.get("meta") or {}, cached.get("texts") or []
+        if {k: v for k, v in m.items() if k != "n_docs"} == same and len(texts) == m.get("n_docs") and len(texts) > len(best):
+            best = list(texts)
+    return best
+
+
 def cached_teacher_text(src: TeacherText, part: str, n_docs: int, seed: int, model, tokenizer,
                         cache_dir: str | Path | None, model_name: str = "",
                         progress: Progress | None = None) -> list[str]:
@@ -196,10 +215,15 @@ def cached_teacher_text(src: TeacherText, part: str, n_docs: int, seed: int, mod
         if cached.get("meta") == meta and len(cached.get("texts") or []) == n_docs:
             log.info("teacher text from %s", path)
             return list(cached["texts"])
-    if model is None or tokenizer is None:
+    done = _longest_cached(Path(cache_dir), part, meta) if cache_dir else []
+    if min(len(done), n_docs) // GENERATION_BATCH * GENERATION_BATCH == n_docs:
+        log.info("teacher text: the first %d texts of a longer cached run", n_docs)
+        texts = done[:n_docs]
+    elif model is None or tokenizer is None:
         raise DataError("teacher-generated text needs the teacher model (it is not loaded in this job)")
-    texts = generate_prompted(model, tokenizer, prompts, n_docs, src.new_tokens, src.temperature, seed,
-                              progress=progress)
+    else:
+        texts = generate_prompted(model, tokenizer, prompts, n_docs, src.new_tokens, src.temperature, seed,
+                                  progress=progress, done=done)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"meta": meta, "source": asdict(src), "texts": texts})

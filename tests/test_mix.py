@@ -114,6 +114,25 @@ def test_teacher_text_is_reproducible_from_its_seed_and_cached(tok, tmp_path):
         cached_teacher_text(src, "eval", 5, 11, None, tok, tmp_path / "c1")
 
 
+def test_a_longer_cached_run_serves_a_shorter_one_exactly(tok, tmp_path, monkeypatch):
+    """Its whole batches are reused (no teacher needed when they cover the count), the rest is
+    generated with the seeds those batches would draw: the same texts as a fresh run of that count."""
+    import engine.prompts
+
+    model = tiny_model("llama", 0)
+    src = TeacherText(0, 0.9, None, new_tokens=6)
+    long = cached_teacher_text(src, "train", 40, 3, model, tok, tmp_path / "c")
+    assert cached_teacher_text(src, "train", 32, 3, None, tok, tmp_path / "c") == long[:32]  # two whole batches
+    calls = []
+    real = engine.prompts.generate_prompted
+    monkeypatch.setattr(engine.prompts, "generate_prompted", lambda *a, **k: calls.append(k["done"]) or real(*a, **k))
+    short = cached_teacher_text(src, "train", 21, 3, model, tok, tmp_path / "c")
+    assert len(calls[0]) == 40  # handed the longer run; it keeps its first batch and writes 5 texts
+    monkeypatch.setattr(engine.prompts, "generate_prompted", real)
+    fresh = cached_teacher_text(src, "train", 21, 3, model, tok, tmp_path / "fresh")
+    assert short == fresh and short[:16] == long[:16] and short[16:] != long[16:21]
+
+
 def test_teacher_specs_and_prompt_parts(tmp_path):
     assert TeacherText.parse("teacher") == TeacherText()
     with pytest.raises(DataError, match="TEMPERATURE"):
