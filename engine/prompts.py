@@ -9,7 +9,7 @@ A spec reads `teacher[:N[:TEMPERATURE[:PROMPTS_FILE]]]`: N documents (0 or left 
 the blocks asked for need), sampled at TEMPERATURE (default 0.8) from the built-in prompts or
 from a text file of prompts (one per line). The texts are cached in a folder (the run folder's
 `generated/`) as JSON with the seed, temperature and prompts that made them, and reused when all of
-those match.
+those match; a longer cached run serves a shorter one (its first whole batches are the same texts).
 """
 
 from __future__ import annotations
