@@ -38,7 +38,8 @@ def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, 
                 teacher_temperature: float = 0.8, method: str = "kd", lora_rank: int = 16, lora_loss: str = "kd",
                 correct_teacher_tokens: int = 0):
     """A PipelineConfig from the session's model/data/calibration settings and these knobs;
-    teacher_share > 0 mixes that share of teacher-generated text into calibration and training."""
+    teacher_share > 0 mixes that share of teacher-generated text into the training data (calibration
+    stays on the session's data, the one the Importance page scored and its heatmaps show)."""
     from engine.distill import DistillConfig
     from engine.pipeline import PipelineConfig
 
@@ -52,11 +53,12 @@ def make_config(targets: dict, steps: int, batch: int, seq_len: int, lr: float, 
                          warmup_steps=min(10, max(1, steps // 10)) if warmup is None else warmup,
                          checkpoint_every=max(eval_every, 50), method=method, lora_rank=lora_rank, lora_loss=lora_loss)
     t = {k: v for k, v in targets.items() if v not in (None, False) or k == "depth_by"}
-    data = state.get("data")
+    data = calib = state.get("data")
     if teacher_share > 0:
-        data = [{"data": data, "weight": 1 - teacher_share},
+        data = [{"data": calib, "weight": 1 - teacher_share},
                 {"data": f"teacher:0:{teacher_temperature:g}", "weight": teacher_share}]
-    return PipelineConfig(model=state.get("model"), data=data, text_column=state.get("text_column") or None,
+    return PipelineConfig(model=state.get("model"), data=data, calib_data=calib if teacher_share > 0 else None,
+                          text_column=state.get("text_column") or None,
                           train_range=train, eval_range=(train[1], 1.0), calib_samples=int(state.get("samples")),
                           calib_seq_len=int(state.get("seq_len")), targets=t, distill=dcfg, eval_samples=eval_samples,
                           teacher_correction_tokens=int(correct_teacher_tokens))

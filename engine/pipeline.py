@@ -67,12 +67,15 @@ class PipelineConfig:
     teacher_correction_tokens: int = 0  # > 0: first fine-tune the teacher on the training data (CE)
     teacher_correction_lr: float = 1e-5
     breadth: str | None = "teacher"  # teacher text evaluated beside the held-out data (engine.mix); None: off
+    calib_data: str | list | None = None  # calibration source(s) when they differ from `data` (None: `data`)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, dict):
             object.__setattr__(self, "targets", Targets.from_dict(self.targets))
-        if not isinstance(self.data, str) or self.data.startswith("mix:"):  # a mix checked, in its saved form
-            object.__setattr__(self, "data", DataMix.of(self.data).to_config())
+        for name in ("data", "calib_data"):  # a mix checked, in its saved form
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or value.startswith("mix:")):
+                object.__setattr__(self, name, DataMix.of(value).to_config())
 
     @property
     def kind(self) -> str:
@@ -144,6 +147,8 @@ class Job:
     tokenizer: Any = None
     train_src: DataSource | None = None
     eval_src: DataSource | None = None
+    calib_src: DataSource | None = None  # the one calibration source (None: a mix, see calib_mix)
+    calib_mix: DataMix | None = None
     dcfg: DistillConfig | None = None
     eval_blocks: torch.Tensor | None = None
     mix: DataMix | None = None  # the sources with their weights (one source: weight 1)
@@ -215,15 +220,16 @@ def score_stage(job: Job) -> None:
     targets = job.cfg.targets
     n_layers = get_adapter(job.teacher.model).n_layers
     config = score_config_for(targets.depth_by, n_layers - (targets.layers or n_layers))
-    if job.train_src is None:  # a mix (or teacher text): calibration blocks honour its weights, no cache
-        blocks = train_blocks(job, job.cfg.calib_samples, job.cfg.calib_seq_len, job.cfg.seed, "calib_mix")
+    if job.calib_src is None:  # a mix (or teacher text): calibration blocks honour its weights, no cache
+        blocks = train_blocks(job, job.cfg.calib_samples, job.cfg.calib_seq_len, job.cfg.seed, "calib_mix",
+                              job.calib_src, job.calib_mix)
         scores = compute_scores(job.teacher.model, blocks, config, progress=cb)
-        scores.meta.update(data=job.mix.label, n_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
+        scores.meta.update(data=job.calib_mix.label, n_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
                            seed=job.cfg.seed, model=job.teacher.name)
         scores.save(job.run.path / "scores")
         job.done("score")
         return
-    scores, folder = score(job.teacher, job.train_src, job.cfg.calib_samples, job.cfg.calib_seq_len,
+    scores, folder = score(job.teacher, job.calib_src, job.cfg.calib_samples, job.cfg.calib_seq_len,
                            seed=job.cfg.seed, config=config, progress=cb)
     scores.save(job.run.path / "scores")
     job.done("score", cache=str(folder))
@@ -383,9 +389,10 @@ def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
         path, kw = resolve_spec(cfg.student)
         job.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     job.mix = DataMix.of(cfg.data)
-    if len(job.mix.specs) == 1 and not is_teacher_spec(job.mix.specs[0]):  # one file / dataset / generated
-        job.train_src = DataSource.parse(job.mix.specs[0], column=cfg.text_column, docs=cfg.train_range)
-        job.eval_src = DataSource.parse(job.mix.specs[0], column=cfg.text_column, docs=cfg.eval_range)
+    job.train_src = single_source(job.mix, cfg.text_column, cfg.train_range)
+    job.eval_src = single_source(job.mix, cfg.text_column, cfg.eval_range)
+    job.calib_mix = DataMix.of(cfg.calib_data) if cfg.calib_data is not None else job.mix
+    job.calib_src = single_source(job.calib_mix, cfg.text_column, cfg.train_range)
     summary.update(data=job.train_src.label if job.train_src else job.mix.label, method=cfg.distill.method)
     job.dcfg = cfg.distill
     # held-out blocks of each source (the first is the main held-out set) + the teacher-text breadth set
@@ -397,12 +404,22 @@ def setup_job(run: Run, stop: Callable[[], bool]) -> Job:
     return job
 
 
-def train_blocks(job: Job, n: int, seq_len: int, seed: int, key: str) -> torch.Tensor:
+def single_source(mix: DataMix, column: str | None, docs: tuple[float, float]) -> DataSource | None:
+    """The mix's one file / dataset / generated source over `docs`; None for a mix or teacher text."""
+    if len(mix.specs) == 1 and not is_teacher_spec(mix.specs[0]):
+        return DataSource.parse(mix.specs[0], column=column, docs=docs)
+    return None
+
+
+def train_blocks(job: Job, n: int, seq_len: int, seed: int, key: str, src: DataSource | None = None,
+                 mix: DataMix | None = None) -> torch.Tensor:
     """Up to n training / calibration blocks: from the one source, or from the mix honouring its
-    weights (the blocks and tokens taken from each source go into summary[key])."""
-    if job.train_src is not None:
-        return get_blocks(job.train_src, job.tokenizer, n, seq_len, seed, model=teacher_model(job), up_to=True)
-    blocks, _, info = mix_blocks(job.mix, job.tokenizer, n, seq_len, seed, docs=job.cfg.train_range,
+    weights (the blocks and tokens taken from each source go into summary[key]). Default: the
+    training data (`src` / `mix` choose another, as the calibration data)."""
+    src, mix = (src, mix) if mix is not None else (job.train_src, job.mix)
+    if src is not None:
+        return get_blocks(src, job.tokenizer, n, seq_len, seed, model=teacher_model(job), up_to=True)
+    blocks, _, info = mix_blocks(mix, job.tokenizer, n, seq_len, seed, docs=job.cfg.train_range,
                                  model=teacher_model(job), column=job.cfg.text_column,
                                  cache_dir=job.run.path / "generated", model_name=job.cfg.model)
     job.summary[key] = info

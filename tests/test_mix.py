@@ -226,6 +226,39 @@ def test_pipeline_on_a_mix_reports_each_source(tmp_path, corpus, tiny_llama_pair
         assert f"| {name} | {row['ppl_teacher']:.2f} | {row['ppl_one_shot']:.2f} | {row['ppl_distilled']:.2f} |" in card
 
 
+@pytest.mark.slow
+def test_calibration_data_of_its_own_scores_on_it_while_training_mixes(tmp_path, corpus, tiny_llama_pair,
+                                                                      monkeypatch):
+    """calib_data = the file, data = 70% file + 30% teacher text (the Distill page with a teacher share):
+    the run's scores are those of the file alone (the Importance page's), training still mixes."""
+    from engine.data import DataSource
+    from engine.importance import Scores, score, score_config_for
+    from engine.jobs import execute
+    from engine.models import load
+    from engine.pipeline import PipelineConfig, create_run
+    from engine.runs import read_json
+
+    monkeypatch.setenv("PRUNESCOPE_LOCKS", str(tmp_path / "locks"))
+    monkeypatch.setenv("PRUNESCOPE_CACHE", str(tmp_path / "cache"))
+    mix = DataMix.of([str(corpus), "teacher"], "0.7,0.3")
+    cfg = PipelineConfig(model=str(tiny_llama_pair[0]), data=mix.to_config(), calib_data=str(corpus),
+                         calib_samples=10, calib_seq_len=32, targets={"ffn": 24}, eval_samples=3,
+                         distill=DistillConfig(steps=2, batch_size=5, seq_len=32, warmup_steps=1, eval_every=2,
+                                               checkpoint_every=2, eval_samples=3))
+    assert PipelineConfig.from_dict(cfg.to_dict()).calib_data == str(corpus)
+    run = create_run(tmp_path / "run", cfg)
+    assert execute(run.path) == "done", (run.path / "job.log").read_text()[-2000:]
+    s = read_json(run.path / "summary.json")
+    assert "calib_mix" not in s and [m["tokens"] for m in s["data_mix"]] == [7 * 32, 3 * 32]
+    teacher = load(cfg.model, dtype=cfg.dtype, device=cfg.device)  # as the job loads it
+    alone, _ = score(teacher, DataSource.parse(str(corpus), docs=cfg.train_range), 10, 32, seed=0,
+                     config=score_config_for(cfg.targets.depth_by, 0))
+    got = Scores.load(run.path / "scores")
+    assert got.meta["data"] == alone.meta["data"]
+    for k, v in alone.tensors.items():
+        assert torch.equal(got.tensors[k], v), k
+
+
 def test_cli_repeated_data_and_mix_build_the_configs_mix(tmp_path, two_files):
     from engine.cli import build_parser
     from engine.pipeline import PipelineConfig
@@ -242,6 +275,9 @@ def test_cli_repeated_data_and_mix_build_the_configs_mix(tmp_path, two_files):
     assert PipelineConfig.from_dict(PipelineConfig(data=got).to_dict()).data == got
     with pytest.raises(DataError, match="2 weights for 3"):
         cfg("--data", "a", "--data", "b", "--data", "c", "--mix", "0.5,0.5")
+    run = build_parser().parse_args(["run", "--ffn", "8", "--run-dir", str(tmp_path), "--data", two_files[0], "--data", "teacher", "--mix",
+                                     "0.7,0.3", "--calib-data", two_files[0]])
+    assert run.calib_data == two_files[0] and len(run.data) == 2
 
 
 @pytest.mark.slow

@@ -17,6 +17,9 @@ def register(sub) -> None:
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-samples", type=int, default=32, help="calibration blocks for scoring")
     c.add_argument("--calib-seq-len", type=int, default=256)
+    c.add_argument("--calib-data", default=None,
+                   help="calibration source when it is not the training data (a file, hf:..., generated[:N], "
+                        "mix:FILE; default: --data), e.g. your data while --data mixes in teacher text")
     add_training_args(p)
     p.set_defaults(func=run)
 
@@ -28,7 +31,7 @@ def run(args) -> int:
     if targets == Targets(depth_by=targets.depth_by, merge_heads=targets.merge_heads):
         raise PlanError("give at least one target: --hidden, --ffn, --heads, --layers or --drop-layers")
     validate_for_model(targets, args.model)  # before a job folder exists
-    cfg = PipelineConfig(model=args.model, data=args.data, text_column=args.text_column,
+    cfg = PipelineConfig(model=args.model, data=args.data, calib_data=args.calib_data, text_column=args.text_column,
                          train_range=parse_doc_range(args.train_range, "--train-range"),
                          eval_range=parse_doc_range(args.eval_range, "--eval-range"),
                          calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
