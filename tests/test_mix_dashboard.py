@@ -57,6 +57,11 @@ def test_cli_command_of_a_mixed_run_parses_back_to_the_same_mix(tmp_path):
     argv = [a for a in cmd.replace("\\\n", " ").split() if a][1:]
     args = build_parser().parse_args(argv)
     assert PipelineConfig(student="s", data=args.data).data == cfg.data
+    # a pipeline run calibrated on its first source alone (the Distill page with a teacher share)
+    run = PipelineConfig(data=cfg.data, calib_data="wiki.raw", targets={"ffn": 8})
+    argv = [a for a in cli_command(run.to_dict(), tmp_path / "r").replace("\\\n", " ").split() if a][1:]
+    args = build_parser().parse_args(argv)
+    assert args.calib_data == "wiki.raw" and PipelineConfig(data=args.data).data == cfg.data
 
 
 @pytest.mark.slow
