@@ -35,6 +35,7 @@ from engine.paths import SHARED_WIKITEXT
 from engine.plan import make_plan
 from engine.presets import preset_targets
 from engine.prune import apply_plan
+from engine.refit import refit
 from engine.targets import Targets, valid_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,9 +172,16 @@ def magnitude_scores(model: torch.nn.Module, like: Scores) -> Scores:
     return Scores({k: v.cpu() for k, v in tensors.items()}, {**like.meta, "aggregation": "magnitude"})
 
 
-def prune(model: torch.nn.Module, scores: Scores, targets: Targets) -> torch.nn.Module:
-    """The pruned copy of `model` (fp32) for these scores and targets."""
-    return apply_plan(model, make_plan(scores, targets)).float().eval()
+def prune(model: torch.nn.Module, scores: Scores, targets: Targets, calib: torch.Tensor | None = None) -> torch.nn.Module:
+    """The pruned copy of `model` (fp32) for these scores and targets; with `targets.refit`, refitted on the
+    calibration blocks `calib` (engine.refit)."""
+    plan = make_plan(scores, targets)
+    student = apply_plan(model, plan).float().eval()
+    if targets.refit:
+        if calib is None:
+            raise ValueError("a refitted student needs the calibration blocks")
+        refit(model, student, plan, calib)
+    return student
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ Data mixes (group "data mix", engine.mix): the best depth shape and the MLP + he
 distilled on WikiText only, teacher-generated text only and two mixes (70/30, 50/50) of the same
 budget, each evaluated in-domain (held-out WikiText) and on breadth (teacher text from prompts never
 trained on, cached in OUT/generated); their table is appended to the report.
+Refit (group "refit", engine.refit): the width and depth + width shapes pruned by the activation and weighted
+criteria and refitted by least squares on the calibration blocks, beside the same rows without refit.
 Importance criteria (group "criterion"): the weight-aware criteria (weighted, product) on the three width
 shapes, beside activation's rows (the strategies themselves); bench/optipfair_hybrid.py adds OptiPFair's hybrid
 at the MLP shape. Their table is appended to the report too.
@@ -248,7 +250,46 @@ def experiments(b: Bench, quick: bool) -> list[Experiment]:
                                   corrected_teacher=corrected))
     out += data_mix_experiments(b, quick)
     out += criterion_experiments(b, quick)
+    out += refit_experiments(b, quick)
     return out
+
+
+REFIT_SHAPES = ("width_mlp", "width_mlp_heads", "width_all", "depth_width")
+
+
+def refit_experiments(b: Bench, quick: bool) -> list[Experiment]:
+    """The least-squares refit (engine.refit) on the width and depth + width shapes, for the activation and
+    weighted criteria: `refit_<criterion>_<shape>`; the same rows without refit are the strategy (activation) and
+    criterion (weighted) rows."""
+    S, t = b.strategies, b.teacher
+    out = []
+    for name in REFIT_SHAPES:
+        for c in ("activation", "weighted"):
+            targets = replace(S[name].targets, criterion=c, refit=True)
+            out.append(Experiment(f"refit_{c}_{name}", "refit", f"{S[name].label}, criterion {c}, refit",
+                                  targets, lambda targets=targets: prune(t, b.scores(), targets, b.calib()),
+                                  not quick))
+    return out
+
+
+def refit_report(rows: list[dict]) -> str:
+    """A Markdown table: each shape and criterion without and with the refit, one-shot and distilled."""
+    by_name = {r["name"]: r for r in rows}
+    lines = []
+    for shape in REFIT_SHAPES:
+        for c in ("activation", "weighted"):
+            plain = by_name.get(shape if c == "activation" else f"criterion_{c}_{shape}")
+            for label, r in (("no", plain), ("yes", by_name.get(f"refit_{c}_{shape}"))):
+                if r is None:
+                    continue
+                dist = (f"{r['ppl_distilled']:.2f} | {r['kl_distilled']:.3f}" if r.get("ppl_distilled") is not None
+                        else "- | -")
+                lines.append(f"| {shape} | {c} | {label} | {r['ppl_oneshot']:.2f} | {r['kl_oneshot']:.3f} | {dist} |")
+    if not lines:
+        return ""
+    head = ["| shape | criterion | refit | one-shot ppl | one-shot KL | distilled ppl | distilled KL |",
+            "|---|---|---|---|---|---|---|"]
+    return "\n## Refit: one-shot and after the same distillation\n\n" + "\n".join(head + lines) + "\n"
 
 
 CRITERION_SHAPES = ("width_mlp", "width_mlp_heads", "width_all")
@@ -393,7 +434,7 @@ def add_row(out: Path, stem: str, old: dict, row: dict, command: str, settings: 
 def write_reports(out: Path, stem: str, meta: dict, rows: list[dict]) -> str:
     """The report (table, HTML, PNG) with the data-mix and criterion tables appended; its Markdown text."""
     text = write_report(out, stem, meta, rows)
-    extra = breadth_report(rows) + criterion_report(rows)
+    extra = breadth_report(rows) + criterion_report(rows) + refit_report(rows)
     if extra:
         with (out / f"{stem}.md").open("a") as f:
             f.write(extra)

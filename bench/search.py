@@ -211,7 +211,7 @@ def winner_only(args: argparse.Namespace) -> int:
     search = {"candidates": saved["candidates"], "top": saved["tournament"]["top"],
               "tournament_tokens": saved["tournament"]["tokens"],
               "one_shot_kl": next(r["kl"] for r in saved["previews"] if r["name"] == name)}
-    row = winner_row(args, scores, shape.targets(spec, space.depth_by, space.criterion), name, search)
+    row = winner_row(args, scores, space.targets_for(shape, spec), name, search)
     saved["winner_row"] = winner_summary(row)
     saved["machine"].append(f"winner row: {machine_note()}")
     write(args.winner_of, saved)
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     # 3. preview speed on the dashboard's default evaluation set
     speed_blocks = blocks_from(tok, args.wikitext, EVAL_DOCS, *s["speed_eval"], seed=1)
     speed_side = teacher_side(model, speed_blocks, fingerprint(model), folder=Path(args.work) / "teacher-speed")
-    speed_targets = [x.targets(spec, space.depth_by, space.criterion) for x in spread(shapes, s["speed_shapes"])]
+    speed_targets = [space.targets_for(x, spec) for x in spread(shapes, s["speed_shapes"])]
     speed = preview_speed(model, scores, speed_targets, speed_side, s["speed_reps"])
     out["preview_speed"] = speed
     del speed_side
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = []
     for x in tried:
-        q = preview(model, scores, x.targets(spec, space.depth_by, space.criterion), side)
+        q = preview(model, scores, space.targets_for(x, spec), side)
         rows.append({"name": x.name, "params": x.params, "fraction": x.fraction, "kind": x.kind, "kl": q["kl"],
                      "ppl": q["ppl"], "seconds": q["seconds"]["total"]})
     out["seconds"]["previews"] = time.perf_counter() - t0
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, warmup_steps=max(1, total // 20), eval_every=max(1, total // s["evals"]))
     train = train_blocks(tok, args.wikitext, s["tokens"], s["seq"])
     by_name = {x.name: x for x in tried}
-    targets_of = {r["name"]: by_name[r["name"]].targets(spec, space.depth_by, space.criterion) for r in top}
+    targets_of = {r["name"]: space.targets_for(by_name[r["name"]], spec) for r in top}
     build = lambda n: apply_plan(model, make_plan(scores, targets_of[n]), check_fingerprint=False)  # noqa: E731
     log_rows: list[dict] = []
     students = {r["name"]: build(r["name"]) for r in top}

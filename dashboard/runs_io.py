@@ -95,6 +95,10 @@ def cli_command(cfg: dict, path: Path) -> str:
             cmd += ["--depth-by", str(t["depth_by"])]
         if t.get("merge_heads"):
             cmd += ["--merge-heads"]
+        if t.get("refit"):
+            cmd += ["--refit"]
+        if t.get("criterion"):
+            cmd += ["--criterion", str(t["criterion"])]
         cmd += ["--calib-samples", str(cfg.get("calib_samples")), "--calib-seq-len", str(cfg.get("calib_seq_len"))]
         if isinstance(cfg.get("calib_data"), str):  # the Distill page's runs with teacher text: one source
             cmd += ["--calib-data", cfg["calib_data"]]

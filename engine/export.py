@@ -87,6 +87,7 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
                   f"- depth chosen by: {t.depth_by}; dropped source layers: {dropped or 'none'}",
                   f"- importance criterion (heads, neurons, channels): {t.criterion}",
                   f"- residual merge of pruned heads: {'yes' if plan.head_merge else 'no'}",
+                  f"- refit by least squares: {_refit_line(plan.info.get('refit')) if t.refit else 'no'}",
                   f"- plan: `{PLAN_FILE}` (kept indices per layer and axis, source numbering)"]
     lines += ["", "## Calibration data and scores", ""]
     if meta:
@@ -106,6 +107,15 @@ def model_card(model: torch.nn.Module, plan: Plan | None, scores_meta: dict | No
               'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
               "```", ""]
     return "\n".join(lines)
+
+
+def _refit_line(info: dict | None) -> str:
+    """What the refit did, from `engine.refit.refit_summary` (kept in the plan's info)."""
+    if not info:
+        return "yes"
+    return (f"yes ({', '.join(info['modules'])} of {info['layers']} layers on {info['tokens']:,} calibration tokens, "
+            f"ridge {info['damping']:g} x mean diagonal; relative reconstruction error {info['error_before']:.4f} -> "
+            f"{info['error_after']:.4f})")
 
 
 QUALITY_HEADING = "## Quality (held-out text)"

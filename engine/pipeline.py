@@ -36,6 +36,7 @@ from engine.models import checkpoint_dtype, count_parameters, load, resolve_spec
 from engine.plan import Plan, make_plan
 from engine.prompts import is_teacher_spec
 from engine.prune import apply_plan
+from engine.refit import refit, refit_summary
 from engine.resources import check_seq_len, model_config, preflight
 from engine.runs import Run, barrier, world
 from engine.targets import Targets
@@ -221,8 +222,7 @@ def score_stage(job: Job) -> None:
     n_layers = get_adapter(job.teacher.model).n_layers
     config = score_config_for(targets.depth_by, n_layers - (targets.layers or n_layers))
     if job.calib_src is None:  # a mix (or teacher text): calibration blocks honour its weights, no cache
-        blocks = train_blocks(job, job.cfg.calib_samples, job.cfg.calib_seq_len, job.cfg.seed, "calib_mix",
-                              job.calib_src, job.calib_mix)
+        blocks = calibration_blocks(job)
         scores = compute_scores(job.teacher.model, blocks, config, progress=cb)
         scores.meta.update(data=job.calib_mix.label, n_samples=int(blocks.shape[0]), seq_len=int(blocks.shape[1]),
                            seed=job.cfg.seed, model=job.teacher.name)
@@ -233,6 +233,17 @@ def score_stage(job: Job) -> None:
                            seed=job.cfg.seed, config=config, progress=cb)
     scores.save(job.run.path / "scores")
     job.done("score", cache=str(folder))
+
+
+def calibration_blocks(job: Job) -> torch.Tensor:
+    """The calibration blocks the scores were computed on (the ones `score()` takes from one source, or the
+    mix's); the refit fits on the same tokens."""
+    cfg = job.cfg
+    if job.calib_src is None:
+        return train_blocks(job, cfg.calib_samples, cfg.calib_seq_len, cfg.seed, "calib_mix", job.calib_src,
+                            job.calib_mix)
+    return get_blocks(job.calib_src, job.tokenizer, cfg.calib_samples, cfg.calib_seq_len, cfg.seed,
+                      model=teacher_model(job))
 
 
 def load_scores(job: Job) -> None:
@@ -256,9 +267,14 @@ def prune_stage(job: Job) -> None:
     """The student: trimmed from the teacher by the plan (rebuilt on resume: deterministic), or the
     given pruned model of a distill-only job."""
 
-    job.begin("prune" if job.plan is not None else "evaluate", "building the student")
+    cb = job.begin("prune" if job.plan is not None else "evaluate", "building the student")
     if job.plan is not None:
         job.student = apply_plan(job.teacher.model, job.plan)
+        if job.plan.targets.refit:
+            report = refit(job.teacher.model, job.student, job.plan, calibration_blocks(job),
+                           progress=lambda f, m: cb(0.05 + 0.95 * f, m))
+            job.summary["refit"] = refit_summary(report)
+            job.plan = job.plan.with_info(refit=job.summary["refit"])
     else:
         path, kw = resolve_spec(job.cfg.student)
         job.student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)

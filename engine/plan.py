@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,10 @@ class Plan:
 
     def estimate(self) -> Estimate:
         return estimate(self.spec, self.targets, kept_layers=self.kept_layers)
+
+    def with_info(self, **info) -> Plan:
+        """The same plan with more informational fields (e.g. what the refit measured)."""
+        return replace(self, info={**self.info, **info})
 
     # -- serialisation ----------------------------------------------------
     def to_dict(self) -> dict:
@@ -479,4 +483,4 @@ def step_targets(spec: ArchSpec, final: Targets, step: int, steps: int) -> Targe
     layers = at("layers")
     return Targets(hidden=hidden, ffn=at("ffn"), heads=heads, layers=layers,
                    depth_by=final.depth_by if final.depth_by != "list" else "bi", merge_heads=final.merge_heads,
-                   criterion=final.criterion, experts=at("experts") if spec.is_moe else None)
+                   criterion=final.criterion, experts=at("experts") if spec.is_moe else None, refit=final.refit)

@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
@@ -30,9 +31,11 @@ from engine.arch import get_adapter, moe
 from engine.arch.base import ArchAdapter
 from engine.errors import PlanError
 from engine.importance import compute_scores, score_config_for
+from engine.indices import head_rows, idx_tensor, kv_heads, projection_indices
 from engine.models import count_parameters, fingerprint
 from engine.plan import Plan, make_plan, step_targets
 from engine.progress import Progress
+from engine.refit import refit, refit_summary
 from engine.targets import Targets, is_gqa, resolve, validate_targets
 
 log = logging.getLogger(__name__)
@@ -191,47 +194,32 @@ def build_config(model: nn.Module, plan: Plan):
     return config
 
 
-def _idx(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
-
-
-def _head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
-    """Feature indices of these heads in a projection laid out head by head."""
-    return _idx([h * head_dim + j for h in heads for j in range(head_dim)], device)
-
-
 def _copy_layer(src: ArchAdapter, dst: ArchAdapter, i_src: int, i_dst: int, plan: Plan, k: int,
                 ch: torch.Tensor, put: Callable[..., None]) -> None:
     s, d, spec = src.layer(i_src), dst.layer(i_dst), plan.spec
-    dev, hd = ch.device, spec.head_dim
-    heads = plan.heads[k]
+    hd = spec.head_dim
     mha = not is_gqa(spec)
-    q_rows = _head_rows(heads, hd, dev)
-    kv_rows = _head_rows(heads if mha else list(range(spec.n_kv_heads)), hd, dev)
     pairs = plan.head_merge[k] if plan.head_merge is not None else []
     for a, b in zip(src.norms(i_src), dst.norms(i_dst), strict=True):
         put(a, b, out_idx=ch)
+    idx = projection_indices(src, i_src, plan, k, ch)
     if src.fused_qkv:
         q_size, kv_size = spec.n_heads * hd, spec.n_kv_heads * hd
         offsets = (0, q_size, q_size + kv_size) if mha else (0,)
-        qkv = _merged(s.qkv, pairs, hd, "out", offsets)
-        put(qkv, d.qkv, out_idx=torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows]), in_idx=ch)
+        put(_merged(s.qkv, pairs, hd, "out", offsets), d.qkv, *idx["qkv"])
     else:
-        put(_merged(s.q, pairs, hd, "out"), d.q, out_idx=q_rows, in_idx=ch)
-        for a, b in ((s.k, d.k), (s.v, d.v)):
-            put(_merged(a, pairs, hd, "out") if mha else a, b, out_idx=kv_rows, in_idx=ch)
-    put(_merged(s.o, pairs, hd, "in"), d.o, out_idx=ch, in_idx=q_rows)
+        put(_merged(s.q, pairs, hd, "out"), d.q, *idx["q"])
+        for name in ("k", "v"):
+            a = getattr(s, name)
+            put(_merged(a, pairs, hd, "out") if mha else a, getattr(d, name), *idx[name])
+    put(_merged(s.o, pairs, hd, "in"), d.o, *idx["o"])
+    q_rows, kv_rows = idx["o"][1], head_rows(kv_heads(plan, k), hd, ch.device)
     for a, b, rows in ((s.q_norm, d.q_norm, q_rows), (s.k_norm, d.k_norm, kv_rows)):
         if a is not None:  # over head_dim: head pruning leaves it intact; over the projection: trimmed
             put(a, b, out_idx=rows if spec.qk_norm_full else None)
-    if s.down is None:  # a mixture of experts' sparse layer: _copy_experts
-        return
-    n = _idx(plan.neurons[k], dev)
-    up_rows = torch.cat([n, spec.intermediate_size + n]) if src.fused_gate_up else n  # gate rows, then up rows
-    put(s.up, d.up, out_idx=up_rows, in_idx=ch)
-    if s.gate is not None:
-        put(s.gate, d.gate, out_idx=n, in_idx=ch)
-    put(s.down, d.down, out_idx=ch, in_idx=n)
+    for name in ("up", "gate", "down"):
+        if name in idx:
+            put(getattr(s, name), getattr(d, name), *idx[name])
 
 
 def _copy_experts(model: nn.Module, new: nn.Module, i_src: int, k: int, plan: Plan, ch: torch.Tensor,
@@ -281,7 +269,7 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         moe.fit_experts_kernel(new)
     new.tie_weights()  # no_init_weights skips the tying done in init_weights
     dst = get_adapter(new)
-    ch = _idx(plan.channels, p0.device)
+    ch = idx_tensor(plan.channels, p0.device)
     written: set[int] = set()
     put = functools.partial(trim, written=written)
     put(src.embed_tokens, dst.embed_tokens, out_idx=ch)
@@ -337,8 +325,8 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
         cur_spec = get_adapter(current).spec()
         t = step_targets(spec, targets, step, iterations)
         if targets.depth_by == "list":
-            t = Targets(hidden=t.hidden, ffn=t.ffn, heads=t.heads, merge_heads=targets.merge_heads, experts=t.experts,
-                        depth_by="list" if step == 1 else "bi", drop_layers=targets.drop_layers if step == 1 else None)
+            t = replace(t, depth_by="list" if step == 1 else "bi", drop_layers=targets.drop_layers if step == 1 else None,
+                        layers=None if step == 1 else t.layers)
         if resolve(cur_spec, t) == resolve(cur_spec, Targets()):
             continue  # nothing left to cut on any axis
         drop = cur_spec.n_layers - resolve(cur_spec, t).layers
@@ -347,7 +335,10 @@ def prune_iteratively(model: nn.Module, blocks: torch.Tensor, targets: Targets, 
             progress((step - 1) / iterations, f"step {step}/{iterations}: scoring")
         scores = compute_scores(current, blocks, cfg)
         plan = make_plan(scores, t)
-        current = apply_plan(current, plan)
+        pruned = apply_plan(current, plan)
+        if t.refit:  # each step against the model it pruned
+            plan = plan.with_info(refit=refit_summary(refit(current, pruned, plan, blocks)))
+        current = pruned
         plans.append(plan)
         log.info("iterative step %d/%d: %d parameters (%d -> %d layers of %d)", step, iterations,
                  count_parameters(current), cur_spec.n_layers, plan.sizes.layers, source_layers)

@@ -7,15 +7,15 @@ import argparse
 
 from engine.errors import PlanError
 from engine.importance.scores import CRITERIA, CRITERION_HELP, DEFAULT_CRITERION
-from engine.targets import DEPTH_METHODS, Targets
+from engine.targets import DEPTH_METHODS, REFIT_HELP, Targets
 
 DEPTH_HELP = ("which layers go: lowest block importance (bi), lowest perplexity increase (ppl), the best "
               "contiguous block (block), lowest Taylor+ (taylor), or the listed ones (list, with --drop-layers)")
 
 
 def add_target_args(p: argparse.ArgumentParser, preset: bool = False) -> None:
-    """--hidden/--ffn/--heads/--layers/--experts, --depth-by, --drop-layers, --criterion, --merge-heads (and
-    --preset)."""
+    """--hidden/--ffn/--heads/--layers/--experts, --depth-by, --drop-layers, --criterion, --refit, --merge-heads
+    (and --preset)."""
     t = p.add_argument_group("pruning targets (omitted: keep that axis)")
     t.add_argument("--hidden", type=int, default=None, help="target hidden size (embedding channels)")
     t.add_argument("--ffn", type=int, default=None, help="target MLP intermediate size")
@@ -33,6 +33,7 @@ def add_target_args(p: argparse.ArgumentParser, preset: bool = False) -> None:
     t.add_argument("--criterion", default=DEFAULT_CRITERION, choices=list(CRITERIA),
                    help="how heads, neurons and channels are ranked: " + "; ".join(
                        f"{k}: {v}" for k, v in CRITERION_HELP.items()) + f" (default {DEFAULT_CRITERION})")
+    t.add_argument("--refit", action="store_true", help=REFIT_HELP)
     t.add_argument("--merge-heads", action="store_true",
                    help="residual merge of pruned query heads (Minitron); hurt SmolLM2-135M, see docs/BENCHMARKS.md")
 
@@ -57,7 +58,7 @@ def targets_from_args(args: argparse.Namespace, base: Targets | None = None) -> 
     return Targets(hidden=pick("hidden"), ffn=pick("ffn"), heads=pick("heads"), layers=pick("layers"),
                    experts=pick("experts"),
                    depth_by="list" if drop is not None else args.depth_by, drop_layers=drop,
-                   merge_heads=bool(args.merge_heads),
+                   merge_heads=bool(args.merge_heads), refit=bool(getattr(args, "refit", False)) or base.refit,
                    criterion=getattr(args, "criterion", None) or base.criterion)
 
 

@@ -18,6 +18,10 @@ DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 
 AXES = ("hidden", "ffn", "heads", "layers")
 
+REFIT_HELP = ("after pruning, refit the weights that read pruned units (o_proj, down_proj) by least squares on the "
+              "calibration data, layer by layer against the teacher's outputs (engine/refit.py): a better one-shot "
+              "model for about two scoring passes of compute; see docs/BENCHMARKS.md, Refit")
+
 
 ROUNDINGS = (1, 8, 32, 64, 128)  # width multiples the dashboard offers (GPU matrix units like multiples of 8..128)
 
@@ -35,12 +39,15 @@ class Targets:
     merge_heads: bool = False  # Minitron residual merge of pruned query heads into kept ones
     criterion: str = DEFAULT_CRITERION  # how heads, neurons and channels are ranked (engine.importance.criteria)
     experts: int | None = None  # experts per sparse layer of a mixture of experts (uniform across layers)
+    refit: bool = False  # after pruning, refit the weights that read pruned units by least squares (engine.refit)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["drop_layers"] = list(self.drop_layers) if self.drop_layers is not None else None
         if self.experts is None:  # likewise: only mixtures of experts have the axis
             del d["experts"]
+        if not self.refit:  # written only when on, so files (and their digests) from before it stay the same
+            del d["refit"]
         return d
 
     @classmethod
@@ -68,8 +75,9 @@ class Targets:
                             f"got {d['depth_by']!r}")
         if "criterion" in d and d["criterion"] not in CRITERIA:
             raise PlanError(f"targets field 'criterion' must be one of {', '.join(CRITERIA)}; got {d['criterion']!r}")
-        if "merge_heads" in d and not isinstance(d["merge_heads"], bool):
-            raise PlanError(f"targets field 'merge_heads' must be true or false; got {d['merge_heads']!r}")
+        for flag in ("merge_heads", "refit"):
+            if flag in d and not isinstance(d[flag], bool):
+                raise PlanError(f"targets field {flag!r} must be true or false; got {d[flag]!r}")
         return cls(**d)
 
 

@@ -74,8 +74,9 @@ def test_reproduce_command_round_trips(captured, tmp_path, model_dir):
     from dashboard.runs_io import cli_command
 
     _run(["run", "--model", model_dir, "--data", "d.txt", "--ffn", "20", "--drop-layers", "2", "--merge-heads",
-          "--steps", "7", "--run-dir", str(tmp_path / "r")])
+          "--refit", "--criterion", "activation", "--steps", "7", "--run-dir", str(tmp_path / "r")])
     first = captured["cfg"]
+    assert first.targets.refit and first.targets.criterion == "activation"
     cmd = cli_command(first.to_dict(), tmp_path / "r").replace("\\\n", " ")
     argv = shlex.split(cmd)[1:]
     _run(argv)

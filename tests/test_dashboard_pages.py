@@ -244,6 +244,18 @@ def test_targets_slider_updates_readout_and_overlay(scored, env):
     assert plan["targets"]["ffn"] == 20 and len(plan["layers"][0]["neurons"]) == 20
 
 
+def test_targets_refit_toggle_goes_into_the_targets_and_the_plan(scored, env):
+    at = app("targets")
+    assert at.toggle(key="t_refit").value is False and "refit" not in at.session_state["targets"]
+    at.slider(key="t_ffn").set_value(20).run()
+    at.toggle(key="t_refit").set_value(True).run()
+    assert not at.exception
+    assert at.session_state["targets"]["refit"] is True
+    at.button(key="plan_save").click().run()
+    plan = json.loads(Path(at.session_state["plan_path"]).read_text())
+    assert plan["targets"]["refit"] is True
+
+
 def test_targets_presets_and_depth(scored, env):
     at = app("targets")
     at.button(key="preset_depth-75").click().run()

@@ -244,3 +244,32 @@ def test_cli_cancel_then_resume_under_torchrun(tmp_path, corpus, tiny_llama_pair
     assert f"resumed from {last_ckpt.name} (step {stopped[-1]}/1000" in err
     assert f"{run_dir}: done" in out
     assert Run(run_dir).status()["state"] == "done" and _train_steps(run_dir) == list(range(1, 1001))
+
+
+def test_pipeline_with_refit_records_it_and_beats_the_plain_trim(tmp_path, corpus, tiny_llama_pair, cache):
+    """targets.refit: the prune stage refits the student on the scores' calibration blocks; its one-shot KL is
+    below the same plan without refit, and the summary, the exported plan and the model card say so."""
+    from engine.pipeline import (
+        evaluate_stage,
+        load_plan,
+        load_scores,
+        plan_stage,
+        prune_stage,
+        score_stage,
+        setup_job,
+    )
+
+    kl = {}
+    for refit in (False, True):
+        cfg = PipelineConfig(model=str(tiny_llama_pair[0]), data=str(corpus), calib_samples=8, calib_seq_len=32,
+                             targets={"ffn": 20, "heads": 4, "refit": refit}, eval_samples=4,
+                             distill=DistillConfig(steps=1, batch_size=2, seq_len=32))
+        run = create_run(tmp_path / f"run-{refit}", cfg)
+        job = setup_job(Run(run.path), lambda: False)
+        for stage in (score_stage, load_scores, plan_stage, load_plan, prune_stage, evaluate_stage):
+            stage(job)
+        kl[refit] = job.summary["kl_one_shot"]
+    assert kl[True] < kl[False]
+    r = job.summary["refit"]
+    assert r["modules"] == ["down", "o"] and r["error_after"] < r["error_before"] and r["tokens"] == 8 * 32
+    assert job.plan.info["refit"] == r

@@ -46,7 +46,15 @@ from engine.arch.base import ArchSpec  # noqa: E402
 from engine.estimate import estimate  # noqa: E402
 from engine.importance.scores import DEFAULT_CRITERION  # noqa: E402
 from engine.presets import preset_targets  # noqa: E402
-from engine.targets import ROUNDINGS, Targets, default_multiple, resolve, valid_values, validate_targets  # noqa: E402
+from engine.targets import (  # noqa: E402
+    REFIT_HELP,
+    ROUNDINGS,
+    Targets,
+    default_multiple,
+    resolve,
+    valid_values,
+    validate_targets,
+)
 
 spec = ArchSpec.from_dict(arch)
 source = {"hidden": spec.hidden_size, "ffn": spec.intermediate_size, "heads": spec.n_heads, "layers": spec.n_layers}
@@ -65,6 +73,7 @@ def _load_targets(t: Targets) -> None:
     st.session_state["t_experts"] = t.experts or spec.n_experts
     st.session_state["t_drop"] = list(t.drop_layers or [])
     st.session_state["t_merge"] = bool(t.merge_heads)
+    st.session_state["t_refit"] = bool(t.refit)
 
 
 def _apply_preset(name: str | None) -> None:
@@ -225,6 +234,9 @@ with left:
     drop: list[int] = []
     if depth_by == "list":
         drop = st.multiselect("Layers to drop", list(range(spec.n_layers)), key="t_drop")
+    refit_on = st.toggle("Refit after pruning (least squares on the calibration data)", key="t_refit",
+                         help=REFIT_HELP[0].upper() + REFIT_HELP[1:] + ". The one-shot preview is then the refitted "
+                         "model's.")
     merge = st.toggle("Merge pruned query heads into kept ones (Minitron residual merge)", key="t_merge",
                       help="Kept head i becomes head_i + (head_i - head_2K-i+1) in its query rows "
                       "and o_proj columns. Off by default: on SmolLM2-135M it made the pruned model far worse, "
@@ -236,7 +248,7 @@ targets = Targets(
     heads=picked["heads"] if picked["heads"] != source["heads"] else None,
     layers=None if depth_by == "list" or picked.get("layers") == source["layers"] else picked.get("layers"),
     depth_by=depth_by, drop_layers=tuple(sorted(drop)) if depth_by == "list" else None,
-    merge_heads=merge, criterion=(state.get("targets") or {}).get("criterion", DEFAULT_CRITERION),  # set on Importance
+    merge_heads=merge, refit=refit_on, criterion=(state.get("targets") or {}).get("criterion", DEFAULT_CRITERION),  # set on Importance
     experts=picked["experts"] if picked.get("experts", spec.n_experts) != spec.n_experts else None,
 )
 state.put("targets", targets.to_dict())

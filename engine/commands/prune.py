@@ -45,7 +45,8 @@ def _write_plan(plan, out: Path, force: bool, dry_run: bool = False) -> Path:
     path = out / "plan.json"
     if path.exists() and not force:
         try:
-            same = Plan.load(path).to_dict() == plan.to_dict()
+            applied = lambda p: {k: v for k, v in p.to_dict().items() if k != "info"}  # noqa: E731 - info is not applied
+            same = applied(Plan.load(path)) == applied(plan)
         except PlanError:
             same = False
         if not same:
@@ -64,19 +65,20 @@ def _model_spec(args, meta: dict) -> str:
 
 
 def _blocks(args, loaded, meta: dict):
+    """Calibration blocks for rescoring and refit: the scores' own unless --data / --samples / --seq-len say
+    otherwise."""
     from engine.data import DataSource, get_blocks
     from engine.errors import PlanError
+    from engine.importance.scoring import calibration_of
 
     if args.data:
-        source = DataSource.parse(args.data)
+        source, n, t, seed = DataSource.parse(args.data), 32, 256, int(meta.get("seed", 0) or 0)
     elif isinstance(meta.get("data_source"), dict):
-        d = dict(meta["data_source"])
-        d["docs"] = tuple(d.get("docs", (0.0, 1.0)))
-        source = DataSource(**d)
+        source, n, t, seed = calibration_of(meta)
     else:
-        raise PlanError("--iterations needs calibration data to rescore with: give --data")
-    n, t = args.samples or meta.get("n_samples") or 32, args.seq_len or meta.get("seq_len") or 256
-    return get_blocks(source, loaded.tokenizer, int(n), int(t), int(meta.get("seed", 0) or 0), model=loaded.model)
+        raise PlanError("--iterations and --refit need calibration data (the scores do not record theirs): give --data")
+    n, t = args.samples or meta.get("n_samples") or n, args.seq_len or meta.get("seq_len") or t
+    return get_blocks(source, loaded.tokenizer, int(n), int(t), seed, model=loaded.model)
 
 
 def run(args) -> int:
@@ -146,7 +148,10 @@ def _prune(args, plan, scores, out: Path) -> int:
             bar.close()
         final = plans[-1] if plans else plan
     else:
-        pruned, plans, final = apply_plan(loaded.model, plan, check_fingerprint=False), [plan], plan
+        pruned = apply_plan(loaded.model, plan, check_fingerprint=False)
+        if plan.targets.refit:
+            plan = _refit(loaded.model, pruned, plan, _blocks(args, loaded, meta))
+        plans, final = [plan], plan
     path = export_model(pruned, loaded.tokenizer, out, plan=final, scores_meta=meta, source_name=loaded.name,
                         force=args.force, params_source=source_params)
     if args.iterations > 1:
@@ -160,6 +165,23 @@ def _prune(args, plan, scores, out: Path) -> int:
     if plan.spec.is_moe:
         print(_active_line(plan.spec, final))
     return 0
+
+
+def _refit(teacher, student, plan, blocks):
+    """Refit `student` in place (with a progress bar); the plan with what the refit measured."""
+    from tqdm import tqdm
+
+    from engine.refit import refit, refit_summary
+
+    with tqdm(total=1000, desc="refit") as bar:
+        def progress(frac: float, message: str) -> None:
+            bar.update(max(0, int(frac * 1000) - bar.n))
+            bar.set_description_str(message, refresh=False)
+
+        summary = refit_summary(refit(teacher, student, plan, blocks, progress=progress))
+    print(f"refit: {', '.join(summary['modules'])} of {summary['layers']} layers, relative reconstruction error "
+          f"{summary['error_before']:.4f} -> {summary['error_after']:.4f} ({summary['seconds']:.0f} s)")
+    return plan.with_info(refit=summary)
 
 
 def _active_line(spec, plan) -> str:

@@ -7,7 +7,6 @@ from engine.commands.distill import add_training_args, distill_config, launch
 from engine.data import parse_doc_range
 from engine.errors import PlanError
 from engine.target_args import add_target_args, targets_from_args, validate_for_model
-from engine.targets import Targets
 
 
 def register(sub) -> None:
@@ -28,7 +27,7 @@ def run(args) -> int:
     from engine.pipeline import PipelineConfig
 
     targets = targets_from_args(args)
-    if targets == Targets(depth_by=targets.depth_by, merge_heads=targets.merge_heads):
+    if all(getattr(targets, axis) is None for axis in ("hidden", "ffn", "heads", "layers", "experts", "drop_layers")):
         raise PlanError("give at least one target: --hidden, --ffn, --heads, --layers or --drop-layers")
     validate_for_model(targets, args.model)  # before a job folder exists
     cfg = PipelineConfig(model=args.model, data=args.data, calib_data=args.calib_data, text_column=args.text_column,

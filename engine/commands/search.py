@@ -12,6 +12,7 @@ import argparse
 
 from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
 from engine.search.shapes import SEARCH_AXES
+from engine.targets import REFIT_HELP
 
 AXIS_NAMES = {"hidden": "hidden", "ffn": "ffn", "mlp": "ffn", "heads": "heads", "layers": "layers", "depth": "layers",
               "experts": "experts"}
@@ -43,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--depth-by", default="bi", choices=["bi", "ppl", "taylor"], help="how layers are chosen")
     p.add_argument("--criterion", default=DEFAULT_CRITERION, choices=list(CRITERIA),
                    help="how heads, neurons and channels are ranked (see `prunescope prune --help`)")
+    p.add_argument("--refit", action="store_true",
+                   help="every candidate refitted before its preview and the tournament (one refit per candidate): "
+                        + REFIT_HELP)
     p.add_argument("--max-candidates", type=int, default=None, help="refuse a search with more shapes than this")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out blocks (default 8)")
     p.add_argument("--eval-seq-len", type=int, default=256, help="tokens per held-out block (default 256)")
@@ -105,7 +109,7 @@ def config_from_args(args: argparse.Namespace):
         axes.append("experts")
     space = {"budget": args.params, "tolerance": args.tolerance, "axes": sorted(set(axes), key=SEARCH_AXES.index),
              "bounds": _bounds(args), "rounding": args.round, "depth_by": args.depth_by,
-             "criterion": args.criterion}
+             "criterion": args.criterion, "refit": args.refit}
     d = replace(cpu_distill(), tokens=args.tokens, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
                 eval_every=args.eval_every, checkpoint_every=args.eval_every, seed=args.seed, dtype=args.dtype)
     return SearchConfig(model=args.model, data=args.data, text_column=args.text_column,

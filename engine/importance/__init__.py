@@ -12,6 +12,7 @@ _WHERE = {
     "AGGREGATIONS": "aggregate", "spearman": "aggregate",
     "ScoreConfig": "api", "compute_scores": "api", "score_config_for": "api",
     "cache_key": "scoring", "score": "scoring", "add_depth_scores": "scoring",
+    "calibration_blocks": "scoring",
     "estimate_sweep_seconds": "sweep", "default_depth_samples": "sweep",
     "ScoreError": "scores", "Scores": "scores",
 }

@@ -34,6 +34,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 import engine
 from engine.arch import get_adapter
 from engine.data import DataSource, get_blocks
@@ -205,6 +207,21 @@ def model_spec_of(meta: dict) -> str:
     return "default" if name == BUILTIN_NAME else str(name)
 
 
+def calibration_of(meta: dict, where: str = "the scores") -> tuple[DataSource, int, int, int]:
+    """(source, n_samples, seq_len, seed) of the calibration blocks a scores file was computed on."""
+    d = dict(meta.get("data_source") or {})
+    if not d or not meta.get("n_samples") or not meta.get("seq_len"):
+        raise ScoreError(f"{where} does not record its data source and sizes; rescore with `prunescope score`")
+    d["docs"] = tuple(d.get("docs", (0.0, 1.0)))
+    return DataSource(**d), int(meta["n_samples"]), int(meta["seq_len"]), int(meta.get("seed") or 0)
+
+
+def calibration_blocks(meta: dict, loaded: LoadedModel) -> torch.Tensor:
+    """The calibration blocks a scores file was computed on, again (deterministic: same source, sizes, seed)."""
+    source, n, t, seed = calibration_of(meta)
+    return get_blocks(source, loaded.tokenizer, n, t, seed, model=loaded.model)
+
+
 def add_depth_scores(folder: str | Path, loaded: LoadedModel | None = None, depth_samples: int | None = None,
                      block_size: int | None = None, block_ppl: bool = False, device: str = "auto",
                      progress: Progress | None = None) -> Scores:
@@ -220,11 +237,7 @@ def add_depth_scores(folder: str | Path, loaded: LoadedModel | None = None, dept
     meta = Scores.load(folder).meta  # verified: a damaged folder is a ScoreError here
     if loaded is None:
         loaded = load(model_spec_of(meta), dtype=meta.get("dtype") or "auto", device=device)
-    d = dict(meta.get("data_source") or {})
-    if not d or not meta.get("n_samples") or not meta.get("seq_len"):
-        raise ScoreError(f"{folder} does not record its data source and sizes; rescore with `prunescope score`")
-    d["docs"] = tuple(d.get("docs", (0.0, 1.0)))
-    n, t = int(meta["n_samples"]), int(meta["seq_len"])
+    source, n, t, seed = calibration_of(meta, str(folder))
     if depth_samples is None:
         depth_samples = default_depth_samples(n, execution_device(loaded.model).type)
     block_size = block_size or (meta.get("block_size") if block_ppl else None)
@@ -233,6 +246,6 @@ def add_depth_scores(folder: str | Path, loaded: LoadedModel | None = None, dept
     config = ScoreConfig(aggregation=meta.get("aggregation") or ScoreConfig.aggregation, depth_ppl=True,
                          block_size=block_size, block_ppl=block_ppl, depth_samples=depth_samples,
                          batch_size=int((meta.get("config") or {}).get("batch_size") or ScoreConfig.batch_size))
-    scores, _ = score(loaded, DataSource(**d), n, t, seed=int(meta.get("seed") or 0), config=config,
+    scores, _ = score(loaded, source, n, t, seed=seed, config=config,
                       out_dir=folder, progress=progress)
     return scores

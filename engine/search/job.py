@@ -229,7 +229,7 @@ def search_job(run, should_stop: Callable[[], bool]) -> dict:
     summary.update(teacher_ppl=side.ppl, eval_blocks=list(blocks.shape))
     st.finish("teacher")
 
-    rows = _preview_all(run, st, loaded.model, scores, spec, space, shapes, side, fp, scores_digest(scores), cfg)
+    rows = _preview_all(run, st, loaded, scores, spec, space, shapes, side, fp, scores_digest(scores), cfg)
     summary["preview_seconds_mean"] = sum(r["seconds"]["total"] for r in rows) / len(rows)
     result = _tournament(run, st, loaded, scores, spec, space, rows, side, cfg, train_src)
     final = {n: {**v, "rank": i + 1} for i, n in enumerate(result["final_ranking"])
@@ -242,10 +242,12 @@ def search_job(run, should_stop: Callable[[], bool]) -> dict:
     return summary
 
 
-def _preview_all(run, st: _Stages, model, scores, spec, space, shapes: list[Shape], side, fp: str, skey: str,
+def _preview_all(run, st: _Stages, loaded, scores, spec, space, shapes: list[Shape], side, fp: str, skey: str,
                  cfg: SearchConfig) -> list[dict]:
     """One-shot preview of every shape (reusing rows already in the run or the model's store)."""
     from engine.search.preview import preview
+
+    model, calib = loaded.model, _calib(loaded, scores, space)
 
     cb = st.start("preview", f"{len(shapes)} candidates")
     path = store.store_path(fp)
@@ -256,11 +258,11 @@ def _preview_all(run, st: _Stages, model, scores, spec, space, shapes: list[Shap
         if st.should_stop():
             raise Cancelled()
         if shape.name not in done:
-            targets = shape.targets(spec, space.depth_by, space.criterion).to_dict()
+            targets = space.targets_for(shape, spec).to_dict()
             key = store.preview_key(fp, skey, targets, data, cfg.eval_samples, cfg.eval_seq_len)
             hit = store.stored(path, key)
             if hit is None:
-                res = preview(model, scores, shape.targets(spec, space.depth_by, space.criterion), side, cfg.eval_batch_size)
+                res = preview(model, scores, space.targets_for(shape, spec), side, cfg.eval_batch_size, calib)
                 hit = preview_row(key, fp, skey, targets, data, cfg.eval_samples, cfg.eval_seq_len, res,
                                   "search", str(run.path))
                 store.record(path, hit)
@@ -275,14 +277,25 @@ def _preview_all(run, st: _Stages, model, scores, spec, space, shapes: list[Shap
     return rows
 
 
-def _student(model, scores, spec, space: SearchSpace, name: str):
-    """The one-shot pruned student of a candidate (deterministic: rebuilt on resume)."""
+def _calib(loaded, scores, space: SearchSpace):
+    """The scores' calibration blocks when the candidates are refitted (None otherwise)."""
+    from engine.importance import calibration_blocks
+
+    return calibration_blocks(scores.meta, loaded) if space.refit else None
+
+
+def _student(loaded, scores, spec, space: SearchSpace, name: str):
+    """The one-shot pruned (and, with space.refit, refitted) student of a candidate (deterministic: rebuilt
+    on resume)."""
     from engine.plan import make_plan
     from engine.prune import apply_plan
+    from engine.refit import refit
 
-    shape = shape_of(name)
-    plan = make_plan(scores, shape.targets(spec, space.depth_by, space.criterion))
-    return apply_plan(model, plan, check_fingerprint=False), plan
+    plan = make_plan(scores, space.targets_for(shape_of(name), spec))
+    student = apply_plan(loaded.model, plan, check_fingerprint=False)
+    if space.refit:
+        refit(loaded.model, student, plan, _calib(loaded, scores, space))
+    return student, plan
 
 
 def shape_of(name: str) -> Shape:
@@ -308,7 +321,7 @@ def _tournament(run, st: _Stages, loaded, scores, spec, space, rows: list[dict],
         return result
     cb = st.start("tournament")
     top = [r["name"] for r in sorted(rows, key=lambda r: (r["kl"], r["name"]))[:cfg.top]]
-    students = {name: _student(loaded.model, scores, spec, space, name)[0] for name in top}
+    students = {name: _student(loaded, scores, spec, space, name)[0] for name in top}
     d = cfg.distill
     n_train = schedule(len(top), d.total_steps(), cfg.halving)[-1][0] * d.global_batch()  # steps of the longest
     train = _blocks(train_src, loaded.tokenizer, max(n_train, 1), d.seq_len, cfg.seed, loaded.model)
@@ -335,7 +348,7 @@ def _export_winner(run, st: _Stages, loaded, scores, spec, space, winner: str) -
     if run.stage_done("export"):
         return
     st.start("export")
-    student, plan = _student(loaded.model, scores, spec, space, winner)
+    student, plan = _student(loaded, scores, spec, space, winner)
     state = read_json(run.path / "tournament" / STATE_FILE) or {}
     weights = load_file(str(run.path / "tournament" / state["dir"] / f"{winner}.safetensors"))
     student.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")}, strict=False)
@@ -396,7 +409,13 @@ def preview_job(run, should_stop: Callable[[], bool]) -> dict:
         if should_stop():
             raise Cancelled()
         run.set_stage("preview", 0.6, "pruning in memory and evaluating")
-        res = preview(loaded.model, scores, Targets.from_dict(cfg.targets), side, cfg.eval_batch_size)
+        targets, calib = Targets.from_dict(cfg.targets), None
+        if targets.refit:
+            from engine.importance import calibration_blocks
+
+            run.set_stage("preview", 0.5, "refit on the calibration data")
+            calib = calibration_blocks(scores.meta, loaded)
+        res = preview(loaded.model, scores, targets, side, cfg.eval_batch_size, calib)
         data = eval_data(cfg.data, cfg.text_column, cfg.eval_range, cfg.eval_samples, cfg.eval_seq_len, cfg.seed)
         hit = preview_row(key, fp, skey, cfg.targets, data, cfg.eval_samples, cfg.eval_seq_len, res, "preview",
                           str(run.path))

@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
+from engine.errors import PlanError
 from engine.evaluate import autocast_ctx, logits_of, model_device
 from engine.fileio import atomic_write, read_json, write_json
 from engine.paths import cache_dir
 from engine.plan import make_plan
 from engine.prune import apply_plan
+from engine.refit import refit
 from engine.search.shapes import kind_of
 from engine.search.store import arrays_digest, digest
 
@@ -124,8 +126,10 @@ def student_quality(student: torch.nn.Module, side: TeacherSide, batch_size: int
     return {"kl": kl / n, "ppl": math.exp(nll / (n - side.blocks.shape[0]))}
 
 
-def preview(teacher: torch.nn.Module, scores, targets, side: TeacherSide, batch_size: int = 4) -> dict:
-    """Prune `teacher` to `targets` in memory (plan from `scores`), measure one-shot KL and ppl.
+def preview(teacher: torch.nn.Module, scores, targets, side: TeacherSide, batch_size: int = 4,
+            calib: torch.Tensor | None = None) -> dict:
+    """Prune `teacher` to `targets` in memory (plan from `scores`), measure one-shot KL and ppl; with
+    `targets.refit`, the student is refitted on `calib` (the scores' calibration blocks) first.
 
     Returns {"kl", "ppl", "teacher_ppl", "params", "fraction", "sizes", "kind", "seconds": {...}}."""
 
@@ -133,6 +137,10 @@ def preview(teacher: torch.nn.Module, scores, targets, side: TeacherSide, batch_
     plan = make_plan(scores, targets)
     t1 = time.perf_counter()
     student = apply_plan(teacher, plan, check_fingerprint=False).eval()
+    if targets.refit:
+        if calib is None:
+            raise PlanError("a refitted preview needs the calibration blocks the scores were computed on")
+        refit(teacher, student, plan, calib)
     t2 = time.perf_counter()
     q = student_quality(student, side, batch_size)
     t3 = time.perf_counter()

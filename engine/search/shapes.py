@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from engine.arch import ArchSpec, adapter_class
 from engine.errors import PlanError
@@ -49,6 +49,7 @@ class SearchSpace:
     rounding: int = 0
     depth_by: str = "bi"
     criterion: str = DEFAULT_CRITERION  # how heads, neurons and channels are ranked (engine.importance.criteria)
+    refit: bool = False  # every candidate refitted by least squares after pruning (engine.refit)
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -70,6 +71,10 @@ class SearchSpace:
             raise PlanError(f"unknown importance criterion {self.criterion!r}; valid: {', '.join(CRITERIA)}")
         object.__setattr__(self, "axes", tuple(self.axes))
         object.__setattr__(self, "bounds", {k: (int(v[0]), int(v[1])) for k, v in self.bounds.items()})
+
+    def targets_for(self, shape: Shape, spec: ArchSpec) -> Targets:
+        """The targets of one candidate under this space's depth criterion, unit criterion and refit."""
+        return replace(shape.targets(spec, self.depth_by, self.criterion), refit=self.refit)
 
     def goal(self, source_params: int) -> int:
         """The target parameter count."""
