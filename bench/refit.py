@@ -3,14 +3,15 @@ buys one-shot, on the built-in model with the quality benchmark's data and shape
 
     .venv/bin/python bench/refit.py                 # everything (~20 min on 2 idle cores)
     .venv/bin/python bench/refit.py --only-speed    # the time ratio alone (~3 min)
+    .venv/bin/python bench/refit.py --resume --shapes width_all   # rows of more shapes into the same file
 
 1. Speed: the width + BI scoring pass (`compute_scores`, 32 x 256 calibration tokens) and the refit of all 30
    layers of the MLP 888 student on the same tokens, alternated `--repeats` times in one process; the ratio of
    the medians (target: <= 2).
 2. One-shot held-out perplexity / KL (the quality benchmark's split: 32 x 256 tokens of the last 40% of the
    WikiText-2 test articles; calibration: 32 x 256 of the first 60%) of the quality benchmark's shapes, by
-   criterion, without and with the refit, and the refit's settings (target, ridge term, readers) on the shapes
-   where they matter.
+   criterion with the refit (without it: the quality benchmark's one-shot rows of the same students, read from
+   docs/quality/quality.json), and the refit's settings (target, ridge term, readers) where they matter.
 
 Writes docs/quality/refit.json and prints the Markdown tables docs/BENCHMARKS.md quotes. fp32 throughout.
 """
@@ -18,6 +19,7 @@ Writes docs/quality/refit.json and prints the Markdown tables docs/BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import replace
@@ -49,7 +51,7 @@ CRITERIA = ("activation", "weighted")
 # the settings compared on the shapes where each one applies (the default is RefitSettings())
 VARIANTS = {
     "width_mlp": {"teacher target": RefitSettings(target="teacher"), "ridge 1e-2": RefitSettings(damping=1e-2),
-                  "ridge 1e-4": RefitSettings(damping=1e-4), "ridge 1e-5": RefitSettings(damping=1e-5)},
+                  "ridge 1e-5": RefitSettings(damping=1e-5)},
     "width_mlp_heads": {"teacher target": RefitSettings(target="teacher")},
     "width_all": {"readers (q/k/v, gate/up)": RefitSettings(readers=True)},
     "depth_block": {"teacher target": RefitSettings(target="teacher")},
@@ -79,6 +81,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only-speed", action="store_true")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes of the one-shot table")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the speed and the rows already in --out, measure only the shapes not there")
     p.add_argument("--out", type=Path, default=OUT_DIR / "refit.json")
     args = p.parse_args()
     with compute_dtype("fp32"):  # as every quality row: evaluations do not autocast to bf16
@@ -100,21 +105,34 @@ def run(args: argparse.Namespace) -> int:
         plan = make_plan(scores, mlp)
         return apply_plan(teacher, plan).eval(), plan
 
-    result = {"speed": speed(loaded, calib, mlp_student, args.repeats), "rows": []}
-    write_json(args.out, result)
+    old = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
+    if old is not None and not args.only_speed:
+        result = old
+    else:
+        result = {"speed": speed(loaded, calib, mlp_student, args.repeats), "rows": old["rows"] if old else []}
+        write_json(args.out, result)
     if args.only_speed:
         return 0
+    done = {(r["shape"], r["criterion"], r["refit"]) for r in result["rows"]}
     ev = blocks_from(tok, WIKITEXT, (0.6, 1.0), 32, 256)
     t_logits = teacher_logits(teacher, ev)
     lines = ["| shape | criterion | refit | one-shot ppl | one-shot KL | refit s |", "|---|---|---|---:|---:|---:|"]
-    for name in SHAPES:
+    quality = {r["name"]: r for r in json.loads((OUT_DIR / "quality.json").read_text())["rows"]}
+    for name in [x for x in args.shapes.split(",") if x]:
         for crit in CRITERIA if name != "depth_block" else ("activation",):
             targets = replace(by_name[name].targets, criterion=crit)
             plan = make_plan(scores, targets)
-            runs = {"off": None, "on (default)": RefitSettings()}
+            off = quality.get(name if crit == "activation" else f"criterion_{crit}_{name}")
+            if off is not None and (name, crit, "off") not in done:  # the same student, evaluation and dtype, measured by bench/quality.py
+                lines.append(f"| {name} | {crit} | off | {off['ppl_oneshot']:.2f} | {off['kl_oneshot']:.3f} | |")
+                result["rows"].append({"shape": name, "criterion": crit, "refit": "off", "ppl": off["ppl_oneshot"],
+                                       "kl": off["kl_oneshot"], "from": "docs/quality/quality.json"})
+            runs = {"on (default)": RefitSettings()}  # "off": the quality benchmark's one-shot row of this shape
             if crit == "activation":
                 runs.update(VARIANTS.get(name, {}))
             for label, settings in runs.items():
+                if (name, crit, label) in done:
+                    continue
                 student = apply_plan(teacher, plan).eval()
                 seconds = None
                 if settings is not None:

@@ -113,6 +113,8 @@ def _refit_line(info: dict | None) -> str:
     """What the refit did, from `engine.refit.refit_summary` (kept in the plan's info)."""
     if not info:
         return "yes"
+    if not info["modules"]:
+        return "yes (no layer lost input units: nothing to refit)"
     return (f"yes ({', '.join(info['modules'])} of {info['layers']} layers on {info['tokens']:,} calibration tokens, "
             f"ridge {info['damping']:g} x mean diagonal; relative reconstruction error {info['error_before']:.4f} -> "
             f"{info['error_after']:.4f})")

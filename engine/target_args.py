@@ -7,7 +7,7 @@ import argparse
 
 from engine.errors import PlanError
 from engine.importance.scores import CRITERIA, CRITERION_HELP, DEFAULT_CRITERION
-from engine.targets import DEPTH_METHODS, REFIT_HELP, Targets
+from engine.targets import DEFAULT_REFIT, DEPTH_METHODS, REFIT_HELP, Targets
 
 DEPTH_HELP = ("which layers go: lowest block importance (bi), lowest perplexity increase (ppl), the best "
               "contiguous block (block), lowest Taylor+ (taylor), or the listed ones (list, with --drop-layers)")
@@ -33,7 +33,8 @@ def add_target_args(p: argparse.ArgumentParser, preset: bool = False) -> None:
     t.add_argument("--criterion", default=DEFAULT_CRITERION, choices=list(CRITERIA),
                    help="how heads, neurons and channels are ranked: " + "; ".join(
                        f"{k}: {v}" for k, v in CRITERION_HELP.items()) + f" (default {DEFAULT_CRITERION})")
-    t.add_argument("--refit", action="store_true", help=REFIT_HELP)
+    t.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help=REFIT_HELP + f" (default {'on' if DEFAULT_REFIT else 'off'})")
     t.add_argument("--merge-heads", action="store_true",
                    help="residual merge of pruned query heads (Minitron); hurt SmolLM2-135M, see docs/BENCHMARKS.md")
 
@@ -58,8 +59,14 @@ def targets_from_args(args: argparse.Namespace, base: Targets | None = None) -> 
     return Targets(hidden=pick("hidden"), ffn=pick("ffn"), heads=pick("heads"), layers=pick("layers"),
                    experts=pick("experts"),
                    depth_by="list" if drop is not None else args.depth_by, drop_layers=drop,
-                   merge_heads=bool(args.merge_heads), refit=bool(getattr(args, "refit", False)) or base.refit,
+                   merge_heads=bool(args.merge_heads), refit=_refit(args, base),
                    criterion=getattr(args, "criterion", None) or base.criterion)
+
+
+def _refit(args: argparse.Namespace, base: Targets) -> bool:
+    """--refit / --no-refit when given, else a preset's choice, else the default."""
+    given = getattr(args, "refit", None)
+    return given if given is not None else (base.refit or DEFAULT_REFIT)
 
 
 def validate_for_model(targets: Targets, model: str) -> None:

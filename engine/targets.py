@@ -18,6 +18,7 @@ DEPTH_METHODS = ("bi", "ppl", "block", "taylor", "list")
 
 AXES = ("hidden", "ffn", "heads", "layers")
 
+DEFAULT_REFIT = False  # what --refit / the Prune targets switch start at (docs/BENCHMARKS.md, Refit)
 REFIT_HELP = ("after pruning, refit the weights that read pruned units (o_proj, down_proj) by least squares on the "
               "calibration data, layer by layer against the teacher's outputs (engine/refit.py): a better one-shot "
               "model for about two scoring passes of compute; see docs/BENCHMARKS.md, Refit")

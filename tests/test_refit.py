@@ -265,3 +265,33 @@ def test_refitted_preview_beats_the_plain_one_and_needs_the_calibration(tmp_path
     shape = Shape(hidden=spec.hidden_size, ffn=20, heads=4, layers=spec.n_layers, params=0, fraction=0.0, kind="width")
     assert SearchSpace(budget=0.75, refit=True).targets_for(shape, spec).refit is True
     assert SearchSpace.from_dict(SearchSpace(budget=0.75, refit=True).to_dict()).refit is True
+
+
+def test_refit_with_a_streamed_teacher_equals_the_unstreamed_one():
+    """The teacher may be streamed (weights kept off the device, each module loaded while it runs): the refit
+    reads the same activations, so the refitted student is the same."""
+    import copy
+
+    from engine.importance.stream import stream_model
+
+    teacher = tiny_model("qwen2")
+    plan = make_plan(fake_scores(teacher), Targets(ffn=20, heads=2, criterion="activation"))
+    calib = random_ids(6, 20)
+    a, b = apply_plan(teacher, plan), apply_plan(teacher, plan)
+    refit(teacher, a, plan, calib)
+    streamed = stream_model(copy.deepcopy(teacher), "cpu")
+    refit(streamed, b, plan, calib)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_depth_only_refit_has_nothing_to_fit_and_says_so(tmp_path):
+    from engine.export import export_model
+
+    teacher = tiny_model("llama")
+    plan = make_plan(fake_scores(teacher), Targets(layers=3, refit=True))
+    student = apply_plan(teacher, plan)
+    summary = refit_summary(refit(teacher, student, plan, random_ids(4, 16)))
+    assert summary["modules"] == [] and summary["error_after"] is None
+    out = export_model(student, tiny_tokenizer(), tmp_path / "o", plan=plan.with_info(refit=summary), verify=False)
+    assert "nothing to refit" in (out / "README.md").read_text()

@@ -47,6 +47,7 @@ from engine.estimate import estimate  # noqa: E402
 from engine.importance.scores import DEFAULT_CRITERION  # noqa: E402
 from engine.presets import preset_targets  # noqa: E402
 from engine.targets import (  # noqa: E402
+    DEFAULT_REFIT,
     REFIT_HELP,
     ROUNDINGS,
     Targets,
@@ -64,8 +65,9 @@ def _snap(values: list[int], v: int) -> int:
     return min(values, key=lambda x: (abs(x - v), -x)) if values else v
 
 
-def _load_targets(t: Targets) -> None:
-    """Copy targets into the slider widgets' state (before they are drawn)."""
+def _load_targets(t: Targets, with_refit: bool = True) -> None:
+    """Copy targets into the slider widgets' state (before they are drawn); a preset (`with_refit` False)
+    leaves the refit switch as it is."""
     for axis, _ in AXES:
         v = getattr(t, axis)
         st.session_state[f"t_{axis}"] = source[axis] if v is None else int(v)
@@ -73,12 +75,14 @@ def _load_targets(t: Targets) -> None:
     st.session_state["t_experts"] = t.experts or spec.n_experts
     st.session_state["t_drop"] = list(t.drop_layers or [])
     st.session_state["t_merge"] = bool(t.merge_heads)
-    st.session_state["t_refit"] = bool(t.refit)
+    if with_refit:
+        st.session_state["t_refit"] = bool(t.refit)
 
 
 def _apply_preset(name: str | None) -> None:
     try:
-        _load_targets(Targets() if name is None else preset_targets(spec, name, int(st.session_state.get("t_round") or 1)))
+        _load_targets(Targets() if name is None else preset_targets(spec, name, int(st.session_state.get("t_round") or 1)),
+                      with_refit=False)
         st.session_state.pop("preset_error", None)
         st.session_state.pop("loaded_plan", None)
     except Exception as e:  # noqa: BLE001
@@ -175,9 +179,9 @@ if "t_hidden" not in st.session_state or st.session_state.get("t_spec") != arch:
     st.session_state["t_round"] = multiple if multiple in ROUNDINGS else default_multiple(spec)
     saved = state.get("targets")
     try:
-        _load_targets(Targets.from_dict(saved) if saved else Targets())
+        _load_targets(Targets.from_dict(saved) if saved else Targets(refit=DEFAULT_REFIT))
     except Exception:  # noqa: BLE001 - targets of another model
-        _load_targets(Targets())
+        _load_targets(Targets(refit=DEFAULT_REFIT))
 
 # ---------------------------------------------------------------- open a plan, presets
 open_plan_section()

@@ -179,8 +179,11 @@ def _refit(teacher, student, plan, blocks):
             bar.set_description_str(message, refresh=False)
 
         summary = refit_summary(refit(teacher, student, plan, blocks, progress=progress))
-    print(f"refit: {', '.join(summary['modules'])} of {summary['layers']} layers, relative reconstruction error "
-          f"{summary['error_before']:.4f} -> {summary['error_after']:.4f} ({summary['seconds']:.0f} s)")
+    if summary["modules"]:
+        print(f"refit: {', '.join(summary['modules'])} of {summary['layers']} layers, relative reconstruction error "
+              f"{summary['error_before']:.4f} -> {summary['error_after']:.4f} ({summary['seconds']:.0f} s)")
+    else:
+        print("refit: no layer lost input units (depth pruning alone): nothing to refit")
     return plan.with_info(refit=summary)
 
 

@@ -12,7 +12,7 @@ import argparse
 
 from engine.importance.scores import CRITERIA, DEFAULT_CRITERION
 from engine.search.shapes import SEARCH_AXES
-from engine.targets import REFIT_HELP
+from engine.targets import DEFAULT_REFIT, REFIT_HELP
 
 AXIS_NAMES = {"hidden": "hidden", "ffn": "ffn", "mlp": "ffn", "heads": "heads", "layers": "layers", "depth": "layers",
               "experts": "experts"}
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--depth-by", default="bi", choices=["bi", "ppl", "taylor"], help="how layers are chosen")
     p.add_argument("--criterion", default=DEFAULT_CRITERION, choices=list(CRITERIA),
                    help="how heads, neurons and channels are ranked (see `prunescope prune --help`)")
-    p.add_argument("--refit", action="store_true",
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=DEFAULT_REFIT,
                    help="every candidate refitted before its preview and the tournament (one refit per candidate): "
                         + REFIT_HELP)
     p.add_argument("--max-candidates", type=int, default=None, help="refuse a search with more shapes than this")
