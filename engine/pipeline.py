@@ -264,8 +264,8 @@ def load_plan(job: Job) -> None:
 
 
 def prune_stage(job: Job) -> None:
-    """The student: trimmed from the teacher by the plan (rebuilt on resume: deterministic), or the
-    given pruned model of a distill-only job."""
+    """The student: trimmed from the teacher by the plan and, with targets.refit, refitted on the calibration
+    blocks (both rebuilt on resume: deterministic), or the given pruned model of a distill-only job."""
 
     cb = job.begin("prune" if job.plan is not None else "evaluate", "building the student")
     if job.plan is not None:
